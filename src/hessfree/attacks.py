@@ -1,0 +1,153 @@
+"""Adversarial attacks used by :class:`hessfree.targets.Robustness`.
+
+Each attack receives the input tensor ``x`` (B, ...), a function giving the
+per-example loss at a candidate input, and a function giving the model
+outputs. It returns detached adversarial inputs. Attacks are run at each
+member's parameters and the result is then held fixed (Danskin's theorem: the
+gradient of the worst-case loss is the gradient at the maximiser).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+LossOfInput = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _input_grad(loss_fn: LossOfInput, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(loss_fn(x).sum(), x)
+    return g
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+class Attack:
+    """Base class: ``perturb(x, loss_fn, output_fn) -> x_adv``."""
+
+    clip: tuple[float, float] | None = None
+
+    def _clip(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.clip is None else x.clamp(*self.clip)
+
+    def perturb(self, x: torch.Tensor, loss_fn: LossOfInput, output_fn: Callable) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FGSM(Attack):
+    """Fast gradient sign method: ``x + eps * sign(grad_x loss)`` (L-inf radius eps).
+
+    Args:
+        eps: perturbation size in input units.
+        clip: optional ``(low, high)`` valid input range.
+    """
+
+    def __init__(self, eps: float, clip: tuple[float, float] | None = None):
+        if eps < 0:
+            raise ValueError(f"FGSM: eps must be >= 0, got {eps}")
+        self.eps, self.clip = float(eps), clip
+
+    def perturb(self, x, loss_fn, output_fn):
+        return self._clip(x + self.eps * _input_grad(loss_fn, x).sign()).detach()
+
+    def __repr__(self) -> str:
+        return f"FGSM(eps={self.eps})"
+
+
+class PGD(Attack):
+    """Projected gradient ascent on the loss within an L-inf or L2 ball.
+
+    Args:
+        eps: ball radius in input units.
+        steps: ascent steps.
+        step_size: per-step size; default ``2.5 * eps / steps``.
+        norm: ``"linf"`` or ``"l2"``.
+        random_start: start from a uniform point in the ball (seeded).
+        seed: seed of the random start.
+        clip: optional ``(low, high)`` valid input range.
+    """
+
+    def __init__(
+        self,
+        eps: float,
+        steps: int = 10,
+        step_size: float | None = None,
+        norm: str = "linf",
+        random_start: bool = True,
+        seed: int = 0,
+        clip: tuple[float, float] | None = None,
+    ):
+        if eps < 0:
+            raise ValueError(f"PGD: eps must be >= 0, got {eps}")
+        if steps < 1:
+            raise ValueError(f"PGD: steps must be >= 1, got {steps}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"PGD: norm must be 'linf' or 'l2', got {norm!r}")
+        self.eps, self.steps, self.norm = float(eps), int(steps), norm
+        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
+        self.random_start, self.seed, self.clip = random_start, seed, clip
+
+    def _project(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.norm == "linf":
+            return delta.clamp(-self.eps, self.eps)
+        return delta * (self.eps / _per_example_norm(delta)).clamp(max=1.0)
+
+    def perturb(self, x, loss_fn, output_fn):
+        x0 = x.detach()
+        delta = torch.zeros_like(x0)
+        if self.random_start and self.eps > 0:
+            gen = torch.Generator().manual_seed(self.seed)
+            noise = torch.rand(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device) * 2 - 1
+            delta = self._project(noise * self.eps)
+        for _ in range(self.steps):
+            g = _input_grad(loss_fn, self._clip(x0 + delta))
+            step = g.sign() if self.norm == "linf" else g / _per_example_norm(g)
+            delta = self._project(delta + self.step_size * step)
+        return self._clip(x0 + delta).detach()
+
+    def __repr__(self) -> str:
+        return f"PGD(eps={self.eps}, steps={self.steps}, norm={self.norm!r})"
+
+
+def binary_margin(outputs: torch.Tensor) -> torch.Tensor:
+    """Signed margin of a binary classifier, ``(B,)``: the logit for one output,
+    ``logit_1 - logit_0`` for two outputs."""
+    if outputs.dim() == 1 or (outputs.dim() == 2 and outputs.shape[1] == 1):
+        return outputs.reshape(-1)
+    if outputs.dim() == 2 and outputs.shape[1] == 2:
+        return outputs[:, 1] - outputs[:, 0]
+    raise ValueError(
+        f"LinearMinimal needs a binary classifier (1 or 2 outputs), got outputs of shape "
+        f"{tuple(outputs.shape)}; use FGSM or PGD for multi-class models"
+    )
+
+
+class LinearMinimal(Attack):
+    """Closed-form minimal perturbation across a linear decision boundary.
+
+    ``x_adv = x - (1 + overshoot) * m(x) / ||w||^2 * w`` with ``m(x) = w.x + b``
+    the signed margin and ``w = grad_x m``. For a linear model the new margin is
+    exactly ``-overshoot * m(x)``; for other models this is one DeepFool step.
+    """
+
+    def __init__(self, overshoot: float = 0.3):
+        if overshoot < 0:
+            raise ValueError(f"LinearMinimal: overshoot must be >= 0, got {overshoot}")
+        self.overshoot = float(overshoot)
+
+    def perturb(self, x, loss_fn, output_fn):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            margin = binary_margin(output_fn(x))
+            (w,) = torch.autograd.grad(margin.sum(), x)
+        w_norm2 = w.reshape(w.shape[0], -1).pow(2).sum(1).clamp_min(1e-24)
+        coef = ((1 + self.overshoot) * margin.detach() / w_norm2).view(-1, *([1] * (x.dim() - 1)))
+        return (x.detach() - coef * w).detach()
+
+    def __repr__(self) -> str:
+        return f"LinearMinimal(overshoot={self.overshoot})"

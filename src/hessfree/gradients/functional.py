@@ -1,0 +1,67 @@
+"""Per-example gradients with torch.func: ``vmap(grad(loss of one example))``.
+
+Each example is run as a batch of one inside ``vmap``, so models written for
+batched inputs work unchanged. The model must not mix examples within a batch:
+hessfree evaluates every member in eval mode (BatchNorm uses its running
+statistics, dropout layers are off) and restores the mode afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch.func import grad, vmap
+
+from ..data import Batch
+
+if TYPE_CHECKING:
+    from ..members import MemberView
+
+
+def _check_vmappable(batch: Batch) -> None:
+    leaves = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
+    for key, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"batch entry {key!r} is a {type(leaf).__name__}; per-example gradients need "
+                "every batch entry to be a tensor with one row per example"
+            )
+
+
+def example_loss_fn(view: MemberView, names: list[str]):
+    """``f(selected_params, example) -> scalar`` weighted loss of a single example."""
+    task = view.task
+
+    def loss_one(selected: dict[str, torch.Tensor], example: Batch) -> torch.Tensor:
+        one = {k: v.unsqueeze(0) for k, v in example.items()} if isinstance(example, Mapping) else tuple(
+            v.unsqueeze(0) for v in example
+        )
+        return task.per_example_loss(view.functional(selected), one).sum()
+
+    return loss_one
+
+
+def per_example_grads(view: MemberView, names: list[str], batch: Batch) -> dict[str, torch.Tensor]:
+    """Gradients of each example's (sample-weighted) loss.
+
+    Returns:
+        ``{name: (B, *param.shape)}`` for the selected parameter names,
+        in loss units per parameter unit.
+    """
+    _check_vmappable(batch)
+    selected = {n: view.params[n] for n in names}
+    return vmap(grad(example_loss_fn(view, names)), in_dims=(None, 0))(selected, batch)
+
+
+def flat_per_example_grads(view: MemberView, names: list[str], batch: Batch) -> torch.Tensor:
+    """Per-example gradients flattened and concatenated in ``names`` order, ``(B, D)``."""
+    grads = per_example_grads(view, names, batch)
+    b = next(iter(grads.values())).shape[0]
+    return torch.cat([grads[n].reshape(b, -1) for n in names], dim=1)
+
+
+def flatten(grads: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """One gradient (not per example) flattened in ``names`` order, ``(D,)``."""
+    return torch.cat([grads[n].reshape(-1) for n in names])
