@@ -9,6 +9,11 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hessian-free influence functions for PyTorch models.")
 
 
+@app.callback()
+def _root() -> None:
+    """Hessian-free influence functions: positive scores mean a training example helps the target."""
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("hessfree-out/demo"), help="Folder for the JSON result and the PNG grid."),

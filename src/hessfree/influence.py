@@ -32,6 +32,11 @@ class NotFittedError(RuntimeError):
     pass
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """fp32 arithmetic for fp32/fp16/bf16 models; fp64 models keep fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class Influence:
     """Hessian-free (identity-Hessian) influence of training examples.
 
@@ -118,11 +123,11 @@ class Influence:
     # ---- features (per-example gradients; projection plugs in here) ------------
     def _features(self, view: MemberView, names: list[str], batch) -> torch.Tensor:
         """Per-example feature vectors ``(B, D)`` whose inner products give scores."""
-        return flat_per_example_grads(view, names, batch).float()
+        return _compute_dtype(flat_per_example_grads(view, names, batch))
 
     def _query(self, view: MemberView, names: list[str], grad_flat: torch.Tensor) -> torch.Tensor:
         """Map a target gradient ``(D,)`` into feature space (identity Hessian)."""
-        return grad_flat.float()
+        return _compute_dtype(grad_flat)
 
     def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None):
         for offset, batch in source.batches():
@@ -169,7 +174,8 @@ class Influence:
                 names = select_parameters(view.module, self.params, view.call_order)
                 self._names.append(names)
                 dim = sum(view.params[k].numel() for k in names)
-                keep = n * dim * 4 <= budget
+                itemsize = 8 if view.params[names[0]].dtype == torch.float64 else 4
+                keep = n * dim * itemsize <= budget
                 chunks = []
                 for offset, feats in self._featurize(view, names, self.source, "training", bar):
                     self._sqnorms[m, offset : offset + feats.shape[0]] = feats.pow(2).sum(1).double().cpu().numpy()
@@ -177,7 +183,7 @@ class Influence:
                         chunks.append(feats.cpu())
                 if keep:
                     self._cache[m] = torch.cat(chunks)
-                    budget -= n * dim * 4
+                    budget -= n * dim * itemsize
         finally:
             bar.close()
         self.n_train = n
