@@ -357,7 +357,7 @@ class MemberView:
         sizes = self._unit_counts(names, subs)
         gen = torch.Generator().manual_seed(spec.seed)
         for name in names:
-            keep = (torch.rand(sizes[name], generator=gen) >= spec.p).float()
+            keep = (torch.rand(sizes[name], generator=gen) >= spec.p).double()
             if spec.scale and spec.p > 0:
                 keep = keep / (1.0 - spec.p)
             prev = self._masks.get(name)

@@ -188,7 +188,7 @@ class _GroupGap(Target):
             members = self.group_index.numpy() == k
             if not np.any(y[members] == self.favourable):
                 raise ValueError(
-                    f"{type(self).__name__}: group {level!r} has no held-out example with label "
+                    f"{type(self).__name__}: group {level.item()!r} has no held-out example with label "
                     f"{self.favourable}; equal opportunity needs positives in every group"
                 )
 
@@ -209,7 +209,7 @@ class _GroupGap(Target):
     def combine(self, totals):
         n = totals["n"]
         if torch.any(n == 0):
-            empty = self.levels[(n == 0).cpu().numpy()].tolist()
+            empty = self.levels[(n == 0).cpu().numpy()].tolist()  # plain Python values
             raise ValueError(f"{type(self).__name__}: groups {empty} have no examples to average over")
         means = totals["value"] / n
         if self.form == "loss_difference":
