@@ -110,7 +110,7 @@ def run_demo(
         f"{len(va)} clean validation, {len(te)} test; MLP 64-64-10, {epochs} epochs"
     )
 
-    fit_kwargs = dict(epochs=epochs, lr=0.1, momentum=0.9, batch_size=64, seed=seed, progress=progress)
+    fit_kwargs = dict(epochs=epochs, lr=0.05, momentum=0.9, batch_size=64, seed=seed, progress=progress)
     model = make_mlp()
     result = train(model, (x_tr, y_tr), checkpoints=True, **fit_kwargs)
     task = ClassificationTask(model)
