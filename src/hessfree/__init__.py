@@ -8,6 +8,7 @@ validation loss, a fairness gap, loss under attack).
 from . import attacks, curation, datasets, gradients, members, metrics, targets, training
 from .data import DataSource
 from .influence import Influence, NotFittedError
+from .llm import LanguageModelTask
 from .task import ClassificationTask, RegressionTask, Task
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "ClassificationTask",
     "DataSource",
     "Influence",
+    "LanguageModelTask",
     "NotFittedError",
     "RegressionTask",
     "Task",

@@ -89,6 +89,10 @@ class Task:
             return batch.get(self.weight_key)
         return batch[2] if len(batch) > 2 else None
 
+    def check_batch(self, batch: Batch) -> None:
+        """Validate a whole batch before per-example gradients are taken
+        (data-dependent checks cannot run inside ``vmap``). No-op by default."""
+
     # ---- model and loss -----------------------------------------------------
     def forward(self, model: Callable, batch: Batch) -> Any:
         """Run ``model`` (a module or a functional stand-in) on ``batch``."""

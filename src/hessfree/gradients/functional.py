@@ -51,6 +51,7 @@ def per_example_grads(view: MemberView, names: list[str], batch: Batch) -> dict[
         in loss units per parameter unit.
     """
     _check_vmappable(batch)
+    view.task.check_batch(batch)
     selected = {n: view.params[n] for n in names}
     return vmap(grad(example_loss_fn(view, names)), in_dims=(None, 0))(selected, batch)
 
