@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import curation, members, metrics, targets
 from .datasets import digits, flip_labels
@@ -148,11 +149,14 @@ def run_demo(
     removed = curation.remove(-suspicion, fraction=0.05)
     _, relabelled = curation.relabel(-suspicion, y_noisy, predicted, fraction=0.05)
     random_removed = np.random.default_rng(seed + 1).choice(len(tr), size=len(removed), replace=False)
+    bar = tqdm(total=5 * retrain_seeds, desc="retraining", disable={True: False, False: True, None: None}[progress], leave=False)
+
     def mean_accuracy(**curate) -> tuple[float, float]:
-        accs = [
-            accuracy(curation.retrain(make_mlp, x_tr, y_tr, **curate, **{**fit_kwargs, "seed": seed + s}), x_te, y_te)
-            for s in range(retrain_seeds)
-        ]
+        accs = []
+        for s in range(retrain_seeds):
+            retrained_model = curation.retrain(make_mlp, x_tr, y_tr, **curate, **{**fit_kwargs, "seed": seed + s, "progress": False})
+            accs.append(accuracy(retrained_model, x_te, y_te))
+            bar.update(1)
         return float(np.mean(accs)), float(np.std(accs))
 
     retrained = {
@@ -162,6 +166,7 @@ def run_demo(
         "relabel 5% most suspicious": mean_accuracy(labels=torch.from_numpy(relabelled)),
         "remove all flipped (oracle)": mean_accuracy(remove=np.flatnonzero(flipped)),
     }
+    bar.close()
     acc_table = Table(title=f"Clean test accuracy after curation by '{best['method']}' ({retrain_seeds} training seeds)")
     acc_table.add_column("training data")
     acc_table.add_column("test accuracy (mean ± std)", justify="right")
