@@ -5,7 +5,7 @@ training example HELPS the target (one SGD step on it lowers the target:
 validation loss, a fairness gap, loss under attack).
 """
 
-from . import attacks, curation, datasets, members, metrics, targets
+from . import apps, attacks, curation, datasets, members, metrics, targets
 from .data import DataSource
 from .influence import Influence, NotFittedError
 from .task import ClassificationTask, RegressionTask, Task
@@ -19,6 +19,7 @@ __all__ = [
     "NotFittedError",
     "RegressionTask",
     "Task",
+    "apps",
     "attacks",
     "curation",
     "datasets",

@@ -11,6 +11,19 @@ Every application accepts ``**influence_kwargs`` passed to
 :class:`hessfree.Influence`, so any estimator option applies.
 """
 
+from .defense import DefenseResult, default_attack, defend
+from .fairness import FairnessPoint, FairnessResult, group_gap, repair_fairness
 from .noisy_labels import NoisyLabelReport, find_noisy_labels, suggest_labels
 
-__all__ = ["NoisyLabelReport", "find_noisy_labels", "suggest_labels"]
+__all__ = [
+    "DefenseResult",
+    "FairnessPoint",
+    "FairnessResult",
+    "NoisyLabelReport",
+    "default_attack",
+    "defend",
+    "find_noisy_labels",
+    "group_gap",
+    "repair_fairness",
+    "suggest_labels",
+]
