@@ -111,6 +111,7 @@ def defend(
     params: Any = None,
     seed: int = 0,
     train_kwargs: dict | None = None,
+    base_model: nn.Module | None = None,
     **influence_kwargs: Any,
 ) -> DefenseResult:
     """Run the defence once.
@@ -134,6 +135,8 @@ def defend(
             deviation over the training set, so the weight is unit-free.
         members, params, **influence_kwargs: passed to :class:`hessfree.Influence`.
         train_kwargs: passed to :func:`hessfree.training.train` (epochs, lr, ...).
+        base_model: the model already trained on all of ``train`` with this
+            recipe and seed (skips that training; for repeated runs).
 
     Returns:
         A :class:`DefenseResult`.
@@ -144,7 +147,7 @@ def defend(
     if not 0.0 < attack_share <= 1.0:
         raise ValueError(f"attack_share must be in (0, 1], got {attack_share}")
     n_classes = int(max(int(y.max()), int(yt.max()))) + 1
-    model = fit_model(make_model, x, y, seed, train_kwargs)
+    model = base_model if base_model is not None else fit_model(make_model, x, y, seed, train_kwargs)
     task = ClassificationTask(model)
     attack = attack if attack is not None else default_attack(model)
     rng = np.random.default_rng(attack_seed)

@@ -105,6 +105,7 @@ def repair_fairness(
     params: Any = None,
     seed: int = 0,
     train_kwargs: dict | None = None,
+    base_model: nn.Module | None = None,
     **influence_kwargs: Any,
 ) -> FairnessResult:
     """Score, curate and retrain over a sweep of fractions.
@@ -120,6 +121,8 @@ def repair_fairness(
         strategy: ``"influence"`` or ``"random"`` (the baseline).
         members, params, **influence_kwargs: passed to :class:`hessfree.Influence`.
         train_kwargs: passed to :func:`hessfree.training.train`.
+        base_model: the model already trained on all of ``train`` with this
+            recipe and seed (skips that training; for repeated runs).
 
     Returns:
         A :class:`FairnessResult`.
@@ -132,7 +135,7 @@ def repair_fairness(
     xv, yv = split_xy(val, "val")
     xt, yt = split_xy(test, "test")
     gv, gt = as_tensor(val_groups), np.asarray(as_tensor(test_groups).cpu())
-    model = fit_model(make_model, x, y, seed, train_kwargs)
+    model = base_model if base_model is not None else fit_model(make_model, x, y, seed, train_kwargs)
     task = ClassificationTask(model)
     scores = np.zeros(0)
     if strategy == "influence":
