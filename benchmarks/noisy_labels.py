@@ -17,6 +17,7 @@ Methods:
   hf-self-noise       self-influence over 5 weight-noise members (relative sigma 0.05)
   hf-utility          the seed paper's form: minus influence on a clean validation loss, over checkpoints
   hf-class-utility    minus the worst per-class validation influence, final model
+  hf-combined         z(self) + z(class-utility), both over checkpoints (needs validation data)
   loss                final training loss
   cleanlab            cleanlab label-quality scores from 5-fold cross-validated probabilities
 Validation data for the utility methods: the first half of the test split (clean labels);
@@ -93,6 +94,7 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab):
     )
     timed("hf-utility", lambda: find_noisy_labels(task, (x, y), val=val, members=ck, method="utility").suspicion())
     timed("hf-class-utility", lambda: find_noisy_labels(task, (x, y), val=val, method="class_utility").suspicion())
+    timed("hf-combined", lambda: find_noisy_labels(task, (x, y), val=val, members=ck, method="combined").suspicion())
 
     def loss():
         with torch.no_grad():

@@ -151,3 +151,27 @@ def test_repair_fairness_shrinks_the_gap():
     # the most harmful examples are the planted ones
     assert np.mean(np.argsort(res.scores)[:60] >= 500) > 0.6
     assert res.to_dict()["curve"][0]["fraction"] == 0.05
+
+
+def test_combined_is_the_sum_of_z_scores():
+    x, y = blobs(80, 3, seed=0)
+    xv, yv = blobs(30, 3, seed=5)
+    torch.manual_seed(0)
+    model = mlp(10, 3)
+    train(model, (x, y), seed=0, **{**TRAIN, "epochs": 3})
+    task = hf.ClassificationTask(model)
+    own = find_noisy_labels(task, (x, y)).suspicion()
+    # self-influence of one member: log of the squared gradient norm, by an autograd loop
+    last = list(model.parameters())[-2:]
+    loop = []
+    for xi, yi in zip(x, y):
+        g = torch.autograd.grad(nn.functional.cross_entropy(model(xi[None]), yi[None]), last)
+        loop.append(float(sum(t.pow(2).sum() for t in g).log()))
+    np.testing.assert_allclose(own, loop, rtol=1e-4, atol=1e-5)
+    cls = find_noisy_labels(task, (x, y), val=(xv, yv), method="class_utility").suspicion()
+    comb = find_noisy_labels(task, (x, y), val=(xv, yv), method="combined").suspicion()
+
+    def z(a):
+        return (a - a.mean()) / a.std()
+
+    np.testing.assert_allclose(comb, z(own) + z(cls), rtol=1e-6, atol=1e-8)

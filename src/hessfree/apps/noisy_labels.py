@@ -12,6 +12,10 @@ a larger number is worse, and the report says so):
 * ``method="class_utility"``: minus the influence on the validation examples
   of the class that the example hurts most,
   ``-min_c sum_m w_m g_i . mean_{j: y_j = c} g_j``.
+* ``method="combined"``: ``z(self) + z(class_utility)`` with ``z`` the
+  z-score over the training set: self-influence catches flips the model
+  resists, the class-wise utility catches class-dependent (systematic) flips
+  that the model learns as a pattern and self-influence misses.
 
 Why the default is self-influence: a mislabelled example (true class a, given
 label b) helps the validation examples of class b and hurts those of class a.
@@ -47,7 +51,7 @@ from ..task import Task
 from ..training import predict
 from ._common import percentile_ranks, split_xy
 
-METHODS = ("self", "utility", "class_utility")
+METHODS = ("self", "utility", "class_utility", "combined")
 
 
 @dataclass
@@ -126,12 +130,21 @@ class NoisyLabelReport:
         return pd.DataFrame({c: getattr(self, c) for c in self._COLUMNS})
 
 
+def _z(a: np.ndarray) -> np.ndarray:
+    sd = a.std()
+    return (a - a.mean()) / sd if sd > 0 else a - a.mean()
+
+
 def _suspicion(est: Influence, method: str, val: tuple | None) -> tuple[np.ndarray, np.ndarray]:
     """Suspicion ``(n,)`` and per-member suspicion rows ``(M, n)``."""
     if method == "self":
         rows = est.self_influence(reduce=None)
         rows = np.log(np.maximum(rows, np.finfo(float).tiny))
         return rows.mean(0), rows
+    if method == "combined":
+        own, own_rows = _suspicion(est, "self", val)
+        cls, _ = _suspicion(est, "class_utility", val)
+        return _z(own) + _z(cls), own_rows
     if val is None:
         raise ValueError(f"method={method!r} needs validation data: pass val=(X_val, y_val), or use method='self'")
     if method == "utility":
@@ -192,8 +205,10 @@ def find_noisy_labels(
         members: ``None`` (the model as it is) or :mod:`hessfree.members`;
             ``Checkpoints(result.checkpoints, result.lrs)`` from training is the
             recommended choice (self-influence TracIn-CP).
-        method: ``"self"`` (default), ``"utility"`` or ``"class_utility"``
-            (see the module docstring for what each computes and why).
+        method: ``"self"`` (default), ``"utility"``, ``"class_utility"`` or
+            ``"combined"`` (see the module docstring for what each computes
+            and why; with trusted validation data and noise that may be
+            class-dependent, ``"combined"`` is the safer choice).
         params: parameters whose gradients are used; default ``"last"`` (the
             output layer: fast, and in our measurements as good as all of them).
         suggest: ``"prediction"`` (default: the model's prediction) or
