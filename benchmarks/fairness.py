@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(1)
     names = ["compas"] if args.quick else ["adult", "compas"]
     metrics = ["dp"] if args.quick else ["dp", "eo"]
-    fractions = (0.02, 0.05, 0.1) if args.quick else (0.01, 0.02, 0.05, 0.1, 0.2)
+    fractions = (0.02, 0.05, 0.1) if args.quick else (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)
     random_draws = 1 if args.quick else 3
     actions = ["remove"] if args.quick else args.actions.split(",")
     results = []

@@ -122,8 +122,8 @@ def defend(
         train, val, test: ``(X, y)`` data; ``val`` is the held-out set the
             attacker's points are drawn from, ``test`` is for reporting.
         action: ``"remove"``, ``"relabel"`` (binary labels: flipped) or
-            ``"reweight"`` (the worst share gets weight 0, the rest the seed
-            paper's softmax weights).
+            ``"reweight"`` (the worst share gets weight 0, the others
+            ``clip(1 + 0.5 z, 0, 2)`` with ``z`` the z-scored score).
         fraction: share of the training data acted on.
         attack: an :mod:`hessfree.attacks` attack (default :func:`default_attack`).
         attack_share: share of ``val`` that is attacked and used as the target.
