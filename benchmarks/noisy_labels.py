@@ -196,12 +196,45 @@ def main() -> None:
     md += ["", "Clean test accuracy after acting on the flagged share of the default ranking and retraining:", ""]
     md.append(markdown_table(rep, ["data", "noise", "epochs", "seeds", "acc_all_noisy", "acc_removed", "acc_relabelled",
                                    "acc_oracle_removed", "suggestion_correct_on_flips"]))  # fmt: skip
+    md += ["", "Rank on AP (1 = best of all methods) and AP minus the loss baseline's, per setting:", ""]
+    md.append(markdown_table(ranks(det), ["data", "noise", "epochs", "rank_default", "default_minus_loss", "rank_combined",
+                                          "combined_minus_loss", "best"]))  # fmt: skip
+    md += ["", "Seeds where retraining after acting on the flagged share beats retraining on all the noisy data:", ""]
+    md.append(markdown_table(wins(repairs), ["data", "noise", "epochs", "seeds", "removal_wins", "relabel_wins"]))
     md += ["", f"Peak resident memory of the whole run: {peak_rss_mb():.0f} MiB."]
     (args.out / "noisy_labels.md").write_text("\n".join(md) + "\n")
     write_json(args.out / "noisy_labels.json", {"detection": rows, "repair": repairs, "summary": det, "repair_summary": rep,
                                                 "peak_rss_mb": peak_rss_mb()})  # fmt: skip
     plot(det, args.out / "noisy_labels.png")
     print("\n".join(md))
+
+
+def ranks(det):
+    out = []
+    for key in sorted({(r["data"], r["noise"], r["epochs"]) for r in det}):
+        rs = sorted((r for r in det if (r["data"], r["noise"], r["epochs"]) == key), key=lambda r: -r["ap"])
+        ap = {r["method"]: r["ap"] for r in rs}
+        names = [r["method"] for r in rs]
+        out.append({
+            "data": key[0], "noise": key[1], "epochs": key[2],
+            "rank_default": names.index("hf-self (default)") + 1, "default_minus_loss": ap["hf-self (default)"] - ap["loss"],
+            "rank_combined": names.index("hf-combined") + 1 if "hf-combined" in ap else "",
+            "combined_minus_loss": ap["hf-combined"] - ap["loss"] if "hf-combined" in ap else "",
+            "best": names[0],
+        })  # fmt: skip
+    return out
+
+
+def wins(repairs):
+    out = []
+    for key in sorted({(r["data"], r["noise"], r["epochs"]) for r in repairs}):
+        rs = [r for r in repairs if (r["data"], r["noise"], r["epochs"]) == key]
+        out.append({
+            "data": key[0], "noise": key[1], "epochs": key[2], "seeds": len(rs),
+            "removal_wins": sum(r["acc_removed"] > r["acc_all_noisy"] for r in rs),
+            "relabel_wins": sum(r["acc_relabelled"] > r["acc_all_noisy"] for r in rs),
+        })  # fmt: skip
+    return out
 
 
 def plot(det, path):
