@@ -30,8 +30,8 @@ prediction; ``suggest="influence"`` takes the label ``c`` under which the
 example would help the validation loss most,
 ``argmax_c sum_m w_m grad l((x_i, c); theta_m) . grad L_val`` (the training
 data itself is the target when no validation data is given). On MNIST 5k with
-10% flips the prediction recovers the true label of 79% of the flipped
-examples and the influence rule about 31%: at a trained model the validation
+10% flips the prediction recovers the true label of 78% of the flipped
+examples and the influence rule 27% (benchmarks/noisy_labels_why.py): at a trained model the validation
 gradient is dominated by the validation examples the model still gets wrong,
 so "helps most" points at the classes that are under-fitted near ``x_i``,
 not at its true class. Hence the default.
