@@ -5,7 +5,7 @@ training example HELPS the target (one SGD step on it lowers the target:
 validation loss, a fairness gap, loss under attack).
 """
 
-from . import attacks, curation, datasets, gradients, members, metrics, targets, training
+from . import apps, attacks, curation, datasets, gradients, members, metrics, targets, training
 from .data import DataSource
 from .influence import Influence, NotFittedError
 from .llm import LanguageModelTask
@@ -21,6 +21,7 @@ __all__ = [
     "NotFittedError",
     "RegressionTask",
     "Task",
+    "apps",
     "attacks",
     "curation",
     "datasets",

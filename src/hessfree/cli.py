@@ -27,6 +27,96 @@ def demo(
     run_demo(out=out, seed=seed, noise=noise, epochs=epochs)
 
 
+# ---- applications -------------------------------------------------------------------
+_DATA = typer.Option(None, "--data", help="Built-in data set: digits, mnist5k, adult, compas, german.")
+_CSV = typer.Option(None, "--csv", help="Your CSV file instead of --data.")
+_LABEL = typer.Option(None, "--label", help="CSV column with the labels.")
+_GROUP = typer.Option(None, "--group", help="CSV column with the group (sensitive attribute).")
+_FEATURES = typer.Option(None, "--features", help="Comma-separated CSV feature columns (default: all others).")
+_NTRAIN = typer.Option(None, "--n-train", help="Subsample the training split of a built-in data set.")
+_OUT_NOISY_LABELS = Path("hessfree-out/noisy-labels")
+_OUT_DEFEND = Path("hessfree-out/defend")
+_OUT_FAIRNESS = Path("hessfree-out/fairness")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("noisy-labels")
+def noisy_labels(
+    data: str = _DATA,
+    csv: Path = _CSV,
+    label: str = _LABEL,
+    features: str = _FEATURES,
+    out: Path = typer.Option(_OUT_NOISY_LABELS, help="Folder for noisy_labels.json and PNG plots."),
+    model: str = typer.Option("mlp", help="lr or mlp."),
+    epochs: int = typer.Option(10, help="Training epochs (one checkpoint per epoch)."),
+    noise: float = typer.Option(0.0, help="Flip this share of training labels first (to check detection)."),
+    method: str = typer.Option("self", help="self, utility or class_utility."),
+    top: float = typer.Option(0.1, help="Share of the training data flagged as suspects."),
+    seed: int = typer.Option(0, help="Seed of the split, the flips and the model."),
+    n_train: int = _NTRAIN,
+) -> None:
+    """Rank training examples by how likely their label is wrong (self-influence TracIn-CP)."""
+    from .apps.cli_commands import run_noisy_labels
+
+    try:
+        run_noisy_labels(data, csv, label, features, out, model, epochs, noise, method, top, seed, n_train)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(e)
+
+
+@app.command("defend")
+def defend_command(
+    data: str = _DATA,
+    csv: Path = _CSV,
+    label: str = _LABEL,
+    features: str = _FEATURES,
+    out: Path = typer.Option(_OUT_DEFEND, help="Folder for defend.json and a PNG bar chart."),
+    model: str = typer.Option("lr", help="lr (LinearMinimal attack) or mlp (PGD attack)."),
+    epochs: int = typer.Option(20, help="Training epochs."),
+    action: str = typer.Option("remove", help="remove, relabel or reweight."),
+    fraction: float = typer.Option(0.05, help="Share of the training data acted on."),
+    draws: int = typer.Option(1, help="Number of attack draws (attacked held-out subsets)."),
+    seed: int = typer.Option(0, help="Seed of the split and the model."),
+    n_train: int = _NTRAIN,
+) -> None:
+    """Remove / relabel / reweight the training examples that weaken the model under attack, retrain, compare."""
+    from .apps.cli_commands import run_defend
+
+    try:
+        run_defend(data, csv, label, features, out, model, epochs, action, fraction, draws, seed, n_train)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(e)
+
+
+@app.command("fairness")
+def fairness_command(
+    data: str = _DATA,
+    csv: Path = _CSV,
+    label: str = _LABEL,
+    group: str = _GROUP,
+    features: str = _FEATURES,
+    out: Path = typer.Option(_OUT_FAIRNESS, help="Folder for fairness.json and the trade-off PNG."),
+    model: str = typer.Option("lr", help="lr or mlp."),
+    epochs: int = typer.Option(20, help="Training epochs."),
+    metric: str = typer.Option("dp", help="dp (demographic parity) or eo (equal opportunity)."),
+    action: str = typer.Option("remove", help="remove or reweight."),
+    fractions: str = typer.Option("0.01,0.02,0.05,0.1", help="Comma-separated shares of the training data."),
+    seed: int = typer.Option(0, help="Seed of the split and the model."),
+    n_train: int = _NTRAIN,
+) -> None:
+    """Remove or reweight the examples that widen a group gap; trade-off curve against random removal."""
+    from .apps.cli_commands import run_fairness
+
+    try:
+        run_fairness(data, csv, label, group, features, out, model, epochs, metric, action, fractions, seed, n_train)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(e)
+
+
 def main() -> None:
     app()
 

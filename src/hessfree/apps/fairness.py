@@ -1,0 +1,164 @@
+"""Fairness repair: remove or reweight the training examples that widen a group
+gap, retrain, and trace the trade-off between the gap and accuracy.
+
+Scores come from a :class:`hessfree.targets.DemographicParity` or
+:class:`~hessfree.targets.EqualOpportunity` target on held-out data (a
+differentiable surrogate of the gap: predicted probabilities). The gap that is
+REPORTED is the real one, on the test set, from hard predictions:
+
+* demographic parity: ``max_g P(yhat = fav | g) - min_g P(yhat = fav | g)``;
+* equal opportunity: the same among test examples with ``y = fav`` (a
+  true-positive-rate gap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..influence import Influence
+from ..targets import DemographicParity, EqualOpportunity
+from ..task import ClassificationTask
+from ..training import accuracy, predict
+from ._common import as_tensor, split_xy
+from ._retrain import curate, fit_model
+
+GAPS = {"dp": DemographicParity, "eo": EqualOpportunity}
+
+
+def group_gap(pred: Any, y: Any, groups: Any, metric: str = "dp", favourable: int = 1) -> float:
+    """The hard-prediction gap (see the module docstring), in [0, 1]."""
+    pred, y, g = (np.asarray(a).reshape(-1) for a in (pred, y, groups))
+    if metric not in GAPS:
+        raise ValueError(f"metric must be 'dp' or 'eo', got {metric!r}")
+    rates = []
+    for level in np.unique(g):
+        sel = g == level
+        if metric == "eo":
+            sel = sel & (y == favourable)
+        if not sel.any():
+            raise ValueError(f"group {level!r} has no examples{' with the favourable label' if metric == 'eo' else ''}")
+        rates.append(float(np.mean(pred[sel] == favourable)))
+    return max(rates) - min(rates)
+
+
+@dataclass
+class FairnessPoint:
+    """One point of the trade-off curve (gap in [0, 1], accuracy in [0, 1])."""
+
+    fraction: float
+    gap: float
+    accuracy: float
+
+
+@dataclass
+class FairnessResult:
+    """Gap and accuracy before and after repair at each fraction.
+
+    Attributes:
+        metric: ``"dp"`` or ``"eo"``.
+        action, strategy: what was done (``"random"`` is the baseline).
+        gap_before, acc_before: the model trained on all the data (test set).
+        curve: one :class:`FairnessPoint` per fraction.
+        scores: ``(n_train,)`` influence on the gap target (positive = the
+            example narrows the gap); empty for the random baseline.
+    """
+
+    metric: str
+    action: str
+    strategy: str
+    gap_before: float
+    acc_before: float
+    curve: list[FairnessPoint] = field(default_factory=list)
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def best(self, max_acc_drop: float = 0.01) -> FairnessPoint | None:
+        """The point with the smallest gap whose accuracy is within
+        ``max_acc_drop`` of the start; ``None`` if no point qualifies."""
+        ok = [p for p in self.curve if p.accuracy >= self.acc_before - max_acc_drop]
+        return min(ok, key=lambda p: p.gap) if ok else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scores"] = self.scores.tolist()
+        return d
+
+
+def repair_fairness(
+    make_model: Callable[[], nn.Module],
+    train: Any,
+    val: Any,
+    val_groups: Any,
+    test: Any,
+    test_groups: Any,
+    *,
+    metric: str = "dp",
+    action: str = "remove",
+    fractions: Sequence[float] = (0.01, 0.02, 0.05, 0.1),
+    favourable: int = 1,
+    strategy: str = "influence",
+    members: Any = None,
+    params: Any = None,
+    seed: int = 0,
+    train_kwargs: dict | None = None,
+    base_model: nn.Module | None = None,
+    **influence_kwargs: Any,
+) -> FairnessResult:
+    """Score, curate and retrain over a sweep of fractions.
+
+    Args:
+        make_model: builds a fresh, untrained binary classifier.
+        train, val, test: ``(X, y)`` data (``y`` in {0, 1}).
+        val_groups, test_groups: group id of each held-out / test example.
+        metric: ``"dp"`` (demographic parity) or ``"eo"`` (equal opportunity).
+        action: ``"remove"`` or ``"reweight"``.
+        fractions: shares of the training data acted on (one retrain each).
+        favourable: the favourable label.
+        strategy: ``"influence"`` or ``"random"`` (the baseline).
+        members, params, **influence_kwargs: passed to :class:`hessfree.Influence`.
+        train_kwargs: passed to :func:`hessfree.training.train`.
+        base_model: the model already trained on all of ``train`` with this
+            recipe and seed (skips that training; for repeated runs).
+
+    Returns:
+        A :class:`FairnessResult`.
+    """
+    if metric not in GAPS:
+        raise ValueError(f"metric must be 'dp' or 'eo', got {metric!r}")
+    if action not in ("remove", "reweight"):
+        raise ValueError(f"repair_fairness: action must be 'remove' or 'reweight', got {action!r}")
+    x, y = split_xy(train, "train")
+    xv, yv = split_xy(val, "val")
+    xt, yt = split_xy(test, "test")
+    gv, gt = as_tensor(val_groups), np.asarray(as_tensor(test_groups).cpu())
+    model = base_model if base_model is not None else fit_model(make_model, x, y, seed, train_kwargs)
+    task = ClassificationTask(model)
+    scores = np.zeros(0)
+    if strategy == "influence":
+        target = GAPS[metric]((xv, yv), groups=gv, favourable=favourable)
+        scores = Influence(task, members=members, params=params, **influence_kwargs).fit((x, y)).influence(target)
+    result = FairnessResult(
+        metric=metric,
+        action=action,
+        strategy=strategy,
+        gap_before=group_gap(predict(model, xt), yt, gt, metric, favourable),
+        acc_before=accuracy(model, xt, yt),
+        scores=np.asarray(scores),
+    )
+    for fraction in fractions:
+        kwargs, _ = curate(scores if scores.size else None, y, action, fraction, strategy, seed, 2)
+        after = fit_model(make_model, x, y, seed, train_kwargs, **kwargs)
+        result.curve.append(
+            FairnessPoint(
+                fraction=float(fraction),
+                gap=group_gap(predict(after, xt), yt, gt, metric, favourable),
+                accuracy=accuracy(after, xt, yt),
+            )
+        )
+    return result
+
+
