@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import curation, members, metrics, targets
+from .apps import find_noisy_labels
 from .datasets import digits, flip_labels
 from .influence import Influence
 from .task import ClassificationTask
@@ -57,6 +58,12 @@ def _score_methods(model, task, ckpts, lrs, train_xy, val_xy, seed, progress):
         out[f"self-influence, {label}"] = (est.self_influence(), fit_s)
         t1 = time.perf_counter()
         out[f"utility IP, {label}"] = (-est.influence(utility), fit_s + time.perf_counter() - t1)
+    ckpts_members = members.Checkpoints(ckpts, lrs=lrs)
+    for label, method in (("hf.apps default: self-influence, output layer, TracIn-CP", "self"),
+                          ("hf.apps class-wise utility, TracIn-CP", "class_utility")):
+        t0 = time.perf_counter()
+        report = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, method=method, progress=progress)
+        out[label] = (report.suspicion(), time.perf_counter() - t0)
     return out
 
 
