@@ -5,7 +5,7 @@ training example HELPS the target (one SGD step on it lowers the target:
 validation loss, a fairness gap, loss under attack).
 """
 
-from . import attacks, curation, members, metrics, targets
+from . import attacks, curation, members, metrics, projections, targets
 from .data import DataSource
 from .influence import Influence, NotFittedError
 from .task import ClassificationTask, RegressionTask, Task
@@ -23,5 +23,6 @@ __all__ = [
     "curation",
     "members",
     "metrics",
+    "projections",
     "targets",
 ]

@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from .data import DataSource, to_device
 from .gradients.functional import flat_per_example_grads, flatten
+from .gradients.projected import ProjectedFeatures
 from .gradients.selection import ParamSpec, select_parameters
 from .members import MemberView, as_members
+from .projections import Projection, expand_members
 from .targets import Target
 from .task import Task
 
@@ -48,6 +50,11 @@ class Influence:
             after ``fit`` when they fit in this many bytes (fp32); otherwise they
             are recomputed for each query.
         progress: show progress bars (``None``: only on a terminal).
+        projection: ``None`` (exact gradients), an :mod:`hessfree.projections`
+            projection (``Dense(k)`` or ``Factorized(k)``), or a list of them
+            (each seed becomes an ensemble member; their scores are averaged).
+            Target gradients are projected with the same matrices, so scores
+            are unbiased estimates of the exact ones.
 
     Call :meth:`fit` with the training data, then :meth:`influence`,
     :meth:`pairwise` or :meth:`self_influence`.
@@ -63,6 +70,7 @@ class Influence:
         device: str | torch.device | None = None,
         max_cache_bytes: int = 1 << 30,
         progress: bool | None = None,
+        projection: Projection | list[Projection] | None = None,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
@@ -78,6 +86,8 @@ class Influence:
         self.device = torch.device(device)
         self.max_cache_bytes = int(max_cache_bytes)
         self.progress = progress
+        self.projection = projection
+        self._projections = _as_projections(projection)
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
@@ -96,6 +106,7 @@ class Influence:
             module = spec.module if spec.module is not None else self.task.model
             with self._eval_mode(module):
                 view = MemberView(spec, self.task.model, self.task, self._example, self.device)
+                view.member_index = m
                 with view:
                     yield m, view
 
@@ -118,11 +129,34 @@ class Influence:
     # ---- features (per-example gradients; projection plugs in here) ------------
     def _features(self, view: MemberView, names: list[str], batch) -> torch.Tensor:
         """Per-example feature vectors ``(B, D)`` whose inner products give scores."""
+        engine = self._engine(view, names)
+        if engine is not None:
+            return engine.features(view, batch)
         return flat_per_example_grads(view, names, batch).float()
 
     def _query(self, view: MemberView, names: list[str], grad_flat: torch.Tensor) -> torch.Tensor:
         """Map a target gradient ``(D,)`` into feature space (identity Hessian)."""
+        engine = self._engine(view, names)
+        if engine is not None:
+            return engine.project_flat(grad_flat.float())
         return grad_flat.float()
+
+    def _engine(self, view: MemberView, names: list[str]) -> ProjectedFeatures | None:
+        """The projection engine of ``view``'s member (``None`` without projection)."""
+        m = getattr(view, "member_index", None)
+        proj = self._member_projections[m] if m is not None and self._member_projections else None
+        if proj is None:
+            return None
+        if m not in self._engines:
+            self._engines[m] = ProjectedFeatures(proj, view, names)
+        return self._engines[m]
+
+    @property
+    def feature_dim(self) -> list[int]:
+        """Length of each member's feature vector (the realised projection dimension,
+        or the number of selected parameters without projection)."""
+        self._check_fitted()
+        return list(self._dims)
 
     def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None):
         for offset, batch in source.batches():
@@ -157,7 +191,9 @@ class Influence:
         """
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
         self._example = to_device(self.source.first_example(), self.device)
-        self._specs = self.members.specs()
+        self._specs, self._member_projections = expand_members(self.members.specs(), self._projections)
+        self._engines: dict[int, ProjectedFeatures] = {}
+        self._dims: list[int] = []
         n, n_members = self.source.n, len(self._specs)
         self._names: list[list[str]] = []
         self._cache: dict[int, torch.Tensor] = {}
@@ -168,7 +204,9 @@ class Influence:
             for m, view in self._views():
                 names = select_parameters(view.module, self.params, view.call_order)
                 self._names.append(names)
-                dim = sum(view.params[k].numel() for k in names)
+                engine = self._engine(view, names)
+                dim = engine.dim if engine is not None else sum(view.params[k].numel() for k in names)
+                self._dims.append(dim)
                 keep = n * dim * 4 <= budget
                 chunks = []
                 for offset, feats in self._featurize(view, names, self.source, "training", bar):
@@ -258,3 +296,18 @@ class Influence:
         self._check_fitted()
         target.validate(self.task)
         return np.array([target.value(view) for _, view in self._views()])
+
+
+def _as_projections(projection) -> list:
+    if projection is None:
+        return []
+    items = list(projection) if isinstance(projection, (list, tuple)) else [projection]
+    if not items:
+        raise ValueError("projection=[] is empty; pass None for exact gradients")
+    for p in items:
+        if not isinstance(p, Projection):
+            raise TypeError(
+                f"projection={p!r} is not understood; use hf.projections.Dense(k), "
+                "hf.projections.Factorized(k), a list of them, or None"
+            )
+    return items

@@ -1,0 +1,188 @@
+"""Projected per-example gradients: hook-captured Kronecker factors and a dense fallback.
+
+:class:`ProjectedFeatures` turns a batch into ``(B, k)`` projected per-example
+gradients for one member, and maps full gradients (a target gradient, or
+explicit per-example gradients in tests) through the very same matrices, so
+``features(batch)[i] . project_flat(g) ~ grad l(z_i) . g`` (unbiased).
+
+The factorized path runs one forward and one backward pass of the batch (the
+backward stops at the layer outputs; no weight gradient is formed). A forward
+hook on every supported layer, registered in front of any other hook (such as a
+dropout member's mask), records the layer input ``a`` and its raw output; the
+output-gradient ``d`` comes from ``torch.autograd.grad(loss, outputs)``. The
+member's parameters are used through ``MemberView.functional`` (so hooks on the
+real submodules fire with the member's values swapped in).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Batch, batch_size_of
+from ..projections import Dense, Factorized, Projection, Unit, plan_units
+from .functional import _check_vmappable, flat_per_example_grads
+
+
+class ProjectedFeatures:
+    """Projected features for one member's module and parameter selection.
+
+    Args:
+        projection: a :class:`~hessfree.projections.Dense` or
+            :class:`~hessfree.projections.Factorized`.
+        view: the member (its module and parameters).
+        names: the selected parameter names (the flat-gradient order).
+    """
+
+    def __init__(self, projection: Projection, view, names: list[str]):
+        self.projection, self.names = projection, list(names)
+        self.shapes = {n: tuple(view.params[n].shape) for n in names}
+        total = sum(view.params[n].numel() for n in names)
+        if isinstance(projection, Factorized):
+            self.units = plan_units(view.module, names, view.params, projection.dim)
+        elif isinstance(projection, Dense):
+            self.units = [Unit("dense", "", list(names), 1, total, k_rows=1, k_cols=projection.dim)]
+        else:
+            raise TypeError(f"projection must be hf.projections.Dense or Factorized, got {type(projection).__name__}")
+        self.dim = sum(u.k for u in self.units)
+
+    # ---- matrices ------------------------------------------------------------------
+    def _dense(self, unit: Unit) -> Dense | None:
+        if isinstance(self.projection, Dense):
+            return self.projection
+        if unit.k >= unit.numel:
+            return None
+        return Dense(unit.k_cols, kind=self.projection.kind, seed=self.projection.seed)
+
+    def _factors(self, unit: Unit, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        p = self.projection
+        return (
+            p.factor(f"{unit.module}/rows", unit.rows, unit.k_rows, device),
+            p.factor(f"{unit.module}/cols", unit.cols, unit.k_cols, device),
+        )
+
+    # ---- full gradients -> features ---------------------------------------------------
+    def project_grads(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Project full gradients ``{name: (B, *param.shape)}`` -> ``(B, dim)`` fp32."""
+        b = next(iter(grads.values())).shape[0]
+        parts = []
+        for u in self.units:
+            if u.kind == "dense":
+                flat = torch.cat([grads[n].reshape(b, -1).float() for n in u.names], dim=1)
+                dense = self._dense(u)
+                parts.append(flat if dense is None else dense.project(flat, key="fallback"))
+                continue
+            g = grads[u.weight].float().reshape(b, u.rows, -1)
+            if u.bias is not None:
+                g = torch.cat([g, grads[u.bias].float().reshape(b, u.rows, 1)], dim=2)
+            p_rows, p_cols = self._factors(u, g.device)
+            if p_rows is not None:
+                g = torch.matmul(p_rows.T, g)
+            if p_cols is not None:
+                g = torch.matmul(g, p_cols)
+            parts.append(g.reshape(b, -1))
+        return torch.cat(parts, dim=1)
+
+    def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Project flat gradients ``(D,)`` -> ``(dim,)`` or ``(B, D)`` -> ``(B, dim)``."""
+        single = flat.dim() == 1
+        rows = flat.reshape(1, -1) if single else flat
+        grads, start = {}, 0
+        for n in self.names:
+            size = 1
+            for s in self.shapes[n]:
+                size *= s
+            grads[n] = rows[:, start : start + size].reshape(rows.shape[0], *self.shapes[n])
+            start += size
+        out = self.project_grads(grads)
+        return out[0] if single else out
+
+    # ---- per-example features of a batch ---------------------------------------------
+    def features(self, view, batch: Batch) -> torch.Tensor:
+        """Projected per-example gradients of ``batch``, ``(B, dim)`` fp32."""
+        parts: dict[int, torch.Tensor] = {}
+        layers = [i for i, u in enumerate(self.units) if u.kind != "dense"]
+        if layers:
+            parts.update(self._hooked(view, batch, layers))
+        for i, u in enumerate(self.units):
+            if u.kind == "dense":
+                flat = flat_per_example_grads(view, u.names, batch).float()
+                dense = self._dense(u)
+                parts[i] = flat if dense is None else dense.project(flat, key="fallback")
+        return torch.cat([parts[i] for i in range(len(self.units))], dim=1)
+
+    def _hooked(self, view, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
+        _check_vmappable(batch)
+        subs = dict(view.module.named_modules())
+        calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        handles = []
+        for i in layers:
+
+            def capture(mod, inp, out, i=i):
+                calls.append((i, inp[0].detach(), out))
+                return out.clone()  # later in-place ops must not touch the captured output
+
+            handles.append(subs[self.units[i].module].register_forward_hook(capture, prepend=True))
+        selected = {
+            n: view.params[n].detach().requires_grad_(True) for i in layers for n in self.units[i].names
+        }
+        try:
+            with torch.enable_grad():
+                loss = view.task.per_example_loss(view.functional(selected), batch).sum()
+                outs = [out for _, _, out in calls]
+                d_outs = torch.autograd.grad(loss, outs, allow_unused=True) if outs else []
+        finally:
+            for h in handles:
+                h.remove()
+        b, device = batch_size_of(batch), loss.device
+        result = {i: torch.zeros(b, self.units[i].k, device=device) for i in layers}
+        for (i, a, _), d in zip(calls, d_outs):
+            if d is None:
+                continue
+            u = self.units[i]
+            r, c = self._row_col(u, subs[u.module], a, d.detach())
+            result[i] += torch.bmm(r.transpose(1, 2), c).reshape(b, -1)
+        return result
+
+    def _row_col(self, u: Unit, mod: nn.Module, a: torch.Tensor, d: torch.Tensor):
+        """Projected row and column vectors ``(B, T, k_rows)``, ``(B, T, k_cols)`` of one call."""
+        b = d.shape[0]
+        p_rows, p_cols = self._factors(u, d.device)
+        if u.kind == "embedding":
+            idx = a.reshape(b, -1)
+            d = d.reshape(b, idx.shape[1], -1).float()
+            r = p_rows[idx] if p_rows is not None else F.one_hot(idx, u.rows).float()
+            if mod.padding_idx is not None:
+                r = r * (idx != mod.padding_idx).unsqueeze(-1).to(r.dtype)
+            return r, (d if p_cols is None else d @ p_cols)
+        if u.kind == "linear":
+            a = a.reshape(b, -1, a.shape[-1]).float()
+            d = d.reshape(b, -1, d.shape[-1]).float()
+        else:  # conv: unfold the input into (B, L, C_in * kernel) patches
+            a, d = _unfold(mod, a.float()), d.reshape(b, d.shape[1], -1).transpose(1, 2).float()
+        r = d if p_rows is None else d @ p_rows
+        n_in = a.shape[-1]
+        if p_cols is None:
+            c = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if u.bias is not None else a
+        else:
+            c = a @ p_cols[:n_in]
+            if u.bias is not None:
+                c = c + p_cols[n_in]
+        return r, c
+
+
+def _unfold(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Input patches of a convolution, ``(B, L, C_in * prod(kernel))`` in weight order."""
+    if isinstance(mod, nn.Conv1d):
+        patches = F.unfold(
+            a.unsqueeze(2),
+            kernel_size=(1, mod.kernel_size[0]),
+            dilation=(1, mod.dilation[0]),
+            padding=(0, mod.padding[0]),
+            stride=(1, mod.stride[0]),
+        )
+    else:
+        patches = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    return patches.transpose(1, 2)
+
