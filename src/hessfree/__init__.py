@@ -5,7 +5,7 @@ training example HELPS the target (one SGD step on it lowers the target:
 validation loss, a fairness gap, loss under attack).
 """
 
-from . import attacks, curation, members, metrics, projections, targets
+from . import attacks, curation, distributed, members, metrics, projections, store, targets
 from .data import DataSource
 from .influence import Influence, NotFittedError
 from .task import ClassificationTask, RegressionTask, Task
@@ -21,8 +21,10 @@ __all__ = [
     "Task",
     "attacks",
     "curation",
+    "distributed",
     "members",
     "metrics",
     "projections",
+    "store",
     "targets",
 ]

@@ -10,6 +10,7 @@ Positive = the example helps the target (a step on it lowers f).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._scale import StoreMixin
 from .data import DataSource, to_device
+from .distributed import all_reduce_sum, rank_and_world
 from .gradients.functional import flat_per_example_grads, flatten
 from .gradients.projected import ProjectedFeatures
 from .gradients.selection import ParamSpec, select_parameters
@@ -34,7 +37,7 @@ class NotFittedError(RuntimeError):
     pass
 
 
-class Influence:
+class Influence(StoreMixin):
     """Hessian-free (identity-Hessian) influence of training examples.
 
     Args:
@@ -55,6 +58,13 @@ class Influence:
             (each seed becomes an ensemble member; their scores are averaged).
             Target gradients are projected with the same matrices, so scores
             are unbiased estimates of the exact ones.
+        store: a folder for an on-disk feature store (see
+            :mod:`hessfree.store`): written once (resumably, shared by
+            torch.distributed ranks), then reused by every later target,
+            ``pairwise``, ``top_k`` and ``self_influence`` call, in this or a
+            later session, without touching the training data.
+        store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` on disk
+            (arithmetic is always fp32).
 
     Call :meth:`fit` with the training data, then :meth:`influence`,
     :meth:`pairwise` or :meth:`self_influence`.
@@ -71,6 +81,8 @@ class Influence:
         max_cache_bytes: int = 1 << 30,
         progress: bool | None = None,
         projection: Projection | list[Projection] | None = None,
+        store: str | os.PathLike | None = None,
+        store_dtype: str = "float32",
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
@@ -88,6 +100,8 @@ class Influence:
         self.progress = progress
         self.projection = projection
         self._projections = _as_projections(projection)
+        self._store_path, self.store_dtype = self._check_store_args(store, store_dtype)
+        self._store = None
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
@@ -158,8 +172,9 @@ class Influence:
         self._check_fitted()
         return list(self._dims)
 
-    def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None):
-        for offset, batch in source.batches():
+    def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None, shard: bool = False):
+        batches = self._own_batches(source) if shard else source.batches()
+        for offset, batch in batches:
             feats = self._features(view, names, to_device(batch, self.device))
             finite = torch.isfinite(feats).all(dim=1)
             if not bool(finite.all()):
@@ -173,54 +188,81 @@ class Influence:
             yield offset, feats
 
     def _train_features(self, m: int, view: MemberView, bar=None):
-        if m in self._cache:
+        if self._store is not None:
+            lo, hi = self._store_rows()
+            for offset, feats in self._store.blocks(m, lo, hi, self.score_block_rows):
+                yield offset, feats.to(self.device)
+        elif m in self._cache and isinstance(self._cache[m], list):  # this rank's batches (distributed)
+            for offset, feats in self._cache[m]:
+                yield offset, feats.to(self.device)
+        elif m in self._cache:
             feats = self._cache[m]
             for s in range(0, feats.shape[0], self.batch_size):
                 yield s, feats[s : s + self.batch_size].to(self.device)
         else:
-            yield from self._featurize(view, self._names[m], self.source, "training", bar)
+            yield from self._featurize(view, self._names[m], self.source, "training", bar, shard=True)
 
     # ---- fit ----------------------------------------------------------------------
-    def fit(self, train: Any) -> Influence:
+    def fit(self, train: Any = None) -> Influence:
         """Compute (and, within ``max_cache_bytes``, keep) per-example training
         gradients of every member, and their squared norms.
 
+        With ``store=path`` the features go to disk (resuming an interrupted
+        run); a complete store is reused as it is, and ``fit()`` without data
+        reopens it. Under torch.distributed each rank featurizes its share.
+
         Args:
             train: ``(X, y)`` / ``(X, y, w)`` tensors, a dict of tensors, a
-                Dataset or a sequential DataLoader.
+                Dataset or a sequential DataLoader (``None``: reopen ``store``).
         """
+        if train is None:
+            return self._fit_from_store()
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
         self._example = to_device(self.source.first_example(), self.device)
+        self._setup_members()
+        if self._store_path is not None:
+            self._fill_store()
+        else:
+            self._fill_memory()
+        self.n_train = self.source.n
+        self._fitted = True
+        return self
+
+    def _setup_members(self) -> None:
+        """Expand members by projection seeds; resolve parameter names and feature sizes."""
         self._specs, self._member_projections = expand_members(self.members.specs(), self._projections)
         self._engines: dict[int, ProjectedFeatures] = {}
-        self._dims: list[int] = []
-        n, n_members = self.source.n, len(self._specs)
         self._names: list[list[str]] = []
-        self._cache: dict[int, torch.Tensor] = {}
+        self._dims: list[int] = []
+        self._cache: dict[int, Any] = {}
+        self._store = None
+        for _, view in self._views():
+            names = select_parameters(view.module, self.params, view.call_order)
+            self._names.append(names)
+            engine = self._engine(view, names)
+            self._dims.append(engine.dim if engine is not None else sum(view.params[k].numel() for k in names))
+
+    def _fill_memory(self) -> None:
+        n, n_members = self.source.n, len(self._specs)
+        _, world = rank_and_world()
         self._sqnorms = np.zeros((n_members, n))
         budget = self.max_cache_bytes
         bar = self._bar(n * n_members, "per-example gradients")
         try:
             for m, view in self._views():
-                names = select_parameters(view.module, self.params, view.call_order)
-                self._names.append(names)
-                engine = self._engine(view, names)
-                dim = engine.dim if engine is not None else sum(view.params[k].numel() for k in names)
-                self._dims.append(dim)
+                names, dim = self._names[m], self._dims[m]
                 keep = n * dim * 4 <= budget
                 chunks = []
-                for offset, feats in self._featurize(view, names, self.source, "training", bar):
+                for offset, feats in self._featurize(view, names, self.source, "training", bar, shard=True):
                     self._sqnorms[m, offset : offset + feats.shape[0]] = feats.pow(2).sum(1).double().cpu().numpy()
                     if keep:
-                        chunks.append(feats.cpu())
+                        chunks.append((offset, feats.cpu()))
                 if keep:
-                    self._cache[m] = torch.cat(chunks)
+                    self._cache[m] = chunks if world > 1 else torch.cat([f for _, f in chunks])
                     budget -= n * dim * 4
         finally:
             bar.close()
-        self.n_train = n
-        self._fitted = True
-        return self
+        self._sqnorms = all_reduce_sum(self._sqnorms)
 
     def _check_fitted(self) -> None:
         if not self._fitted:
@@ -258,7 +300,7 @@ class Influence:
             q = self._query(view, names, g)
             for offset, feats in self._train_features(m, view):
                 rows[m, offset : offset + feats.shape[0]] = view.weight * (feats @ q).double().cpu().numpy()
-        return self._reduce(rows, reduce)
+        return self._reduce(all_reduce_sum(rows), reduce)
 
     def pairwise(self, test: Any, reduce: str | None = "sum") -> np.ndarray:
         """Influence of each training example on each test example's loss.
@@ -276,7 +318,7 @@ class Influence:
             queries = torch.cat([self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")])
             for offset, feats in self._train_features(m, view):
                 rows[m, :, offset : offset + feats.shape[0]] = view.weight * (queries @ feats.T).double().cpu().numpy()
-        return self._reduce(rows, reduce)
+        return self._reduce(all_reduce_sum(rows), reduce)
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
         """Map per-example test features ``(B, D)`` to query space (identity here)."""
