@@ -10,8 +10,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import hessfree as hf  # noqa: E402
 from test_distributed import results, setup  # noqa: E402
+
+import hessfree as hf  # noqa: E402
 
 
 def main(out: str) -> None:

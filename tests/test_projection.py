@@ -54,7 +54,7 @@ def test_dense_inner_products_are_unbiased(kind):
     y = 0.6 * x + y  # correlated, so the exact inner product is far from 0
     exact = float(x @ y)
     est = []
-    for seed in range(600):
+    for seed in range(300):
         proj = Dense(8, kind=kind, seed=seed)
         px, py = proj.project(torch.stack([x, y]))
         est.append(float(px @ py))
@@ -138,7 +138,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("dim", [24, 100000])
+@pytest.mark.parametrize("dim", [24, None])
 def test_factorized_features_equal_projected_explicit_gradients(case, dim):
     torch.manual_seed(0)
     make_model, make_batch = CASES[case]
@@ -149,7 +149,7 @@ def test_factorized_features_equal_projected_explicit_gradients(case, dim):
     engine = ProjectedFeatures(Factorized(dim, seed=5), view, names)
     kinds = {u.kind for u in engine.units}
     assert kinds >= {"linear"}
-    if dim < 1000:  # really projected (some side of some layer is reduced)
+    if dim is not None:  # really projected (some side of some layer is reduced)
         assert any(u.k < u.numel for u in engine.units)
     with view:
         hooked = engine.features(view, batch)
@@ -157,7 +157,7 @@ def test_factorized_features_equal_projected_explicit_gradients(case, dim):
     expected = engine.project_grads(explicit)
     assert hooked.shape == (batch_rows(batch), engine.dim)
     torch.testing.assert_close(hooked, expected, rtol=1e-4, atol=1e-5)
-    if dim >= 100000:  # nothing projected: inner products are the exact gradient inner products
+    if dim is None:  # nothing projected: inner products are the exact gradient inner products
         flat = torch.cat([explicit[n].reshape(len(hooked), -1) for n in names], 1)
         torch.testing.assert_close(hooked @ hooked.T, flat @ flat.T, rtol=1e-4, atol=1e-5)
 
