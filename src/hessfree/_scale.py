@@ -123,7 +123,7 @@ class StoreMixin:
                     if (offset, count) in done:
                         continue
                     (_, feats), = self._featurize(view, self._names[m], _One(offset, batch), "training", bar)
-                    sq = feats.pow(2).sum(1).double().cpu().numpy()
+                    sq = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
                     store.write(m, offset, feats, sq)  # data flushed first ...
                     mine.append((offset, count))
                     store.record(m, rank, mine)  # ... then the progress marker

@@ -176,7 +176,7 @@ class Influence(StoreMixin):
         batches = self._own_batches(source) if shard else source.batches()
         for offset, batch in batches:
             feats = self._features(view, names, to_device(batch, self.device))
-            finite = torch.isfinite(feats).all(dim=1)
+            finite = torch.isfinite(feats.sum(dim=1))  # NaN/inf propagate; no temporary of feats' size
             if not bool(finite.all()):
                 i = offset + int(torch.nonzero(~finite)[0, 0])
                 raise FloatingPointError(
@@ -254,7 +254,7 @@ class Influence(StoreMixin):
                 keep = n * dim * 4 <= budget
                 chunks = []
                 for offset, feats in self._featurize(view, names, self.source, "training", bar, shard=True):
-                    self._sqnorms[m, offset : offset + feats.shape[0]] = feats.pow(2).sum(1).double().cpu().numpy()
+                    self._sqnorms[m, offset : offset + feats.shape[0]] = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
                     if keep:
                         chunks.append((offset, feats.cpu()))
                 if keep:

@@ -100,28 +100,36 @@ class ProjectedFeatures:
 
     # ---- per-example features of a batch ---------------------------------------------
     def features(self, view, batch: Batch) -> torch.Tensor:
-        """Projected per-example gradients of ``batch``, ``(B, dim)`` fp32."""
-        parts: dict[int, torch.Tensor] = {}
+        """Projected per-example gradients of ``batch``, ``(B, dim)`` fp32.
+
+        Each layer's block is written in place into one preallocated output
+        (no per-layer temporaries of the output's size).
+        """
+        b = batch_size_of(batch)
+        out = torch.empty(b, self.dim, device=view.params[self.names[0]].device)
+        starts = [0]
+        for u in self.units:
+            starts.append(starts[-1] + u.k)
         layers = [i for i, u in enumerate(self.units) if u.kind != "dense"]
         if layers:
-            parts.update(self._hooked(view, batch, layers))
+            self._hooked(view, batch, layers, out, starts)
         for i, u in enumerate(self.units):
             if u.kind == "dense":
                 flat = flat_per_example_grads(view, u.names, batch).float()
                 dense = self._dense(u)
-                parts[i] = flat if dense is None else dense.project(flat, key="fallback")
-        return torch.cat([parts[i] for i in range(len(self.units))], dim=1)
+                out[:, starts[i] : starts[i + 1]] = flat if dense is None else dense.project(flat, key="fallback")
+        return out
 
-    def _hooked(self, view, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
+    def _hooked(self, view, batch: Batch, layers: list[int], out: torch.Tensor, starts: list[int]) -> None:
         _check_vmappable(batch)
         subs = dict(view.module.named_modules())
         calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         handles = []
         for i in layers:
 
-            def capture(mod, inp, out, i=i):
-                calls.append((i, inp[0].detach(), out))
-                return out.clone()  # later in-place ops must not touch the captured output
+            def capture(mod, inp, output, i=i):
+                calls.append((i, inp[0].detach(), output))
+                return output.clone()  # later in-place ops must not touch the captured output
 
             handles.append(subs[self.units[i].module].register_forward_hook(capture, prepend=True))
         selected = {
@@ -130,20 +138,27 @@ class ProjectedFeatures:
         try:
             with torch.enable_grad():
                 loss = view.task.per_example_loss(view.functional(selected), batch).sum()
-                outs = [out for _, _, out in calls]
+                outs = [o for _, _, o in calls]
                 d_outs = torch.autograd.grad(loss, outs, allow_unused=True) if outs else []
         finally:
             for h in handles:
                 h.remove()
-        b, device = batch_size_of(batch), loss.device
-        result = {i: torch.zeros(b, self.units[i].k, device=device) for i in layers}
+        b = out.shape[0]
+        written: set[int] = set()
         for (i, a, _), d in zip(calls, d_outs):
             if d is None:
                 continue
             u = self.units[i]
             r, c = self._row_col(u, subs[u.module], a, d.detach())
-            result[i] += torch.bmm(r.transpose(1, 2), c).reshape(b, -1)
-        return result
+            block = out[:, starts[i] : starts[i + 1]].view(b, u.k_rows, u.k_cols)  # strided view, written in place
+            if i in written:  # the layer ran more than once (shared weights): gradients add up
+                block.baddbmm_(r.transpose(1, 2), c)
+            else:
+                torch.bmm(r.transpose(1, 2), c, out=block)
+                written.add(i)
+        for i in layers:
+            if i not in written:  # the layer did not affect the loss
+                out[:, starts[i] : starts[i + 1]] = 0.0
 
     def _row_col(self, u: Unit, mod: nn.Module, a: torch.Tensor, d: torch.Tensor):
         """Projected row and column vectors ``(B, T, k_rows)``, ``(B, T, k_cols)`` of one call."""
