@@ -12,7 +12,9 @@ Side by side in one run, on the same synthetic MNIST-sized data (28x28 inputs,
 * ``trak_featurize``: TRAK ``featurize`` with its CPU ``BasicProjector``, k = 1024;
 * ``dattri_tracin``: dattri ``TracInAttributor`` self-attribution;
 
-on an MLP 784-1024-1024-10 and a small CNN. Plus: self-influence over 10 epoch
+on an MLP 784-1024-1024-10 and a small CNN. The peers' per-example paths are
+time-boxed (``--peer-budget`` seconds, whole batches): their rate is measured on
+the batches they finish. Plus: self-influence over 10 epoch
 checkpoints on an MLP 784-128-10 (hessfree vs Captum ``TracInCP``); peak RSS of
 featurizing N and 2N synthetic examples into a k = 1024 fp16 store; and the
 GFLOP/s of scoring ``n_store x 1000`` from the store against ``torch.mm`` on the
@@ -78,6 +80,22 @@ def make_data(model_name: str, n: int, seed: int = 0):
     return x, torch.randint(0, 10, (n,), generator=gen)
 
 
+PEER_BUDGET = 120.0  # seconds a peer's per-example path may run; its rate is measured on the batches done
+
+
+def _timeboxed(step, n, budget, t0) -> dict:
+    """Run ``step(start, stop)`` batch by batch until ``n`` examples or ``budget`` seconds."""
+    done = 0
+    for s in range(0, n, BATCH):
+        e = min(s + BATCH, n)
+        step(s, e)
+        done = e
+        if time.perf_counter() - t0 > budget:
+            break
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "examples_done": done, "examples_per_s": done / secs}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -89,6 +107,7 @@ def case_train_step(model_name, n, tmp):
     model = make_model(model_name)
     x, y = make_data(model_name, n)
     loss_fn = nn.CrossEntropyLoss()
+    loss_fn(model(x[:BATCH]), y[:BATCH]).backward()  # warm-up: the steady-state rate is the limit
     t = time.perf_counter()
     for s in range(0, n, BATCH):
         model.zero_grad(set_to_none=True)
@@ -144,7 +163,7 @@ def _checkpoints(model_name, n, tmp, epochs):
     return model, paths, res.lrs
 
 
-def _captum_self(model_name, n, tmp, paths):
+def _captum_self(model_name, n, tmp, paths, budget=None):
     from captum.influence import TracInCP
     from torch.utils.data import TensorDataset
 
@@ -160,15 +179,17 @@ def _captum_self(model_name, n, tmp, paths):
         batch_size=BATCH, sample_wise_grads_per_batch=True,
     )
     t = time.perf_counter()
-    tracin.self_influence(outer_loop_by_checkpoints=True)
-    return time.perf_counter() - t
+    if budget is None:
+        tracin.self_influence(outer_loop_by_checkpoints=True)
+        return time.perf_counter() - t
+    return _timeboxed(lambda s, e: tracin.self_influence(inputs=(x[s:e], y[s:e])), n, budget, t)
 
 
 def case_captum_tracincp(model_name, n, tmp):
     model = make_model(model_name)
     p = Path(tmp) / f"{model_name}_init.pt"
     torch.save(model.state_dict(), p)
-    return _captum_self(model_name, n, tmp, [str(p)])
+    return _captum_self(model_name, n, tmp, [str(p)], budget=PEER_BUDGET)
 
 
 def case_trak_featurize(model_name, n, tmp):
@@ -185,10 +206,7 @@ def case_trak_featurize(model_name, n, tmp):
     )
     traker.load_checkpoint(model.state_dict(), model_id=0)
     t = time.perf_counter()
-    for s in range(0, n, BATCH):
-        xb, yb = x[s : s + BATCH], y[s : s + BATCH]
-        traker.featurize(batch=(xb, yb), num_samples=xb.shape[0])
-    return time.perf_counter() - t
+    return _timeboxed(lambda s, e: traker.featurize(batch=(x[s:e], y[s:e]), num_samples=e - s), n, PEER_BUDGET, t)
 
 
 def case_dattri_tracin(model_name, n, tmp):
@@ -206,10 +224,12 @@ def case_dattri_tracin(model_name, n, tmp):
 
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
     attributor = TracInAttributor(task=task, weight_list=torch.ones(1), normalized_grad=False, device="cpu")
-    loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=False)
     t = time.perf_counter()
-    attributor.self_attribute(loader)
-    return time.perf_counter() - t
+
+    def step(s, e):
+        attributor.self_attribute(DataLoader(TensorDataset(x[s:e], y[s:e]), batch_size=BATCH, shuffle=False))
+
+    return _timeboxed(step, n, PEER_BUDGET, t)
 
 
 def case_selfinf_hf(model_name, n, tmp):
@@ -292,7 +312,8 @@ def run_one(case: str, model_name: str, n: int, threads: int) -> None:
 
 
 def spawn(case: str, model_name: str, n: int, threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", case, "--model", model_name, "--n", str(n), "--threads", str(threads)]
+    cmd = [sys.executable, __file__, "--one", case, "--model", model_name, "--n", str(n), "--threads", str(threads),
+           "--peer-budget", str(PEER_BUDGET)]
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -311,12 +332,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (a minute or two)")
     ap.add_argument("--n", type=int, default=None, help="examples per throughput case (default 4000; quick 512)")
     ap.add_argument("--store-n", type=int, default=None, help="store sizes N and 2N (default 100000; quick 10000)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per case")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per case (1: robust on a shared machine)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case before it is reported as a timeout")
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
+    ap.add_argument("--peer-budget", type=float, default=120, help="seconds per peer case; rate from the batches done")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="mlp_big", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PEER_BUDGET
+    PEER_BUDGET = args.peer_budget
     if args.one:
         run_one(args.one, args.model, args.n, args.threads)
         return
@@ -334,7 +358,7 @@ def main() -> None:
     rows = []
     for model, case, size in plan:
         res = spawn(case, model, size, args.threads, args.timeout)
-        if "seconds" in res:
+        if "seconds" in res and "examples_per_s" not in res:
             res["examples_per_s"] = size / res["seconds"]
         rows.append({"model": model, "case": case, "n": size, **res})
         print(_row(rows[-1]), flush=True)

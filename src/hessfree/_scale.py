@@ -127,6 +127,7 @@ class StoreMixin:
                     store.write(m, offset, feats, sq)  # data flushed first ...
                     mine.append((offset, count))
                     store.record(m, rank, mine)  # ... then the progress marker
+                    del feats
         finally:
             bar.close()
 

@@ -186,6 +186,7 @@ class Influence(StoreMixin):
             if bar is not None:
                 bar.update(feats.shape[0])
             yield offset, feats
+            del feats  # hold one batch of features at a time, not two
 
     def _train_features(self, m: int, view: MemberView, bar=None):
         if self._store is not None:
@@ -257,6 +258,7 @@ class Influence(StoreMixin):
                     self._sqnorms[m, offset : offset + feats.shape[0]] = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
                     if keep:
                         chunks.append((offset, feats.cpu()))
+                    del feats
                 if keep:
                     self._cache[m] = chunks if world > 1 else torch.cat([f for _, f in chunks])
                     budget -= n * dim * 4
