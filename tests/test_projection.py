@@ -252,3 +252,30 @@ def test_projection_seeds_are_averaged_members():
     each = [_fitted(p)[0].influence(target) for p in seeds]
     np.testing.assert_allclose(est.influence(target), np.mean(each, 0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(est.influence(target, reduce=None).sum(0), np.mean(each, 0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_sqnorms_without_forming_gradients(case):
+    torch.manual_seed(0)
+    make_model, make_batch = CASES[case]
+    model, batch = make_model(), make_batch()
+    view = make_view(hf.ClassificationTask(model), batch)
+    names = [n for n, _ in model.named_parameters()]
+    engine = ProjectedFeatures(Factorized(None), view, names)
+    assert engine.exact
+    with view:
+        sq = engine.sqnorms(view, batch)
+        g = loop_grads(view, names, batch)
+    want = sum(g[n].reshape(len(sq), -1).double().pow(2).sum(1) for n in names)
+    torch.testing.assert_close(sq, want, rtol=1e-4, atol=1e-7)
+
+
+def test_estimator_self_influence_norms_only_path_equals_vmap():
+    torch.manual_seed(0)
+    model = ConvNet()
+    task = hf.ClassificationTask(model)
+    data = (torch.randn(20, 2, 8, 8), torch.randint(0, 3, (20,)))
+    members = hf.members.WeightNoise(n=2, sigma=0.1)
+    fast = hf.Influence(task, members, projection=Factorized(None), max_cache_bytes=0, batch_size=8).fit(data)
+    ref = hf.Influence(task, members, batch_size=8).fit(data)
+    np.testing.assert_allclose(fast.self_influence(reduce=None), ref.self_influence(reduce=None), rtol=1e-4)

@@ -176,3 +176,14 @@ def test_top_k_equals_argsort_of_the_full_matrix(tmp_path, where):
     assert est.top_k(test, 500).indices.shape == (9, 70)
     with pytest.raises(ValueError, match="k must be"):
         est.top_k(test, 0)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_stream_scores_equal_one_matrix_product(order):
+    from hessfree.scoring import stream_scores
+
+    gen = torch.Generator().manual_seed(0)
+    q, f = torch.randn(5, 8, generator=gen), torch.randn(23, 8, generator=gen)
+    out = np.zeros((5, 23), dtype=np.float32, order=order)
+    stream_scores(q, ((s, f[s : s + 7]) for s in range(0, 23, 7)), out)
+    np.testing.assert_allclose(out, (q.double() @ f.double().T).numpy(), rtol=1e-5, atol=1e-5)

@@ -253,6 +253,16 @@ class Influence(StoreMixin):
             for m, view in self._views():
                 names, dim = self._names[m], self._dims[m]
                 keep = n * dim * 4 <= budget
+                engine = self._engine(view, names)
+                if not keep and engine is not None and engine.exact:  # norms only: no gradient is formed
+                    for offset, batch in self._own_batches(self.source):
+                        sq = engine.sqnorms(view, to_device(batch, self.device)).numpy()
+                        if not np.isfinite(sq).all():
+                            i = offset + int(np.flatnonzero(~np.isfinite(sq))[0])
+                            raise FloatingPointError(f"non-finite gradient for training example {i} at member {view.name!r}")
+                        self._sqnorms[m, offset : offset + len(sq)] = sq
+                        bar.update(len(sq))
+                    continue
                 chunks = []
                 for offset, feats in self._featurize(view, names, self.source, "training", bar, shard=True):
                     self._sqnorms[m, offset : offset + feats.shape[0]] = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()

@@ -22,11 +22,18 @@ def stream_scores(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tenso
     Args:
         queries: ``(Q, D)`` fp32 query rows.
         blocks: ``(offset, (b, D))`` training-feature blocks.
-        out: ``(Q, n)`` array to fill (any float dtype).
+        out: ``(Q, n)`` array to fill (any float dtype). A column-major fp32
+            array (``np.empty((Q, n), np.float32, order="F")``) is written in
+            place, with no temporary per block.
     """
     q = queries.float()
+    direct = out.dtype == np.float32 and out.T.flags.c_contiguous and q.device.type == "cpu"
     for offset, block in blocks:
-        out[:, offset : offset + block.shape[0]] = (q @ block.to(q.device).float().T).cpu().numpy()
+        stop = offset + block.shape[0]
+        if direct:  # column-major output: each block's scores are contiguous rows of out.T
+            torch.mm(block.float(), q.T, out=torch.from_numpy(out.T[offset:stop]))
+        else:
+            out[:, offset:stop] = (q @ block.to(q.device).float().T).cpu().numpy()
     return out
 
 

@@ -126,7 +126,6 @@ class GradientStore:
         self.dims = [int(d) for d in config["dims"]]
         self.dtype = config["dtype"]
         self._np_dtype = DTYPES[self.dtype]
-        self._maps: dict[tuple[int, str], np.memmap] = {}
 
     # ---- opening --------------------------------------------------------------------
     @classmethod
@@ -196,13 +195,16 @@ class GradientStore:
             mm.flush()
             del mm
 
-    def _map(self, m: int, kind: str, mode: str) -> np.memmap:
-        key = (m, kind + mode)
-        if key not in self._maps:
-            shape = (self.n, self.dims[m]) if kind == "features" else (self.n,)
-            dtype = self._np_dtype if kind == "features" else np.float64
-            self._maps[key] = np.memmap(self.path / f"m{m}.{kind}", dtype=dtype, mode=mode, shape=shape)
-        return self._maps[key]
+    def _map(self, m: int, kind: str, mode: str, start: int = 0, stop: int | None = None) -> np.memmap:
+        """A memmap of rows ``start:stop`` of one array. Maps are opened per call and
+        dropped by the caller, so resident memory stays bounded by the rows touched
+        in one call, not by the size of the store."""
+        stop = self.n if stop is None else stop
+        dim = self.dims[m] if kind == "features" else 1
+        dtype = np.dtype(self._np_dtype if kind == "features" else np.float64)
+        shape = (stop - start, dim) if kind == "features" else (stop - start,)
+        offset = start * dim * dtype.itemsize
+        return np.memmap(self.path / f"m{m}.{kind}", dtype=dtype, mode=mode, shape=shape, offset=offset)
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -240,11 +242,12 @@ class GradientStore:
             arr = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
         else:
             arr = x.numpy().astype(self._np_dtype, copy=False)
-        fm, sm = self._map(m, "features", "r+"), self._map(m, "sqnorm", "r+")
-        fm[offset : offset + arr.shape[0]] = arr
-        sm[offset : offset + arr.shape[0]] = sqnorms
-        fm.flush()
-        sm.flush()
+        stop = offset + arr.shape[0]
+        for kind, values in (("features", arr), ("sqnorm", sqnorms)):
+            mm = self._map(m, kind, "r+", offset, stop)
+            mm[:] = values
+            mm.flush()
+            del mm
 
     def record(self, m: int, rank: int, ranges: list[tuple[int, int]]) -> None:
         """Atomically replace rank ``rank``'s progress list for member ``m`` (call after :meth:`write`)."""
@@ -257,7 +260,9 @@ class GradientStore:
 
     def rows(self, m: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of member ``m`` as an fp32 tensor ``(stop-start, dim_m)``."""
-        t = torch.from_numpy(np.array(self._map(m, "features", "r")[start:stop]))  # one copy off the map
+        mm = self._map(m, "features", "r", start, stop)
+        t = torch.from_numpy(np.array(mm))  # one copy off the map, then the map is dropped
+        del mm
         if self.dtype == "bfloat16":
             return t.view(torch.int16).view(torch.bfloat16).float()
         return t.float()

@@ -120,7 +120,8 @@ class ProjectedFeatures:
                 out[:, starts[i] : starts[i + 1]] = flat if dense is None else dense.project(flat, key="fallback")
         return out
 
-    def _hooked(self, view, batch: Batch, layers: list[int], out: torch.Tensor, starts: list[int]) -> None:
+    def _capture(self, view, batch: Batch, layers: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """One forward + backward pass: ``(unit, layer input, output-gradient)`` per layer call."""
         _check_vmappable(batch)
         subs = dict(view.module.named_modules())
         calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -143,13 +144,15 @@ class ProjectedFeatures:
         finally:
             for h in handles:
                 h.remove()
+        return [(i, a, d.detach()) for (i, a, _), d in zip(calls, d_outs) if d is not None]
+
+    def _hooked(self, view, batch: Batch, layers: list[int], out: torch.Tensor, starts: list[int]) -> None:
+        subs = dict(view.module.named_modules())
         b = out.shape[0]
         written: set[int] = set()
-        for (i, a, _), d in zip(calls, d_outs):
-            if d is None:
-                continue
+        for i, a, d in self._capture(view, batch, layers):
             u = self.units[i]
-            r, c = self._row_col(u, subs[u.module], a, d.detach())
+            r, c = self._row_col(u, subs[u.module], a, d)
             block = out[:, starts[i] : starts[i + 1]].view(b, u.k_rows, u.k_cols)  # strided view, written in place
             if i in written:  # the layer ran more than once (shared weights): gradients add up
                 block.baddbmm_(r.transpose(1, 2), c)
@@ -159,6 +162,54 @@ class ProjectedFeatures:
         for i in layers:
             if i not in written:  # the layer did not affect the loss
                 out[:, starts[i] : starts[i + 1]] = 0.0
+
+    @property
+    def exact(self) -> bool:
+        """True when nothing is projected (``Factorized(None)`` or layers within their share)."""
+        return all(u.k == u.numel for u in self.units) and not isinstance(self.projection, Dense)
+
+    def sqnorms(self, view, batch: Batch) -> torch.Tensor:
+        """Exact squared per-example gradient norms ``(B,)`` without forming the
+        gradients (exact engines only): per layer call ``||sum_t r_t c_t^T||^2 =
+        sum_{t,s} (r_t . r_s)(c_t . c_s)``, or the formed block when that is smaller."""
+        if not self.exact:
+            raise ValueError("sqnorms without features needs an exact engine (Factorized(None))")
+        b = batch_size_of(batch)
+        total = torch.zeros(b, dtype=torch.float64)
+        layers = [i for i, u in enumerate(self.units) if u.kind != "dense"]
+        subs = dict(view.module.named_modules())
+        calls = self._capture(view, batch, layers) if layers else []
+        counts: dict[int, int] = {}
+        for i, _, _ in calls:
+            counts[i] = counts.get(i, 0) + 1
+        if any(c > 1 for c in counts.values()):  # shared layers: the calls' gradients add up first
+            f = self.features(view, batch)
+            return torch.einsum("bd,bd->b", f, f).double().cpu()
+        for i, a, d in calls:
+            u, mod = self.units[i], subs[self.units[i].module]
+            if u.kind == "embedding":
+                idx = a.reshape(b, -1)
+                dd = d.reshape(b, idx.shape[1], -1).float()
+                same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
+                if mod.padding_idx is not None:
+                    keep = (idx != mod.padding_idx).float()
+                    same = same * keep.unsqueeze(2) * keep.unsqueeze(1)
+                total += (same * (dd @ dd.transpose(1, 2))).sum((1, 2)).double().cpu()
+                continue
+            r, c = self._row_col(u, mod, a, d)
+            t = r.shape[1]
+            if t == 1:
+                sq = r.pow(2).sum((1, 2)) * c.pow(2).sum((1, 2))
+            elif t * t <= u.numel:
+                sq = ((r @ r.transpose(1, 2)) * (c @ c.transpose(1, 2))).sum((1, 2))
+            else:
+                sq = torch.bmm(r.transpose(1, 2), c).pow(2).sum((1, 2))
+            total += sq.double().cpu()
+        for u in self.units:
+            if u.kind == "dense":
+                flat = flat_per_example_grads(view, u.names, batch).float()
+                total += torch.einsum("bd,bd->b", flat, flat).double().cpu()
+        return total
 
     def _row_col(self, u: Unit, mod: nn.Module, a: torch.Tensor, d: torch.Tensor):
         """Projected row and column vectors ``(B, T, k_rows)``, ``(B, T, k_cols)`` of one call."""
