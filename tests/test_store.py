@@ -187,3 +187,13 @@ def test_stream_scores_equal_one_matrix_product(order):
     out = np.zeros((5, 23), dtype=np.float32, order=order)
     stream_scores(q, ((s, f[s : s + 7]) for s in range(0, 23, 7)), out)
     np.testing.assert_allclose(out, (q.double() @ f.double().T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_store_arguments():
+    task, train, _, _ = _setup()
+    with pytest.raises(ValueError, match="store_dtype"):
+        hf.Influence(task, store="x", store_dtype="int8")
+    with pytest.raises(TypeError, match="store must be a folder"):
+        hf.Influence(task, store=3)
+    with pytest.raises(ValueError, match="needs the training data"):
+        hf.Influence(task).fit()
