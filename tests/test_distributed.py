@@ -38,14 +38,18 @@ def results(est, target, test) -> dict[str, np.ndarray]:
     }
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
+def torchrun(out: Path, mode: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(Path(__file__).parent / "dist_worker.py"), str(tmp_path),
+        str(Path(__file__).parent / "dist_worker.py"), str(out), mode,
     ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    torchrun(tmp_path, "equal")
     task, train, target, test = setup()
     single = results(hf.Influence(task, **setup.kwargs).fit(train), target, test)
     for rank in (0, 1):
@@ -57,3 +61,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "store" / "progress").iterdir()) == [
         f"m{m}.r{r}.json" for m in range(2) for r in range(2)
     ]
+
+
+def test_a_store_mismatch_on_one_rank_fails_every_rank(tmp_path):
+    torchrun(tmp_path, "mismatch")
+    assert "data" in (tmp_path / "error1.txt").read_text()
+    assert "another rank" in (tmp_path / "error0.txt").read_text()

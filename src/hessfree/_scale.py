@@ -89,16 +89,22 @@ class StoreMixin:
     def _fill_store(self) -> None:
         rank, world = rank_and_world()
         config = self._store_config(with_data=True)
-        if rank == 0:
+
+        def create() -> GradientStore:
             store = GradientStore.open(self._store_path, config)
             if not (self._store_path / "example.pt").exists():
-                example = to_device(self._example, torch.device("cpu"))
                 tmp = self._store_path / ".example.pt.tmp"
-                torch.save(example, tmp)
+                torch.save(to_device(self._example, torch.device("cpu")), tmp)
                 os.replace(tmp, self._store_path / "example.pt")
-        barrier()
+            return store
+
+        # rank 0 creates (or checks) the store first; every rank then checks it against its
+        # own model and data. A failure on any rank is raised on every rank (no rank hangs).
+        store = _collectively(create if rank == 0 else None)
         if rank != 0:
-            store = GradientStore.open(self._store_path, config, create=False)
+            store = _collectively(lambda: GradientStore.open(self._store_path, config, create=False))
+        else:
+            _collectively(None)
         self._store = store
         if not store.complete:
             self._write_store(store, rank)
@@ -197,6 +203,23 @@ class StoreMixin:
                 out.append((offset, offset + f.shape[0], [lambda s, e, c=c, o=offset: c[s - o : e - o] for c in chunks]))
             return out
         return [(0, self.n_train, [lambda s, e, m=m: self._cache[m][s:e] for m in range(len(self._specs))])]
+
+
+def _collectively(fn):
+    """Run ``fn`` (or nothing, when ``None``) on this rank; if it failed on any rank,
+    raise on every rank. Returns ``fn()``'s result."""
+    result, error = None, None
+    if fn is not None:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after every rank has heard of it
+            error = e
+    failures = [f for f in all_gather(None if error is None else f"{type(error).__name__}: {error}") if f]
+    if error is not None:
+        raise error
+    if failures:
+        raise StoreMismatchError(f"another rank could not open the store: {failures[0]}")
+    return result
 
 
 class _One:
