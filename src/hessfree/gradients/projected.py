@@ -16,6 +16,8 @@ real submodules fire with the member's values swapped in).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,8 +227,12 @@ class ProjectedFeatures:
         if u.kind == "linear":
             a = a.reshape(b, -1, a.shape[-1]).float()
             d = d.reshape(b, -1, d.shape[-1]).float()
-        else:  # conv: unfold the input into (B, L, C_in * kernel) patches
-            a, d = _unfold(mod, a.float()), d.reshape(b, d.shape[1], -1).transpose(1, 2).float()
+        else:
+            d = d.reshape(b, d.shape[1], -1).transpose(1, 2).float()
+            if p_cols is not None:  # P_cols^T patches == a convolution with k_cols filters (no unfold)
+                r = d if p_rows is None else d @ p_rows
+                return r, _projected_patches(mod, a.float(), p_cols, u.bias is not None)
+            a = _unfold(mod, a.float())  # (B, L, C_in * kernel) patches
         r = d if p_rows is None else d @ p_rows
         n_in = a.shape[-1]
         if p_cols is None:
@@ -236,6 +242,17 @@ class ProjectedFeatures:
             if u.bias is not None:
                 c = c + p_cols[n_in]
         return r, c
+
+
+def _projected_patches(mod: nn.Module, a: torch.Tensor, p_cols: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``unfold(a) @ p_cols`` computed as a convolution whose filters are the columns
+    of ``p_cols`` (same stride, padding, dilation), ``(B, L, k_cols)``."""
+    n_in = mod.in_channels * math.prod(mod.kernel_size)
+    filters = p_cols[:n_in].T.reshape(p_cols.shape[1], mod.in_channels, *mod.kernel_size)
+    conv = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+    c = conv(a, filters, stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
+    c = c.flatten(2).transpose(1, 2)
+    return c + p_cols[n_in] if bias else c
 
 
 def _unfold(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
