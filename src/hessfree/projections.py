@@ -98,6 +98,9 @@ class Dense(Projection):
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
         self.dim, self.kind, self.seed, self.block_rows = dim, kind, seed, int(block_rows)
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "block_rows": self.block_rows}  # the matrix depends on it
+
     def block(self, start: int, stop: int, key: str = "", device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows ``start:stop`` of ``P`` (``start`` a multiple of ``block_rows``), ``(stop-start, dim)``."""
         return random_matrix(stop - start, self.dim, self.kind, self.seed, key, start // self.block_rows).to(device)
