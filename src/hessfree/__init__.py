@@ -5,7 +5,20 @@ training example HELPS the target (one SGD step on it lowers the target:
 validation loss, a fairness gap, loss under attack).
 """
 
-from . import apps, attacks, curation, datasets, gradients, members, metrics, targets, training
+from . import (
+    apps,
+    attacks,
+    curation,
+    datasets,
+    distributed,
+    gradients,
+    members,
+    metrics,
+    projections,
+    store,
+    targets,
+    training,
+)
 from .data import DataSource
 from .influence import Influence, NotFittedError
 from .llm import LanguageModelTask
@@ -25,9 +38,12 @@ __all__ = [
     "attacks",
     "curation",
     "datasets",
+    "distributed",
     "gradients",
     "members",
     "metrics",
+    "projections",
+    "store",
     "targets",
     "training",
 ]

@@ -10,6 +10,7 @@ Positive = the example helps the target (a step on it lowers f).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,10 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._scale import StoreMixin
 from .data import DataSource, to_device
+from .distributed import all_reduce_sum, rank_and_world
 from .gradients.functional import flat_per_example_grads, flatten
+from .gradients.projected import ProjectedFeatures
 from .gradients.selection import ParamSpec, select_parameters
 from .members import MemberView, as_members
+from .projections import Projection, expand_members
 from .targets import Target
 from .task import Task
 
@@ -37,7 +42,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-class Influence:
+class Influence(StoreMixin):
     """Hessian-free (identity-Hessian) influence of training examples.
 
     Args:
@@ -53,6 +58,18 @@ class Influence:
             after ``fit`` when they fit in this many bytes (fp32); otherwise they
             are recomputed for each query.
         progress: show progress bars (``None``: only on a terminal).
+        projection: ``None`` (exact gradients), an :mod:`hessfree.projections`
+            projection (``Dense(k)`` or ``Factorized(k)``), or a list of them
+            (each seed becomes an ensemble member; their scores are averaged).
+            Target gradients are projected with the same matrices, so scores
+            are unbiased estimates of the exact ones.
+        store: a folder for an on-disk feature store (see
+            :mod:`hessfree.store`): written once (resumably, shared by
+            torch.distributed ranks), then reused by every later target,
+            ``pairwise``, ``top_k`` and ``self_influence`` call, in this or a
+            later session, without touching the training data.
+        store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` on disk
+            (arithmetic is always fp32).
 
     Call :meth:`fit` with the training data, then :meth:`influence`,
     :meth:`pairwise` or :meth:`self_influence`.
@@ -68,6 +85,9 @@ class Influence:
         device: str | torch.device | None = None,
         max_cache_bytes: int = 1 << 30,
         progress: bool | None = None,
+        projection: Projection | list[Projection] | None = None,
+        store: str | os.PathLike | None = None,
+        store_dtype: str = "float32",
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
@@ -83,6 +103,10 @@ class Influence:
         self.device = torch.device(device)
         self.max_cache_bytes = int(max_cache_bytes)
         self.progress = progress
+        self.projection = projection
+        self._projections = _as_projections(projection)
+        self._store_path, self.store_dtype = self._check_store_args(store, store_dtype)
+        self._store = None
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
@@ -101,6 +125,7 @@ class Influence:
             module = spec.module if spec.module is not None else self.task.model
             with self._eval_mode(module):
                 view = MemberView(spec, self.task.model, self.task, self._example, self.device)
+                view.member_index = m
                 with view:
                     yield m, view
 
@@ -123,16 +148,40 @@ class Influence:
     # ---- features (per-example gradients; projection plugs in here) ------------
     def _features(self, view: MemberView, names: list[str], batch) -> torch.Tensor:
         """Per-example feature vectors ``(B, D)`` whose inner products give scores."""
+        engine = self._engine(view, names)
+        if engine is not None:
+            return engine.features(view, batch)
         return _compute_dtype(flat_per_example_grads(view, names, batch))
 
     def _query(self, view: MemberView, names: list[str], grad_flat: torch.Tensor) -> torch.Tensor:
         """Map a target gradient ``(D,)`` into feature space (identity Hessian)."""
+        engine = self._engine(view, names)
+        if engine is not None:
+            return engine.project_flat(grad_flat.float())
         return _compute_dtype(grad_flat)
 
-    def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None):
-        for offset, batch in source.batches():
+    def _engine(self, view: MemberView, names: list[str]) -> ProjectedFeatures | None:
+        """The projection engine of ``view``'s member (``None`` without projection)."""
+        m = getattr(view, "member_index", None)
+        proj = self._member_projections[m] if m is not None and self._member_projections else None
+        if proj is None:
+            return None
+        if m not in self._engines:
+            self._engines[m] = ProjectedFeatures(proj, view, names)
+        return self._engines[m]
+
+    @property
+    def feature_dim(self) -> list[int]:
+        """Length of each member's feature vector (the realised projection dimension,
+        or the number of selected parameters without projection)."""
+        self._check_fitted()
+        return list(self._dims)
+
+    def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None, shard: bool = False):
+        batches = self._own_batches(source) if shard else source.batches()
+        for offset, batch in batches:
             feats = self._features(view, names, to_device(batch, self.device))
-            finite = torch.isfinite(feats).all(dim=1)
+            finite = torch.isfinite(feats.sum(dim=1))  # NaN/inf propagate; no temporary of feats' size
             if not bool(finite.all()):
                 i = offset + int(torch.nonzero(~finite)[0, 0])
                 raise FloatingPointError(
@@ -142,53 +191,96 @@ class Influence:
             if bar is not None:
                 bar.update(feats.shape[0])
             yield offset, feats
+            del feats  # hold one batch of features at a time, not two
 
     def _train_features(self, m: int, view: MemberView, bar=None):
-        if m in self._cache:
+        if self._store is not None:
+            lo, hi = self._store_rows()
+            for offset, feats in self._store.blocks(m, lo, hi, self.score_block_rows):
+                yield offset, feats.to(self.device)
+        elif m in self._cache and isinstance(self._cache[m], list):  # this rank's batches (distributed)
+            for offset, feats in self._cache[m]:
+                yield offset, feats.to(self.device)
+        elif m in self._cache:
             feats = self._cache[m]
             for s in range(0, feats.shape[0], self.batch_size):
                 yield s, feats[s : s + self.batch_size].to(self.device)
         else:
-            yield from self._featurize(view, self._names[m], self.source, "training", bar)
+            yield from self._featurize(view, self._names[m], self.source, "training", bar, shard=True)
 
     # ---- fit ----------------------------------------------------------------------
-    def fit(self, train: Any) -> Influence:
+    def fit(self, train: Any = None) -> Influence:
         """Compute (and, within ``max_cache_bytes``, keep) per-example training
         gradients of every member, and their squared norms.
 
+        With ``store=path`` the features go to disk (resuming an interrupted
+        run); a complete store is reused as it is, and ``fit()`` without data
+        reopens it. Under torch.distributed each rank featurizes its share.
+
         Args:
             train: ``(X, y)`` / ``(X, y, w)`` tensors, a dict of tensors, a
-                Dataset or a sequential DataLoader.
+                Dataset or a sequential DataLoader (``None``: reopen ``store``).
         """
+        if train is None:
+            return self._fit_from_store()
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
         self._example = to_device(self.source.first_example(), self.device)
-        self._specs = self.members.specs()
-        n, n_members = self.source.n, len(self._specs)
+        self._setup_members()
+        if self._store_path is not None:
+            self._fill_store()
+        else:
+            self._fill_memory()
+        self.n_train = self.source.n
+        self._fitted = True
+        return self
+
+    def _setup_members(self) -> None:
+        """Expand members by projection seeds; resolve parameter names and feature sizes."""
+        self._specs, self._member_projections = expand_members(self.members.specs(), self._projections)
+        self._engines: dict[int, ProjectedFeatures] = {}
         self._names: list[list[str]] = []
-        self._cache: dict[int, torch.Tensor] = {}
+        self._dims: list[int] = []
+        self._cache: dict[int, Any] = {}
+        self._store = None
+        for _, view in self._views():
+            names = select_parameters(view.module, self.params, view.call_order)
+            self._names.append(names)
+            engine = self._engine(view, names)
+            self._dims.append(engine.dim if engine is not None else sum(view.params[k].numel() for k in names))
+
+    def _fill_memory(self) -> None:
+        n, n_members = self.source.n, len(self._specs)
+        _, world = rank_and_world()
         self._sqnorms = np.zeros((n_members, n))
         budget = self.max_cache_bytes
         bar = self._bar(n * n_members, "per-example gradients")
         try:
             for m, view in self._views():
-                names = select_parameters(view.module, self.params, view.call_order)
-                self._names.append(names)
-                dim = sum(view.params[k].numel() for k in names)
+                names, dim = self._names[m], self._dims[m]
                 itemsize = 8 if view.params[names[0]].dtype == torch.float64 else 4
                 keep = n * dim * itemsize <= budget
+                engine = self._engine(view, names)
+                if not keep and engine is not None and engine.exact:  # norms only: no gradient is formed
+                    for offset, batch in self._own_batches(self.source):
+                        sq = engine.sqnorms(view, to_device(batch, self.device)).numpy()
+                        if not np.isfinite(sq).all():
+                            i = offset + int(np.flatnonzero(~np.isfinite(sq))[0])
+                            raise FloatingPointError(f"non-finite gradient for training example {i} at member {view.name!r}")
+                        self._sqnorms[m, offset : offset + len(sq)] = sq
+                        bar.update(len(sq))
+                    continue
                 chunks = []
-                for offset, feats in self._featurize(view, names, self.source, "training", bar):
-                    self._sqnorms[m, offset : offset + feats.shape[0]] = feats.pow(2).sum(1).double().cpu().numpy()
+                for offset, feats in self._featurize(view, names, self.source, "training", bar, shard=True):
+                    self._sqnorms[m, offset : offset + feats.shape[0]] = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
                     if keep:
-                        chunks.append(feats.cpu())
+                        chunks.append((offset, feats.cpu()))
+                    del feats
                 if keep:
-                    self._cache[m] = torch.cat(chunks)
+                    self._cache[m] = chunks if world > 1 else torch.cat([f for _, f in chunks])
                     budget -= n * dim * itemsize
         finally:
             bar.close()
-        self.n_train = n
-        self._fitted = True
-        return self
+        self._sqnorms = all_reduce_sum(self._sqnorms)
 
     def _check_fitted(self) -> None:
         if not self._fitted:
@@ -226,7 +318,7 @@ class Influence:
             q = self._query(view, names, g)
             for offset, feats in self._train_features(m, view):
                 rows[m, offset : offset + feats.shape[0]] = view.weight * (feats @ q).double().cpu().numpy()
-        return self._reduce(rows, reduce)
+        return self._reduce(all_reduce_sum(rows), reduce)
 
     def pairwise(self, test: Any, reduce: str | None = "sum") -> np.ndarray:
         """Influence of each training example on each test example's loss.
@@ -244,7 +336,7 @@ class Influence:
             queries = torch.cat([self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")])
             for offset, feats in self._train_features(m, view):
                 rows[m, :, offset : offset + feats.shape[0]] = view.weight * (queries @ feats.T).double().cpu().numpy()
-        return self._reduce(rows, reduce)
+        return self._reduce(all_reduce_sum(rows), reduce)
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
         """Map per-example test features ``(B, D)`` to query space (identity here)."""
@@ -264,3 +356,18 @@ class Influence:
         self._check_fitted()
         target.validate(self.task)
         return np.array([target.value(view) for _, view in self._views()])
+
+
+def _as_projections(projection) -> list:
+    if projection is None:
+        return []
+    items = list(projection) if isinstance(projection, (list, tuple)) else [projection]
+    if not items:
+        raise ValueError("projection=[] is empty; pass None for exact gradients")
+    for p in items:
+        if not isinstance(p, Projection):
+            raise TypeError(
+                f"projection={p!r} is not understood; use hf.projections.Dense(k), "
+                "hf.projections.Factorized(k), a list of them, or None"
+            )
+    return items

@@ -1,0 +1,41 @@
+"""Run under torchrun by tests/test_distributed.py: fit and score on every rank, rank 0 saves."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_distributed import results, setup  # noqa: E402
+
+import hessfree as hf  # noqa: E402
+
+
+def main(out: str, mode: str) -> None:
+    rank, world = hf.distributed.init("gloo")
+    assert world == 2, world
+    torch.set_num_threads(1)
+    task, train, target, test = setup()
+    if mode == "mismatch":  # rank 1 holds different data: every rank must fail, none may hang
+        if rank == 1:
+            train = (train[0].flip(0), train[1].flip(0))
+        try:
+            hf.Influence(task, **setup.kwargs, store=Path(out) / "store").fit(train)
+        except hf.store.StoreMismatchError as e:
+            (Path(out) / f"error{rank}.txt").write_text(str(e))
+        torch.distributed.destroy_process_group()
+        return
+    store = hf.Influence(task, **setup.kwargs, store=Path(out) / "store").fit(train)
+    memory = hf.Influence(task, **setup.kwargs).fit(train)
+    res = {f"store_{k}": v for k, v in results(store, target, test).items()}
+    res.update({f"memory_{k}": v for k, v in results(memory, target, test).items()})
+    np.savez(Path(out) / f"rank{rank}.npz", **res)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "equal")

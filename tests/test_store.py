@@ -1,0 +1,199 @@
+"""The on-disk store: equal to in-memory scores, resumes after kill -9, refuses a
+different configuration, and top-k equals argsort of the full matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hessfree as hf
+from hessfree.projections import Factorized
+from hessfree.store import StoreMismatchError
+
+
+def _setup(seed=0, n=60):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    target = hf.targets.Utility((torch.randn(12, 6, generator=gen), torch.randint(0, 3, (12,), generator=gen)))
+    test = (torch.randn(9, 6, generator=gen), torch.randint(0, 3, (9,), generator=gen))
+    return hf.ClassificationTask(model), (x, y), target, test
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-6), ("float16", 2e-3), ("bfloat16", 1e-2)])
+def test_store_scores_equal_in_memory_scores(tmp_path, dtype, tol):
+    task, train, target, test = _setup()
+    members = hf.members.Dropout(n=2, p_max=0.3)
+    ref = hf.Influence(task, members, projection=Factorized(16), batch_size=16).fit(train)
+    est = hf.Influence(task, members, projection=Factorized(16), batch_size=16, store=tmp_path / "s", store_dtype=dtype)
+    est.fit(train)
+    a, b = ref.influence(target), est.influence(target)
+    assert np.abs(a - b).max() <= tol * np.abs(a).max()
+    p, q = ref.pairwise(test), est.pairwise(test)
+    assert np.abs(p - q).max() <= tol * np.abs(p).max()
+    np.testing.assert_allclose(est.self_influence(), ref.self_influence(), rtol=1e-6)  # fp32 norms before rounding
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["complete"] and meta["config"]["dtype"] == dtype and meta["config"]["n"] == 60
+    item = np.dtype(np.float32).itemsize if dtype == "float32" else 2
+    assert (tmp_path / "s" / "m0.features").stat().st_size == 60 * est.feature_dim[0] * item
+
+
+def test_reopened_store_serves_queries_without_training_data(tmp_path):
+    task, train, target, test = _setup()
+    ref = hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(train)
+    again = hf.Influence(task, batch_size=16, store=tmp_path / "s").fit()  # no data at all
+    np.testing.assert_array_equal(again.influence(target), ref.influence(target))
+    np.testing.assert_array_equal(again.pairwise(test), ref.pairwise(test))
+    np.testing.assert_array_equal(again.self_influence(), ref.self_influence())
+
+
+def test_wrong_configuration_reopen_raises(tmp_path):
+    task, train, _, _ = _setup()
+    hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(train)
+    with pytest.raises(StoreMismatchError, match="projection"):
+        hf.Influence(task, batch_size=16, store=tmp_path / "s", projection=Factorized(8)).fit(train)
+    with pytest.raises(StoreMismatchError, match="params"):
+        hf.Influence(task, params="2", batch_size=16, store=tmp_path / "s").fit(train)
+    with pytest.raises(StoreMismatchError, match="dtype"):
+        hf.Influence(task, batch_size=16, store=tmp_path / "s", store_dtype="float16").fit(train)
+    x, y = train
+    with pytest.raises(StoreMismatchError, match="data"):
+        hf.Influence(task, batch_size=16, store=tmp_path / "s").fit((x.flip(0), y.flip(0)))
+    other, *_ = _setup(seed=1)
+    with pytest.raises(StoreMismatchError, match="model"):
+        hf.Influence(other, batch_size=16, store=tmp_path / "s").fit(train)
+    with pytest.raises(StoreMismatchError, match="model"):
+        hf.Influence(other, batch_size=16, store=tmp_path / "s").fit()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(StoreMismatchError, match="not a hessfree store"):
+        hf.Influence(task, store=tmp_path / "junk").fit(train)
+
+
+def test_incomplete_store_is_not_taken_for_complete(tmp_path):
+    task, train, target, _ = _setup()
+
+    class Boom(RuntimeError):
+        pass
+
+    calls = {"n": 0}
+    real = hf.Influence._features
+
+    def failing(self, view, names, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Boom()
+        return real(self, view, names, batch)
+
+    est = hf.Influence(task, batch_size=16, store=tmp_path / "s")
+    est._features = failing.__get__(est)
+    with pytest.raises(Boom):
+        est.fit(train)
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["complete"] is False
+    with pytest.raises(StoreMismatchError, match="incomplete"):
+        hf.Influence(task, batch_size=16, store=tmp_path / "s").fit()
+    resumed = hf.Influence(task, batch_size=16, store=tmp_path / "s")
+    seen = []
+    resumed._features = (lambda self, v, n, b: seen.append(b[0].shape[0]) or real(self, v, n, b)).__get__(resumed)
+    resumed.fit(train)
+    assert sum(seen) == 60 - 32  # only the two batches that were not written are recomputed
+    clean = hf.Influence(task, batch_size=16).fit(train)
+    np.testing.assert_array_equal(resumed.influence(target), clean.influence(target))
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from test_store import _setup
+    import hessfree as hf
+    task, train, _, _ = _setup()
+    real = hf.Influence._features
+    def slow(self, view, names, batch):
+        time.sleep(0.4)
+        return real(self, view, names, batch)
+    hf.Influence._features = slow
+    hf.Influence(task, hf.members.Dropout(n=2), projection=hf.projections.Factorized(16), batch_size=8,
+                 store={store!r}, store_dtype="float16").fit(train)
+    """
+)
+
+
+def test_kill_9_mid_way_resumes_to_the_uninterrupted_result(tmp_path):
+    store = tmp_path / "s"
+    code = _CHILD.format(tests=str(Path(__file__).parent), store=str(store))
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            files = list((store / "progress").glob("m0.r0.json")) if (store / "progress").exists() else []
+            if files and len(json.loads(files[0].read_text())) >= 3:
+                break
+            assert child.poll() is None, "the child finished or failed before it could be killed"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert json.loads((store / "meta.json").read_text())["complete"] is False
+    task, train, target, test = _setup()
+    kw = dict(projection=Factorized(16), batch_size=8, store_dtype="float16")
+    resumed = hf.Influence(task, hf.members.Dropout(n=2), store=store, **kw).fit(train)
+    clean = hf.Influence(task, hf.members.Dropout(n=2), store=tmp_path / "clean", **kw).fit(train)
+    for m in range(2):
+        a = np.fromfile(store / f"m{m}.features", dtype=np.float16)
+        b = np.fromfile(tmp_path / "clean" / f"m{m}.features", dtype=np.float16)
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(resumed.influence(target), clean.influence(target))
+    np.testing.assert_array_equal(resumed.pairwise(test), clean.pairwise(test))
+
+
+@pytest.mark.parametrize("where", ["memory", "store", "recompute"])
+def test_top_k_equals_argsort_of_the_full_matrix(tmp_path, where):
+    task, train, _, test = _setup(n=70)
+    kw = {"store": tmp_path / "s"} if where == "store" else {"max_cache_bytes": 0} if where == "recompute" else {}
+    est = hf.Influence(task, hf.members.WeightNoise(n=2, sigma=0.05), batch_size=16, **kw).fit(train)
+    est.score_block_rows = 13  # several blocks, not aligned with the batches
+    full = est.pairwise(test)
+    for largest in (True, False):
+        top = est.top_k(test, 6, largest=largest)
+        order = np.argsort(-full if largest else full, axis=1, kind="stable")[:, :6]
+        np.testing.assert_array_equal(top.indices, order)
+        np.testing.assert_allclose(top.scores, np.take_along_axis(full, order, 1), rtol=1e-5, atol=1e-7)
+    assert est.top_k(test, 500).indices.shape == (9, 70)
+    with pytest.raises(ValueError, match="k must be"):
+        est.top_k(test, 0)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_stream_scores_equal_one_matrix_product(order):
+    from hessfree.scoring import stream_scores
+
+    gen = torch.Generator().manual_seed(0)
+    q, f = torch.randn(5, 8, generator=gen), torch.randn(23, 8, generator=gen)
+    out = np.zeros((5, 23), dtype=np.float32, order=order)
+    stream_scores(q, ((s, f[s : s + 7]) for s in range(0, 23, 7)), out)
+    np.testing.assert_allclose(out, (q.double() @ f.double().T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_store_arguments():
+    task, train, _, _ = _setup()
+    with pytest.raises(ValueError, match="store_dtype"):
+        hf.Influence(task, store="x", store_dtype="int8")
+    with pytest.raises(TypeError, match="store must be a folder"):
+        hf.Influence(task, store=3)
+    with pytest.raises(ValueError, match="needs the training data"):
+        hf.Influence(task).fit()
