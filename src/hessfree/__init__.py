@@ -5,7 +5,7 @@ training example HELPS the target (one SGD step on it lowers the target:
 validation loss, a fairness gap, loss under attack).
 """
 
-from . import attacks, curation, members, metrics, targets
+from . import attacks, curation, hessian, members, metrics, targets
 from .data import DataSource
 from .influence import Influence, NotFittedError
 from .task import ClassificationTask, RegressionTask, Task
@@ -21,6 +21,7 @@ __all__ = [
     "Task",
     "attacks",
     "curation",
+    "hessian",
     "members",
     "metrics",
     "targets",

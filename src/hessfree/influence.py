@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from .data import DataSource, to_device
 from .gradients.functional import flat_per_example_grads, flatten
 from .gradients.selection import ParamSpec, select_parameters
+from .hessian import InverseHessian, make_inverse_hessian
+from .hessian import self_influence as _hessian_self_influence
 from .members import MemberView, as_members
 from .targets import Target
 from .task import Task
@@ -48,6 +50,17 @@ class Influence:
             after ``fit`` when they fit in this many bytes (fp32); otherwise they
             are recomputed for each query.
         progress: show progress bars (``None``: only on a terminal).
+        hessian: ``"identity"`` (default, the Hessian-free product) or a
+            comparator for studies: ``"exact"``, ``"cg"``, ``"lissa"``,
+            ``"datainf"`` or an :mod:`hessfree.hessian` instance. With a
+            comparator, scores are ``g_i^T (H + damping I)^{-1} grad f`` with
+            ``H`` the Hessian of the mean training loss (``score_i / n`` predicts
+            the rise of f when example i is removed and the model retrained);
+            convergence is in :attr:`hessian_report_`.
+        damping: ``lambda`` added to the Hessian's diagonal (comparators only).
+        hessian_options: further settings of the comparator, e.g.
+            ``{"max_iter": 100, "tol": 1e-6}`` for CG or
+            ``{"iterations": 500, "scale": 10.0}`` for LiSSA.
 
     Call :meth:`fit` with the training data, then :meth:`influence`,
     :meth:`pairwise` or :meth:`self_influence`.
@@ -63,6 +76,9 @@ class Influence:
         device: str | torch.device | None = None,
         max_cache_bytes: int = 1 << 30,
         progress: bool | None = None,
+        hessian: str | InverseHessian = "identity",
+        damping: float | None = None,
+        hessian_options: dict | None = None,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
@@ -78,6 +94,7 @@ class Influence:
         self.device = torch.device(device)
         self.max_cache_bytes = int(max_cache_bytes)
         self.progress = progress
+        self.hessian = make_inverse_hessian(hessian, damping, hessian_options)
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
@@ -121,7 +138,10 @@ class Influence:
         return flat_per_example_grads(view, names, batch).float()
 
     def _query(self, view: MemberView, names: list[str], grad_flat: torch.Tensor) -> torch.Tensor:
-        """Map a target gradient ``(D,)`` into feature space (identity Hessian)."""
+        """Map a target gradient ``(D,)`` into feature space (identity Hessian,
+        or ``(H + damping I)^{-1}`` with a Hessian comparator)."""
+        if self.hessian is not None:
+            grad_flat = self.hessian.solve(self, view, names, grad_flat[None].float())[0].to(grad_flat.device)
         return grad_flat.float()
 
     def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None):
@@ -156,6 +176,8 @@ class Influence:
                 Dataset or a sequential DataLoader.
         """
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
+        if self.hessian is not None:
+            self.hessian.reset()
         self._example = to_device(self.source.first_example(), self.device)
         self._specs = self.members.specs()
         n, n_members = self.source.n, len(self._specs)
@@ -241,17 +263,29 @@ class Influence:
         return self._reduce(rows, reduce)
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
-        """Map per-example test features ``(B, D)`` to query space (identity here)."""
+        """Map per-example test features ``(B, D)`` to query space (identity, or
+        ``(H + damping I)^{-1}`` applied to each row with a Hessian comparator)."""
+        if self.hessian is not None:
+            return self.hessian.solve(self, view, names, feats).to(feats.device)
         return feats
 
     def self_influence(self, reduce: str | None = "sum") -> np.ndarray:
         """``sum_m w_m ||grad l(z_i; theta_m)||^2``, shape ``(n_train,)`` (or
         ``(n_members, n_train)`` with ``reduce=None``). Large values flag
         examples the model finds hard or mislabelled; units: loss² per
-        parameter² (per unit learning rate for checkpoints)."""
+        parameter² (per unit learning rate for checkpoints). With a Hessian
+        comparator: ``sum_m w_m g_i^T (H_m + damping I)^{-1} g_i``."""
         self._check_fitted()
+        if self.hessian is not None:
+            return self._reduce(_hessian_self_influence(self, self.hessian), reduce)
         rows = self._sqnorms * self.member_weights[:, None]
         return self._reduce(rows, reduce)
+
+    @property
+    def hessian_report_(self) -> dict[str, dict]:
+        """Per member, what the Hessian comparator did on its last solve
+        (iterations, relative residual, eigenvalues, ...); empty for the identity."""
+        return {} if self.hessian is None else dict(self.hessian.report)
 
     def target_values(self, target: Target) -> np.ndarray:
         """The target f at each member, ``(n_members,)`` in target units."""
