@@ -268,3 +268,15 @@ def test_bad_arguments_are_named():
     est = hf.Influence(task, hessian="exact", hessian_options={"max_dim": 10}, progress=False).fit((x, y))
     with pytest.raises(ValueError, match="22 x 22 Hessian"):
         est.influence(hf.targets.Utility((x, y)))
+
+
+def test_target_directions_give_grad_and_solved_grad():
+    x, y = _data()
+    model = _fit_logreg(x, y)
+    xv, yv = _data(seed=5, n=15)
+    h, _ = _explicit(model, x, y, LAM)
+    gf = _grad(model, lambda m: _loss(m(xv), yv).mean())
+    est = hf.Influence(hf.ClassificationTask(model), hessian="exact", damping=LAM, progress=False).fit((x, y))
+    ((g, q),) = hf.hessian.target_directions(est, hf.targets.Utility((xv, yv)))
+    np.testing.assert_allclose(g, gf.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(q, torch.linalg.solve(h, gf).numpy(), rtol=1e-4)

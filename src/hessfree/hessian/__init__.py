@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import InverseHessian, self_influence
+from .base import InverseHessian, self_influence, target_directions
 from .datainf import DataInf
 from .exact import Exact
 from .hvp import Objective
@@ -61,4 +61,5 @@ __all__ = [
     "Objective",
     "make_inverse_hessian",
     "self_influence",
+    "target_directions",
 ]

@@ -77,6 +77,24 @@ def member_index(est: Influence, view: MemberView) -> int:
     return names.index(view.name)
 
 
+def target_directions(est: Influence, target: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each member: the target gradient ``grad f`` ``(D,)`` and the direction the
+    estimator takes inner products with, ``(H + damping I)^{-1} grad f`` ``(D,)``
+    (``grad f`` itself for the identity). The angle between the two says how far
+    the identity-Hessian scores are from the Hessian-based ones."""
+    from ..gradients.functional import flatten
+
+    est._check_fitted()
+    target.validate(est.task)
+    out = []
+    for m, view in est._views():
+        names = est._names[m]
+        g = flatten(target.gradient(view, names), names).float()
+        q = est._query(view, names, g)
+        out.append((g.double().cpu().numpy(), q.double().cpu().numpy()))
+    return out
+
+
 def self_influence(est: Influence, solver: InverseHessian) -> np.ndarray:
     """``w_m * g_i^T (H_m + damping I)^{-1} g_i`` for every member and training example,
     ``(n_members, n_train)``."""
