@@ -35,6 +35,7 @@ from torch import nn
 
 import hessfree as hf
 from hessfree import metrics
+from hessfree.datasets import flip_labels
 from hessfree.training import accuracy, train
 
 # ---- shared helpers ---------------------------------------------------------------------
@@ -274,7 +275,7 @@ def part_b(out: Path, quick: bool) -> dict:
 
     n, n_flip, wd = 250, 20, 1e-3
     xn, yn = make_moons(n, noise=0.15, random_state=0)
-    noisy, flipped = hf.datasets.flip_labels(yn, rate=n_flip / n, seed=0)
+    noisy, flipped = flip_labels(yn, rate=n_flip / n, seed=0)
     xv_np, yv_np = make_moons(500, noise=0.15, random_state=1)
     x, y = torch.tensor(xn, dtype=torch.float32), torch.from_numpy(noisy)
     xv, yv = torch.tensor(xv_np, dtype=torch.float32), torch.from_numpy(yv_np.astype(np.int64))

@@ -57,7 +57,11 @@ class InverseHessian:
         self.report, self._state = {}, {}
 
     def objective(self, est: Influence, view: MemberView, names: list[str]) -> Objective:
-        return Objective(view, names, est.source, est.device)
+        """The member's training objective, kept (with its gradient graphs) between solves."""
+        key = ("objective", view.name)
+        if key not in self._state:
+            self._state[key] = Objective(view, names, est.source, est.device)
+        return self._state[key]
 
     def solve(self, est: Influence, view: MemberView, names: list[str], vectors: torch.Tensor) -> torch.Tensor:
         """``(H + damping I)^{-1} v`` for each row of ``vectors`` ``(k, D)``; float32 ``(k, D)``."""

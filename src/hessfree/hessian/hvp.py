@@ -12,20 +12,18 @@ the training objective the estimator was fitted on:
 (SGD ``weight_decay=lambda`` on the mean loss) the damped Hessian is exactly the
 Hessian of the training objective.
 
-Hessian-vector products are forward-over-reverse (``jvp`` of ``grad``), one
-pass over the training data each; they are computed in the model's dtype and
-accumulated in float64.
+Hessian-vector products are double backward passes through the gradient
+graph of each training batch (built once per member and kept), computed in the
+model's dtype and accumulated in float64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch.func import grad, jvp, vmap
 
-from ..data import DataSource, to_device
+from ..data import DataSource, batch_size_of, map_batch, to_device
 
 if TYPE_CHECKING:
     from ..members import MemberView
@@ -41,8 +39,12 @@ class Objective:
         device: where batches are moved.
     """
 
-    def __init__(self, view: MemberView, names: list[str], source: DataSource, device: torch.device):
+    def __init__(
+        self, view: MemberView, names: list[str], source: DataSource, device: torch.device, keep_graph: bool = True
+    ):
         self.view, self.names, self.source, self.device = view, names, source, device
+        self.keep_graph = keep_graph
+        self._graphs = None
         self.shapes = [tuple(view.params[k].shape) for k in names]
         self.sizes = [view.params[k].numel() for k in names]
         self.dim = int(sum(self.sizes))
@@ -53,42 +55,57 @@ class Objective:
         parts = torch.split(flat, self.sizes)
         return {k: p.reshape(s) for k, p, s in zip(self.names, parts, self.shapes)}
 
-    def _batch_sum(self, batch) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    def _gradient_graphs(self, batch_indices: torch.Tensor | None):
+        """Per batch: (leaves, grad of the batch loss sum built with create_graph, batch size)."""
+        if batch_indices is None and self._graphs is not None:
+            return self._graphs
+        graphs = []
         task, view = self.view.task, self.view
-
-        def loss_sum(selected: dict[str, torch.Tensor]) -> torch.Tensor:
-            return task.per_example_loss(view.functional(selected), batch).sum()
-
-        return loss_sum
+        for batch in self._batches(batch_indices):
+            leaves = {k: v.clone().requires_grad_(True) for k, v in self.point.items()}
+            with torch.enable_grad():
+                loss = task.per_example_loss(view.functional(leaves), batch).sum()
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+            graphs.append((list(leaves.values()), grads, _batch_len(batch)))
+        if batch_indices is None and self.keep_graph:
+            self._graphs = graphs
+        return graphs
 
     def _batches(self, batch_indices: torch.Tensor | None = None):
         if batch_indices is None:
             for _, batch in self.source.batches():
                 yield to_device(batch, self.device)
         else:
-            from ..data import map_batch
-
             data = self.source.tensors()
             yield to_device(map_batch(data, lambda t: t[batch_indices.to(t.device)]), self.device)
 
     def hvp(self, vectors: torch.Tensor, batch_indices: torch.Tensor | None = None) -> torch.Tensor:
         """``H v`` for each row of ``vectors`` ``(k, D)``, returned in float64 ``(k, D)``.
 
-        With ``batch_indices`` the Hessian is that of the mean loss over those
+        Double backward through the gradient graph of each training batch, which
+        is built once and kept (``keep_graph``) for the full data. With
+        ``batch_indices`` the Hessian is that of the mean loss over those
         training examples only (a stochastic estimate, used by LiSSA).
         """
         vecs = vectors.to(device=self.device, dtype=self.dtype)
         out = torch.zeros(vectors.shape, dtype=torch.float64, device=self.device)
         count = 0
-        for batch in self._batches(batch_indices):
-            loss_sum = self._batch_sum(batch)
-
-            def one(v: torch.Tensor, loss_sum=loss_sum) -> torch.Tensor:
-                _, tangent_out = jvp(grad(loss_sum), (self.point,), (self.unflatten(v),))
-                return torch.cat([tangent_out[k].reshape(-1) for k in self.names])
-
-            out += vmap(one)(vecs).double()
-            count += _batch_len(batch)
+        tangents = list(torch.split(vecs, self.sizes, dim=1))
+        for leaves, grads, b in self._gradient_graphs(batch_indices):
+            if vecs.shape[0] == 1:
+                parts = [t[0].reshape(s) for t, s in zip(tangents, self.shapes)]
+                hv = torch.autograd.grad(grads, leaves, parts, retain_graph=True, allow_unused=True)
+                hv = [torch.zeros(s, dtype=self.dtype, device=self.device) if h is None else h
+                      for h, s in zip(hv, self.shapes)]
+                out[0] += torch.cat([h.reshape(-1) for h in hv]).double()
+            else:
+                parts = [t.reshape(-1, *s) for t, s in zip(tangents, self.shapes)]
+                hv = torch.autograd.grad(grads, leaves, parts, retain_graph=True, is_grads_batched=True,
+                                         allow_unused=True)
+                hv = [torch.zeros((vecs.shape[0], *s), dtype=self.dtype, device=self.device) if h is None else h
+                      for h, s in zip(hv, self.shapes)]
+                out += torch.cat([h.reshape(vecs.shape[0], -1) for h in hv], dim=1).double()
+            count += b
         return out / count
 
     def hessian(self, chunk: int = 64) -> torch.Tensor:
@@ -119,6 +136,4 @@ class Objective:
 
 
 def _batch_len(batch) -> int:
-    from ..data import batch_size_of
-
     return batch_size_of(batch)
