@@ -270,18 +270,19 @@ def moons_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
 
 
-def part_b(out: Path, quick: bool) -> dict:
+def part_b_run(seed: int, quick: bool) -> tuple[dict, str]:
+    """One data set / model seed of part b: the result and its markdown."""
     from sklearn.datasets import make_moons
 
     n, n_flip, wd = 250, 20, 1e-3
-    xn, yn = make_moons(n, noise=0.15, random_state=0)
-    noisy, flipped = flip_labels(yn, rate=n_flip / n, seed=0)
-    xv_np, yv_np = make_moons(500, noise=0.15, random_state=1)
+    xn, yn = make_moons(n, noise=0.15, random_state=seed)
+    noisy, flipped = flip_labels(yn, rate=n_flip / n, seed=seed)
+    xv_np, yv_np = make_moons(500, noise=0.15, random_state=1000 + seed)
     x, y = torch.tensor(xn, dtype=torch.float32), torch.from_numpy(noisy)
     xv, yv = torch.tensor(xv_np, dtype=torch.float32), torch.from_numpy(yv_np.astype(np.int64))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = moons_mlp()
-    train(model, (x, y), epochs=60 if quick else 300, lr=0.05, batch_size=32, weight_decay=wd, seed=0,
+    train(model, (x, y), epochs=60 if quick else 300, lr=0.05, batch_size=32, weight_decay=wd, seed=seed,
           progress=False)
     task = hf.ClassificationTask(model)
     utility = hf.targets.Utility((xv, yv))
@@ -321,7 +322,7 @@ def part_b(out: Path, quick: bool) -> dict:
     names = list(methods)
     agreement = [{"method": a, **{b: metrics.spearman(utility_scores[a], utility_scores[b]) for b in names}}
                  for a in names]
-    result = {"n_train": n, "n_flipped": n_flip, "weight_decay": wd, "damping": damping,
+    result = {"seed": seed, "n_train": n, "n_flipped": n_flip, "weight_decay": wd, "damping": damping,
               "hessian_eigenvalues": {"min": eig["min_eigenvalue"], "max": eig["max_eigenvalue"]},
               "train_accuracy_noisy": accuracy(model, x, y), "val_accuracy": accuracy(model, xv, yv),
               "rows": rows, "spearman_utility_scores": agreement, "hessian_reports": reports}
@@ -334,6 +335,30 @@ def part_b(out: Path, quick: bool) -> dict:
                        "seconds_fit+utility", "seconds_self_influence"]),
           "\nSpearman correlation between the utility scores of the methods:\n",
           table(agreement, ["method", *names])]
+    return result, "\n".join(md)
+
+
+def part_b(out: Path, quick: bool, seeds: int = 5) -> dict:
+    runs = []
+    for seed in range(seeds):
+        result, md = part_b_run(seed, quick)
+        runs.append(result)
+        if seed == 0:
+            first_md = md
+    summary = []
+    for j, row in enumerate(runs[0]["rows"]):
+        entry = {"method": row["method"]}
+        for key in ("auc_utility", "ap_utility", "auc_self", "seconds_fit+utility"):
+            vals = np.array([r["rows"][j][key] for r in runs])
+            entry[key] = f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if np.all(np.isfinite(vals)) else "n/a"
+        rho = np.array([next(a for a in r["spearman_utility_scores"] if a["method"] == row["method"])["exact IF"]
+                        for r in runs])
+        entry["spearman_vs_exact_IF"] = f"{rho.mean():.3f} ± {rho.std():.3f}"
+        summary.append(entry)
+    md = [first_md, f"\n### Over {seeds} seeds (data, flips, model; mean ± std)\n",
+          table(summary, ["method", "auc_utility", "ap_utility", "auc_self", "spearman_vs_exact_IF",
+                          "seconds_fit+utility"])]
+    result = {"runs": runs, "summary": summary}
     save(out, "b", result, "\n".join(md))
     return result
 
@@ -354,6 +379,16 @@ def mnist_split(n_train: int, n_test: int, seed: int = 0):
 
 def mnist_mlp(hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def lds_bootstrap_se(scores, masks, outputs, reps: int = 200, seed: int = 0) -> float:
+    """Standard error of the LDS from resampling the retrained subsets (seeded)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(reps):
+        pick = rng.integers(0, masks.shape[0], masks.shape[0])
+        values.append(metrics.lds_score(scores, masks[pick], outputs[pick]).mean)
+    return float(np.std(values))
 
 
 def part_c(out: Path, quick: bool, n_subsets: int) -> dict:
@@ -412,7 +447,7 @@ def part_c(out: Path, quick: bool, n_subsets: int) -> dict:
             scores = est.pairwise((xq, yq))
         lds = metrics.lds_score(scores, masks, outputs)
         reports[name] = est.hessian_report_
-        rows.append({"method": name, "lds": lds.mean, "lds_std_over_targets": float(lds.per_target.std()),
+        rows.append({"method": name, "lds": lds.mean, "lds_se_bootstrap": lds_bootstrap_se(scores, masks, outputs),
                      "seconds": t.seconds + extra, "seconds_extra_training": extra})
         print(f"  {name}: LDS {lds.mean:.3f} in {t.seconds + extra:.1f} s", flush=True)
     result = {"n_train": n_train, "n_test_targets": n_lds_targets, "n_subsets": n_subsets, "alpha": 0.5,
@@ -423,7 +458,7 @@ def part_c(out: Path, quick: bool, n_subsets: int) -> dict:
           f"Utility target: loss of each of {n_lds_targets} fixed test examples; LDS averaged over them. "
           f"Test accuracy {result['test_accuracy']:.3f}; one training {t_train.seconds:.1f} s; "
           f"{n_subsets} subset retrainings {t_lds.seconds:.0f} s.\n",
-          table(rows, ["method", "lds", "lds_std_over_targets", "seconds", "seconds_extra_training"])]
+          table(rows, ["method", "lds", "lds_se_bootstrap", "seconds", "seconds_extra_training"])]
     save(out, "c", result, "\n".join(md))
     return result
 
@@ -433,6 +468,7 @@ def main() -> None:
     ap.add_argument("--part", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
     ap.add_argument("--out", type=Path, default=Path("hessfree-out/fidelity"))
     ap.add_argument("--subsets", type=int, default=50, help="LDS subsets in part c (>= 50 for the study)")
+    ap.add_argument("--seeds", type=int, default=5, help="repetitions of part b (data, flips and model seeds)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (small models: 1 is fastest)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = ap.parse_args()
@@ -444,7 +480,7 @@ def main() -> None:
         if part == "a":
             part_a(args.out, args.quick)
         elif part == "b":
-            part_b(args.out, args.quick)
+            part_b(args.out, args.quick, args.seeds)
         else:
             part_c(args.out, args.quick, args.subsets)
         timings[part] = time.perf_counter() - start
