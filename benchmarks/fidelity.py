@@ -186,7 +186,7 @@ def part_a(out: Path, quick: bool) -> dict:
         stretch += part_a_study(x * scale, y, xv * scale, yv, sv, lam, stretch=c)["rows"]
     stretch = sorted(stretch, key=lambda r: (names.index(r["target"]), r["stretch"]))
 
-    removal = part_a_removal(x, y, lam, main, out)
+    removal = part_a_removal(x, y, s, lam, main, out)
     result = {"n_train": n, "lambda": lam, "accuracy": accuracy(main["model"], xv, yv), "rows": rows,
               "sweep_lambda": sweep, "sweep_stretch": stretch, "removal": removal,
               "seconds_scores_ip_and_if": main["seconds_scores"], "seconds_loo": main["seconds_loo"]}
@@ -206,7 +206,7 @@ def part_a(out: Path, quick: bool) -> dict:
     return result
 
 
-def part_a_removal(x, y, lam, study: dict, out: Path) -> dict:
+def part_a_removal(x, y, s, lam, study: dict, out: Path) -> dict:
     model, scores, actual, names, measure = (study[k] for k in ("model", "scores", "actual", "names", "measure"))
     n = x.shape[0]
     k = max(1, n // 10)
@@ -225,11 +225,12 @@ def part_a_removal(x, y, lam, study: dict, out: Path) -> dict:
                       - base[j]) for _ in range(5)]
         row["random"] = float(np.mean(rand))
         rows.append(row)
-    plot_part_a(x, y, model, removed, models, names, out / "fidelity_a_removal.png")
+    plot_part_a(x, y, s, model, removed, models, names, out / "fidelity_a_removal.png")
     return {"k": k, "rows": rows}
 
 
-def plot_part_a(x, y, model, removed, models, names, path: Path) -> None:
+def plot_part_a(x, y, s, model, removed, models, names, path: Path) -> None:
+    """Data (colour = label, marker = group), removed points circled, boundaries before / after."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +248,10 @@ def plot_part_a(x, y, model, removed, models, names, path: Path) -> None:
     for r, name in enumerate(names):
         for c, method in enumerate(("ip", "if", "loo")):
             ax = axes[r, c]
-            ax.scatter(xs[:, 0], xs[:, 1], c=y.numpy(), cmap="coolwarm", s=12, alpha=0.7)
+            for group, marker in ((0, "o"), (1, "^")):
+                sel = s == group
+                ax.scatter(xs[sel, 0], xs[sel, 1], c=y.numpy()[sel], cmap="coolwarm", vmin=0, vmax=1, s=14,
+                           alpha=0.7, marker=marker)
             idx = removed[(name, method)]
             ax.scatter(xs[idx, 0], xs[idx, 1], facecolors="none", edgecolors="k", s=60, linewidths=1.2)
             ax.plot(*boundary(model), "k--", lw=1, label="before")
@@ -381,7 +385,7 @@ def mnist_mlp(hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
-def lds_bootstrap_se(scores, masks, outputs, reps: int = 200, seed: int = 0) -> float:
+def lds_bootstrap_se(scores, masks, outputs, reps: int = 100, seed: int = 0) -> float:
     """Standard error of the LDS from resampling the retrained subsets (seeded)."""
     rng = np.random.default_rng(seed)
     values = []
