@@ -203,7 +203,7 @@ def test_datainf_matches_its_closed_form():
         lam = 0.1 * gl.pow(2).sum(1).mean() / gl.shape[1]
         terms = [(v - (gi @ v) / (lam + gi @ gi) * gi) / lam for gi in gl]
         expected_q[sl] = torch.stack(terms).mean(0)
-    est = hf.Influence(hf.ClassificationTask(model), hessian="datainf", progress=False).fit((x, y))
+    est = hf.Influence(hf.ClassificationTask(model), hessian="datainf", batch_size=16, progress=False).fit((x, y))
     np.testing.assert_allclose(est.influence(hf.targets.Utility((xv, yv))), (g @ expected_q).numpy(), rtol=1e-4)
     assert est.hessian_report_["model"]["layers"] == ["0", "2"]
 
@@ -280,3 +280,26 @@ def test_target_directions_give_grad_and_solved_grad():
     ((g, q),) = hf.hessian.target_directions(est, hf.targets.Utility((xv, yv)))
     np.testing.assert_allclose(g, gf.numpy(), rtol=1e-5)
     np.testing.assert_allclose(q, torch.linalg.solve(h, gf).numpy(), rtol=1e-4)
+
+
+def test_comparator_object_and_stochastic_lissa():
+    """A comparator instance plugs in directly; minibatch LiSSA is seeded and close to exact."""
+    x, y = _data()
+    model = _fit_logreg(x, y)
+    xv, yv = _data(seed=5, n=15)
+    h, g = _explicit(model, x, y, LAM)
+    expected = (g @ torch.linalg.solve(h, _grad(model, lambda m: _loss(m(xv), yv).mean()))).numpy()
+    target = hf.targets.Utility((xv, yv))
+    task = hf.ClassificationTask(model)
+    cg = hf.Influence(task, hessian=hf.hessian.CG(damping=LAM, tol=1e-8), progress=False).fit((x, y))
+    np.testing.assert_allclose(cg.influence(target), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    runs = []
+    for _ in range(2):
+        solver = hf.hessian.LiSSA(damping=LAM, iterations=300, scale=1.0, batch_size=10, repeats=4, seed=3)
+        est = hf.Influence(task, hessian=solver, progress=False).fit((x, y))
+        runs.append(est.influence(target))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert spearmanr(runs[0], expected)[0] > 0.95
+    assert np.abs(runs[0] - expected).max() < 0.2 * np.abs(expected).max()
+    with pytest.raises(ValueError, match="comparator object itself"):
+        hf.Influence(task, hessian=hf.hessian.CG(), damping=0.1)
