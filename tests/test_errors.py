@@ -96,3 +96,8 @@ def test_checkpoint_that_does_not_match(blobs):
     bad = {"0.weight": torch.zeros(3, 3)}
     with pytest.raises(ValueError, match="does not match the model: missing"):
         hf.Influence(hf.ClassificationTask(mlp()), members=hf.members.Checkpoints([bad])).fit((x, y))
+
+
+def test_hessian_comparator_with_projection_is_refused(blobs):
+    with pytest.raises(ValueError, match="needs exact per-example gradients; use it with projection=None"):
+        hf.Influence(hf.ClassificationTask(mlp()), hessian="exact", projection=hf.projections.Dense(8))

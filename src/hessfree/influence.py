@@ -25,6 +25,8 @@ from .distributed import all_reduce_sum, rank_and_world
 from .gradients.functional import flat_per_example_grads, flatten
 from .gradients.projected import ProjectedFeatures
 from .gradients.selection import ParamSpec, select_parameters
+from .hessian import InverseHessian, make_inverse_hessian
+from .hessian import self_influence as _hessian_self_influence
 from .members import MemberView, as_members
 from .projections import Projection, expand_members
 from .targets import Target
@@ -70,6 +72,17 @@ class Influence(StoreMixin):
             later session, without touching the training data.
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` on disk
             (arithmetic is always fp32).
+        hessian: ``"identity"`` (default, the Hessian-free product) or a
+            comparator for studies: ``"exact"``, ``"cg"``, ``"lissa"``,
+            ``"datainf"`` or an :mod:`hessfree.hessian` instance. With a
+            comparator, scores are ``g_i^T (H + damping I)^{-1} grad f`` with
+            ``H`` the Hessian of the mean training loss (``score_i / n`` predicts
+            the rise of f when example i is removed and the model retrained);
+            convergence is in :attr:`hessian_report_`.
+        damping: ``lambda`` added to the Hessian's diagonal (comparators only).
+        hessian_options: further settings of the comparator, e.g.
+            ``{"max_iter": 100, "tol": 1e-6}`` for CG or
+            ``{"iterations": 500, "scale": 10.0}`` for LiSSA.
 
     Call :meth:`fit` with the training data, then :meth:`influence`,
     :meth:`pairwise` or :meth:`self_influence`.
@@ -88,6 +101,9 @@ class Influence(StoreMixin):
         projection: Projection | list[Projection] | None = None,
         store: str | os.PathLike | None = None,
         store_dtype: str = "float32",
+        hessian: str | InverseHessian = "identity",
+        damping: float | None = None,
+        hessian_options: dict | None = None,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
@@ -107,6 +123,12 @@ class Influence(StoreMixin):
         self._projections = _as_projections(projection)
         self._store_path, self.store_dtype = self._check_store_args(store, store_dtype)
         self._store = None
+        self.hessian = make_inverse_hessian(hessian, damping, hessian_options)
+        if self.hessian is not None and (self._projections or self._store_path is not None):
+            raise ValueError(
+                f"hessian={hessian!r} needs exact per-example gradients; use it with projection=None "
+                "and store=None (Hessian comparators are for studies on small models)"
+            )
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
@@ -154,7 +176,11 @@ class Influence(StoreMixin):
         return _compute_dtype(flat_per_example_grads(view, names, batch))
 
     def _query(self, view: MemberView, names: list[str], grad_flat: torch.Tensor) -> torch.Tensor:
-        """Map a target gradient ``(D,)`` into feature space (identity Hessian)."""
+        """Map a target gradient ``(D,)`` into feature space (identity Hessian,
+        or ``(H + damping I)^{-1}`` with a Hessian comparator)."""
+        if self.hessian is not None:
+            q = _compute_dtype(grad_flat)
+            grad_flat = self.hessian.solve(self, view, names, q[None])[0].to(device=q.device, dtype=q.dtype)
         engine = self._engine(view, names)
         if engine is not None:
             return engine.project_flat(grad_flat.float())
@@ -224,6 +250,8 @@ class Influence(StoreMixin):
         if train is None:
             return self._fit_from_store()
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
+        if self.hessian is not None:
+            self.hessian.reset()
         self._example = to_device(self.source.first_example(), self.device)
         self._setup_members()
         if self._store_path is not None:
@@ -339,17 +367,29 @@ class Influence(StoreMixin):
         return self._reduce(all_reduce_sum(rows), reduce)
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
-        """Map per-example test features ``(B, D)`` to query space (identity here)."""
+        """Map per-example test features ``(B, D)`` to query space (identity, or
+        ``(H + damping I)^{-1}`` applied to each row with a Hessian comparator)."""
+        if self.hessian is not None:
+            return self.hessian.solve(self, view, names, feats).to(device=feats.device, dtype=feats.dtype)
         return feats
 
     def self_influence(self, reduce: str | None = "sum") -> np.ndarray:
         """``sum_m w_m ||grad l(z_i; theta_m)||^2``, shape ``(n_train,)`` (or
         ``(n_members, n_train)`` with ``reduce=None``). Large values flag
         examples the model finds hard or mislabelled; units: loss² per
-        parameter² (per unit learning rate for checkpoints)."""
+        parameter² (per unit learning rate for checkpoints). With a Hessian
+        comparator: ``sum_m w_m g_i^T (H_m + damping I)^{-1} g_i``."""
         self._check_fitted()
+        if self.hessian is not None:
+            return self._reduce(_hessian_self_influence(self, self.hessian), reduce)
         rows = self._sqnorms * self.member_weights[:, None]
         return self._reduce(rows, reduce)
+
+    @property
+    def hessian_report_(self) -> dict[str, dict]:
+        """Per member, what the Hessian comparator did on its last solve
+        (iterations, relative residual, eigenvalues, ...); empty for the identity."""
+        return {} if self.hessian is None else dict(self.hessian.report)
 
     def target_values(self, target: Target) -> np.ndarray:
         """The target f at each member, ``(n_members,)`` in target units."""

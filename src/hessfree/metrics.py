@@ -74,3 +74,79 @@ def recall_at_k(scores: Any, positives: Any, k: int | None = None, fraction: flo
         raise ValueError("recall_at_k needs at least one positive")
     top = np.argsort(-s, kind="mergesort")[:k]
     return float(y[top].sum() / y.sum())
+
+
+# ---- agreement between score vectors -------------------------------------------------
+
+
+def _two(a: Any, b: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(a, dtype=float).reshape(-1)
+    y = np.asarray(b, dtype=float).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"{what}: the two score vectors have lengths {x.shape[0]} and {y.shape[0]}; they must match")
+    if x.shape[0] < 2:
+        raise ValueError(f"{what} needs at least 2 values, got {x.shape[0]}")
+    for name, v in (("first", x), ("second", y)):
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{what}: the {name} vector contains NaN or inf at {np.flatnonzero(~np.isfinite(v))[:5].tolist()}")
+    return x, y
+
+
+def pearson(a: Any, b: Any) -> float:
+    """Pearson correlation of two ``(n,)`` vectors, in [-1, 1]. A constant vector
+    has no correlation and raises ``ValueError``."""
+    x, y = _two(a, b, "pearson")
+    x, y = x - x.mean(), y - y.mean()
+    nx, ny = np.sqrt(x @ x), np.sqrt(y @ y)
+    if nx == 0 or ny == 0:
+        which = "first" if nx == 0 else "second"
+        raise ValueError(f"pearson: the {which} vector is constant; the correlation is undefined")
+    return float(np.clip((x @ y) / (nx * ny), -1.0, 1.0))
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman rank correlation of two ``(n,)`` vectors (ties get their average
+    rank), in [-1, 1]: 1 = the same ordering."""
+    x, y = _two(a, b, "spearman")
+    try:
+        return pearson(_average_ranks(x), _average_ranks(y))
+    except ValueError as e:
+        raise ValueError(str(e).replace("pearson", "spearman")) from None
+
+
+def sign_agreement(a: Any, b: Any) -> float:
+    """Share of positions where the two vectors have the same sign (a zero agrees
+    only with a zero), in [0, 1]. With influence scores: how often two methods
+    agree on whether an example helps or hurts."""
+    x, y = _two(a, b, "sign_agreement")
+    return float(np.mean(np.sign(x) == np.sign(y)))
+
+
+def cosine(a: Any, b: Any) -> float:
+    """Cosine of the angle between two ``(n,)`` vectors, in [-1, 1]."""
+    x, y = _two(a, b, "cosine")
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if nx == 0 or ny == 0:
+        raise ValueError("cosine: a zero vector has no direction")
+    return float(np.clip((x @ y) / (nx * ny), -1.0, 1.0))
+
+
+# ---- retraining-based ground truth (defined in hessfree.retraining) -----------------
+
+from .retraining import LDSResult, lds, lds_score, loo, retrain_subsets, subset_masks  # noqa: E402
+
+__all__ = [
+    "LDSResult",
+    "average_precision",
+    "cosine",
+    "lds",
+    "lds_score",
+    "loo",
+    "pearson",
+    "recall_at_k",
+    "retrain_subsets",
+    "roc_auc",
+    "sign_agreement",
+    "spearman",
+    "subset_masks",
+]
