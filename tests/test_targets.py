@@ -173,3 +173,42 @@ def test_pgd_stays_in_ball_and_raises_loss(val_blobs):
         size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
         assert float(size.max()) <= eps + 1e-9
         assert t.evaluate(task) > hf.targets.Utility((xv, yv)).evaluate(task)
+
+
+def binary_blobs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = (x[:, 0] - x[:, 1] + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) > 0).long()
+    return x, y
+
+
+@pytest.mark.parametrize("batch_size", [1024, 6])
+def test_linear_minimal_through_the_attack_tracks_a_fresh_attack(batch_size):
+    """With hold_fixed=False the score predicts the change of the robustness
+    target when the attack is re-run at the stepped model."""
+    x, y = binary_blobs(30, 0)
+    xv, yv = binary_blobs(20, 1)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).double()
+    task = hf.ClassificationTask(model)
+    target = hf.targets.Robustness((xv, yv), attack=hf.attacks.LinearMinimal(0.3), hold_fixed=False, batch_size=batch_size)
+    scores = hf.Influence(task).fit((x, y)).influence(target)
+    f0 = target.evaluate(task)
+    moved = 0.0
+    for i in range(0, 30, 5):
+        f_step = target.evaluate(task, sgd_step_on(model, x, y, i))
+        f_back = target.evaluate(task, sgd_step_on(model, x, y, i, eta=-ETA))
+        predicted = -ETA * scores[i]
+        assert abs((f_step - f_back) / 2 - predicted) <= 1e-6 * abs(predicted) + 1e-13, (i, (f_step - f_back) / 2, predicted)
+        assert abs((f_step - f0) - predicted) <= 1.01 * abs(f_step + f_back - 2 * f0) / 2 + 1e-13
+        moved = max(moved, abs(predicted))
+    assert moved > 0
+    # the held-fixed score is a different quantity here (the attack moves with the weights)
+    fixed = hf.Influence(task).fit((x, y)).influence(hf.targets.Robustness((xv, yv), attack=hf.attacks.LinearMinimal(0.3)))
+    assert not np.allclose(fixed, scores, rtol=1e-3)
+
+
+def test_hold_fixed_false_needs_a_closed_form_attack(val_blobs):
+    xv, yv, _ = val_blobs
+    with pytest.raises(ValueError, match="differentiable closed form"):
+        hf.targets.Robustness((xv, yv), attack=hf.attacks.PGD(eps=0.1), hold_fixed=False)

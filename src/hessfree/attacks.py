@@ -141,13 +141,18 @@ class LinearMinimal(Attack):
         self.overshoot = float(overshoot)
 
     def perturb(self, x, loss_fn, output_fn):
+        return self.perturb_differentiable(x, output_fn).detach()
+
+    def perturb_differentiable(self, x: torch.Tensor, output_fn: Callable) -> torch.Tensor:
+        """``x_adv`` as a differentiable function of the model's parameters
+        (``x`` itself is treated as a constant)."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             margin = binary_margin(output_fn(x))
-            (w,) = torch.autograd.grad(margin.sum(), x)
-        w_norm2 = w.reshape(w.shape[0], -1).pow(2).sum(1).clamp_min(1e-24)
-        coef = ((1 + self.overshoot) * margin.detach() / w_norm2).view(-1, *([1] * (x.dim() - 1)))
-        return (x.detach() - coef * w).detach()
+            (w,) = torch.autograd.grad(margin.sum(), x, create_graph=True)
+            w_norm2 = w.reshape(w.shape[0], -1).pow(2).sum(1).clamp_min(1e-24)
+            coef = ((1 + self.overshoot) * margin / w_norm2).view(-1, *([1] * (x.dim() - 1)))
+            return x.detach() - coef * w
 
     def __repr__(self) -> str:
         return f"LinearMinimal(overshoot={self.overshoot})"

@@ -247,22 +247,43 @@ class EqualOpportunity(_GroupGap):
 class Robustness(Target):
     """Mean loss on adversarially perturbed held-out data; lower is more robust.
 
-    The adversarial inputs are found by ``attack`` at each member's parameters
-    and then held fixed. Units: loss units.
+    By default (``hold_fixed=True``) the adversarial inputs are found by
+    ``attack`` at each member's parameters and then held fixed. For attacks that
+    maximise the loss (PGD, FGSM) that is the gradient of the worst-case loss
+    (Danskin's theorem). ``LinearMinimal`` does not maximise the loss: its point
+    moves with the weights, so the held-fixed gradient misses how a training
+    step moves the attack; ``hold_fixed=False`` differentiates through the
+    closed-form attack instead (the target then tracks retraining with a fresh
+    attack). Units: loss units.
 
     Args:
         data: held-out data.
         attack: an :mod:`hessfree.attacks` attack.
         input_key: for dict batches, the key of the input to perturb.
+        hold_fixed: hold the adversarial inputs fixed (default) or, for
+            ``LinearMinimal``, differentiate through the attack.
     """
 
     name = "robustness"
 
-    def __init__(self, data: Any, attack: Attack, input_key: str | None = None, batch_size: int = 1024):
+    def __init__(
+        self,
+        data: Any,
+        attack: Attack,
+        input_key: str | None = None,
+        batch_size: int = 1024,
+        hold_fixed: bool = True,
+    ):
         super().__init__(data, batch_size=batch_size)
         if not isinstance(attack, Attack):
             raise TypeError(f"Robustness: attack must be an hf.attacks attack, got {type(attack).__name__}")
-        self.attack, self.input_key = attack, input_key
+        if not hold_fixed and not hasattr(attack, "perturb_differentiable"):
+            raise ValueError(
+                f"Robustness(hold_fixed=False) needs an attack with a differentiable closed form "
+                f"(hf.attacks.LinearMinimal), got {attack!r}; for loss-maximising attacks the "
+                "held-fixed gradient is already the worst-case gradient (Danskin)"
+            )
+        self.attack, self.input_key, self.hold_fixed = attack, input_key, hold_fixed
 
     def _replace_input(self, batch: Batch, x: torch.Tensor) -> Batch:
         if isinstance(batch, Mapping):
@@ -284,6 +305,8 @@ class Robustness(Target):
         return x
 
     def batches(self, view):
+        if not self.hold_fixed:  # the attack runs inside sums(), differentiably
+            return super().batches(view)
         task, model = view.task, view.functional()
         out = []
         for offset, batch in super().batches(view):
@@ -303,12 +326,28 @@ class Robustness(Target):
         model = task.model if model is None else model
         device = next(model.parameters()).device
         view = MemberView(MemberSpec(name="model", module=model), model, task, self.source.first_example(), device)
-        parts = [b for _, b in self.batches(view)]
+        if self.hold_fixed:
+            parts = [b for _, b in self.batches(view)]
+        else:
+            fmodel = view.functional()
+            parts = [map_batch(self._attacked(task, fmodel, b), torch.Tensor.detach) for _, b in self.batches(view)]
         if isinstance(parts[0], Mapping):
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
 
-    sums = Utility.sums
+    def _attacked(self, task: Task, model: Callable, batch: Batch) -> Batch:
+        """``batch`` with its input replaced by the attack, as a differentiable
+        function of the parameters behind ``model``."""
+        x_adv = self.attack.perturb_differentiable(
+            self._input(batch), lambda z: task.forward(model, self._replace_input(batch, z))
+        )
+        return self._replace_input(batch, x_adv)
+
+    def sums(self, task, model, batch, offset):
+        if not self.hold_fixed:
+            batch = self._attacked(task, model, batch)
+        return Utility.sums(self, task, model, batch, offset)
+
     combine = Utility.combine
 
 
