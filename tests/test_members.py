@@ -57,6 +57,10 @@ def test_reduce_none_rows_sum_to_ensemble_and_mean(blobs, val_blobs):
     np.testing.assert_allclose(rows.sum(0), est.influence(target), rtol=1e-12)
     np.testing.assert_allclose(rows.mean(0), est.influence(target, reduce="mean"), rtol=1e-12)
     np.testing.assert_allclose(est.self_influence(reduce=None).sum(0), est.self_influence(), rtol=1e-12)
+    per_member = est.pairwise((xv[:4], yv[:4]), reduce=None)
+    assert per_member.shape == (6, 4, len(x))
+    np.testing.assert_allclose(per_member.sum(0), est.pairwise((xv[:4], yv[:4])), rtol=1e-12)
+    np.testing.assert_allclose(per_member.mean(0), est.pairwise((xv[:4], yv[:4]), reduce="mean"), rtol=1e-12)
     assert est.member_weights.tolist() == [0.5] * 3 + [0.25] * 3
 
 

@@ -357,14 +357,23 @@ class Influence(StoreMixin):
             positive = a step on training example i lowers test example j's loss.
         """
         self._check_fitted()
+        if reduce not in _REDUCE:
+            raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
         source = DataSource(test, batch_size=self.batch_size, name="test")
-        rows = np.zeros((len(self._specs), source.n, self.n_train))
+        n_members = len(self._specs)
+        # with a reduction, members are summed as they come: memory (n_test, n_train), not n_members times that
+        out = np.zeros((n_members, source.n, self.n_train) if reduce is None else (source.n, self.n_train))
         for m, view in self._views():
             names = self._names[m]
             queries = torch.cat([self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")])
             for offset, feats in self._train_features(m, view):
-                rows[m, :, offset : offset + feats.shape[0]] = view.weight * (queries @ feats.T).double().cpu().numpy()
-        return self._reduce(all_reduce_sum(rows), reduce)
+                block = view.weight * (queries @ feats.T).double().cpu().numpy()
+                if reduce is None:
+                    out[m, :, offset : offset + feats.shape[0]] = block
+                else:
+                    out[:, offset : offset + feats.shape[0]] += block
+        out = all_reduce_sum(out)
+        return out / n_members if reduce == "mean" else out
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
         """Map per-example test features ``(B, D)`` to query space (identity, or
