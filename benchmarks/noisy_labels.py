@@ -42,6 +42,7 @@ Writes noisy_labels.json, noisy_labels.md and noisy_labels.png under --out.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _peers import captum_tracincp, kronfluence_ekfac, measure, trak_self  # noqa: E402
-from _util import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from _util import markdown_table, write_json  # noqa: E402
 
 import hessfree as hf  # noqa: E402
 from hessfree.apps import find_noisy_labels  # noqa: E402
@@ -185,9 +186,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-cleanlab", action="store_true")
     ap.add_argument("--peers", action="store_true", help="also run Captum TracInCP, TRAK and Kronfluence EK-FAC (bench extra)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the tables from --out/noisy_labels.json")
     ap.add_argument("--settings", default=None,
                     help="comma list of data:kind:rate:epochs, e.g. mnist5k:symmetric:0.1:10 (the anchor); default: all")  # fmt: skip
     args = ap.parse_args()
+    if args.report_only:
+        saved = json.loads((args.out / "noisy_labels.json").read_text())
+        report(saved["detection"], saved["repair"], args.out)
+        return
     torch.set_num_threads(1)
     data = {"mnist5k": (mnist5k(), 1000), "digits": (digits(), 360)}
     settings = [("mnist5k", "symmetric", 0.1, 10), ("digits", "symmetric", 0.2, 10)]
@@ -211,7 +217,12 @@ def main() -> None:
             rows += r
             repairs.append(rep)
             print(f"{name} {kind} {rate} {epochs}ep seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
-            write_json(args.out / "noisy_labels.json", {"detection": rows, "repair": repairs, "peak_rss_mb": peak_rss_mb()})
+            write_json(args.out / "noisy_labels.json", {"detection": rows, "repair": repairs})
+    report(rows, repairs, args.out)
+
+
+def report(rows: list[dict], repairs: list[dict], out: Path) -> None:
+    """Write noisy_labels.md / .json / .png under ``out`` from per-seed rows."""
     det = summarise(rows, ["data", "noise", "epochs", "method"])
     rep = summarise(repairs, ["data", "noise", "epochs"])
     md = ["# Noisy labels", "", "Detection (mean over seeds; suspicion vs the true flip mask):", ""]
@@ -225,11 +236,11 @@ def main() -> None:
                                           "combined_minus_loss", "best"]))  # fmt: skip
     md += ["", "Seeds where retraining after acting on the flagged share beats retraining on all the noisy data:", ""]
     md.append(markdown_table(wins(repairs), ["data", "noise", "epochs", "seeds", "removal_wins", "relabel_wins"]))
-    md += ["", f"Peak resident memory of the whole run: {peak_rss_mb():.0f} MiB."]
-    (args.out / "noisy_labels.md").write_text("\n".join(md) + "\n")
-    write_json(args.out / "noisy_labels.json", {"detection": rows, "repair": repairs, "summary": det, "repair_summary": rep,
-                                                "peak_rss_mb": peak_rss_mb()})  # fmt: skip
-    plot(det, args.out / "noisy_labels.png")
+    md += ["", "`seconds`: wall time of each method's call; `peak_mb`: its peak resident memory above the process's",
+           "resident set before the call (see benchmarks/_peers.py `measure`)."]
+    (out / "noisy_labels.md").write_text("\n".join(md) + "\n")
+    write_json(out / "noisy_labels.json", {"detection": rows, "repair": repairs, "summary": det, "repair_summary": rep})
+    plot(det, out / "noisy_labels.png")
     print("\n".join(md))
 
 
