@@ -13,6 +13,9 @@ Also here: :func:`measure`, the per-method wall time and peak memory.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import multiprocessing as mp
 import re
 import tempfile
 import time
@@ -31,17 +34,16 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
 
 
-def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """Run ``fn()``; return ``(result, wall seconds, peak extra memory in MiB)``.
+def _release_free_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
-    Peak extra memory = the process's peak resident set during ``fn`` (``VmHWM``,
-    reset just before the call by writing ``5`` to ``/proc/self/clear_refs``)
-    minus its resident set just before the call (``VmRSS``). It counts every
-    allocation (torch tensors, numpy, Python objects, libraries imported lazily
-    on first use) but not memory the allocator had already reserved and reuses,
-    so it can under-count a method that runs after a hungrier one. Linux only;
-    ``nan`` elsewhere.
-    """
+
+def _measure_here(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    _release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_kib("VmRSS")
@@ -52,6 +54,43 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     sec = time.perf_counter() - t0
     peak = float("nan") if before is None else max(0, _status_kib("VmHWM") - before) / 1024.0
     return out, sec, peak
+
+
+def _child(fn, conn) -> None:
+    try:
+        conn.send(("ok", _measure_here(fn)))
+    except BaseException as exc:  # report any failure to the parent, which re-raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def measure(fn: Callable[[], Any], isolate: bool = True) -> tuple[Any, float, float]:
+    """Run ``fn()``; return ``(result, wall seconds, peak extra memory in MiB)``.
+
+    With ``isolate`` (default) ``fn`` runs in a forked child process, so every
+    method starts from the same state (the parent's, after training) and none
+    inherits memory that an earlier method freed. In the process that runs
+    ``fn``: free heap is handed back to the system (``malloc_trim``), the peak
+    resident set is reset (``5`` written to ``/proc/self/clear_refs``), and the
+    peak extra memory is the peak resident set during ``fn`` (``VmHWM``) minus
+    the resident set just before it (``VmRSS``). It counts every allocation
+    (torch tensors, numpy, Python objects, libraries imported on first use),
+    not the memory the process already held. Linux only; ``nan`` elsewhere.
+    Seconds are the wall time of ``fn`` alone (not the fork).
+    """
+    if not isolate:
+        return _measure_here(fn)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(fn, child))
+    proc.start()
+    child.close()
+    status, payload = parent.recv()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"measured method failed in its child process: {payload}")
+    return payload
 
 
 class _Pairs(torch.utils.data.Dataset):
