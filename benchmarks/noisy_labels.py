@@ -20,8 +20,21 @@ Methods:
   hf-combined         z(self) + z(class-utility), both over checkpoints (needs validation data)
   loss                final training loss
   cleanlab            cleanlab label-quality scores from 5-fold cross-validated probabilities
+  captum-tracincp     (--peers) Captum TracInCP self-influence over the epoch checkpoints, all layers
+  trak                (--peers) TRAK self-influence, 5 independently trained models (4 trained inside
+                      the timed call), CPU BasicProjector to 512 dimensions
+  kronfluence-ekfac   (--peers) Kronfluence EK-FAC self-influence of the final model, all layers
+Peers are benchmark-only (the `bench` extra). Kronfluence must be installed without
+its dependencies, or pip replaces the CPU build of torch:
+    pip install --no-deps kronfluence
+    pip install accelerate einops einconv opt-einsum safetensors tqdm
 Validation data for the utility methods: the first half of the test split (clean labels);
 accuracy is measured on the other half.
+
+Seconds and peak memory are measured per method in this process (see
+benchmarks/_peers.py `measure`): wall time of the scoring call (for cleanlab and
+TRAK it includes the models they train), and the peak resident set during the call
+minus the resident set before it (Linux VmHWM, reset before each method).
 
 Writes noisy_labels.json, noisy_labels.md and noisy_labels.png under --out.
 """
@@ -29,6 +42,7 @@ Writes noisy_labels.json, noisy_labels.md and noisy_labels.png under --out.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from _peers import captum_tracincp, kronfluence_ekfac, measure, trak_self  # noqa: E402
+from _util import markdown_table, write_json  # noqa: E402
 
 import hessfree as hf  # noqa: E402
 from hessfree.apps import find_noisy_labels  # noqa: E402
@@ -75,15 +90,14 @@ def cleanlab_scores(x, y, seed, epochs):
     return -get_label_quality_scores(y.numpy(), probs)
 
 
-def methods(model, res, x, y, val, seed, epochs, with_cleanlab):
+def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False):
     task = hf.ClassificationTask(model)
     ck = hf.members.Checkpoints(res.checkpoints, res.lrs)
     out = {}
 
     def timed(name, fn):
-        t0 = time.perf_counter()
-        s = fn()
-        out[name] = (np.asarray(s, dtype=float), time.perf_counter() - t0)
+        s, sec, mb = measure(fn)
+        out[name] = (np.asarray(s, dtype=float), sec, mb)
 
     timed("hf-self (default)", lambda: find_noisy_labels(task, (x, y), members=ck).suspicion())
     timed("hf-self-final", lambda: find_noisy_labels(task, (x, y)).suspicion())
@@ -103,10 +117,15 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab):
     timed("loss", loss)
     if with_cleanlab:
         timed("cleanlab", lambda: cleanlab_scores(x, y, seed, epochs))
+    if with_peers:
+        make = lambda: mlp(x.shape[1])  # noqa: E731
+        timed("captum-tracincp", lambda: captum_tracincp(make, res.checkpoints, res.lrs, x, y))
+        timed("trak", lambda: trak_self(make, lambda s: fit(x, y, seed + s, epochs)[0], x, y, first=model))
+        timed("kronfluence-ekfac", lambda: kronfluence_ekfac(model, x, y))
     return out
 
 
-def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test):
+def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, with_peers=False):
     Xtr, ytr, Xte, yte = train_test_split(X, Y, n_test=n_test, seed=seed)
     mapping = {c: (c + 1) % 10 for c in range(0, 10, 2)} if kind == "asymmetric" else None
     noisy, flipped = flip_labels(ytr, rate, n_classes=10, seed=seed, kind=kind, mapping=mapping)
@@ -115,14 +134,14 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test):
     xv, yv = torch.from_numpy(Xte[:h]), torch.from_numpy(yte[:h])
     xt, yt = torch.from_numpy(Xte[h:]), torch.from_numpy(yte[h:])
     model, res = fit(x, y, seed, epochs, checkpoints=True)
-    scores = methods(model, res, x, y, (xv, yv), seed, epochs, with_cleanlab)
+    scores = methods(model, res, x, y, (xv, yv), seed, epochs, with_cleanlab, with_peers)
     rows = []
-    for m, (s, sec) in scores.items():
+    for m, (s, sec, mb) in scores.items():
         rows.append({
             "data": name, "noise": f"{kind[:3]} {rate:.0%}", "epochs": epochs, "seed": seed, "method": m,
             "roc_auc": roc_auc(s, flipped), "ap": average_precision(s, flipped),
             "top10": recall_at_k(s, flipped, fraction=0.1), "top20": recall_at_k(s, flipped, fraction=0.2),
-            "seconds": sec,
+            "seconds": sec, "peak_mb": mb,
         })  # fmt: skip
     # repair: act on the flagged share (= the noise rate) of the default's ranking, retrain
     s = scores["hf-self (default)"][0]
@@ -166,7 +185,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/noisy_labels"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-cleanlab", action="store_true")
+    ap.add_argument("--peers", action="store_true", help="also run Captum TracInCP, TRAK and Kronfluence EK-FAC (bench extra)")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the tables from --out/noisy_labels.json")
+    ap.add_argument("--settings", default=None,
+                    help="comma list of data:kind:rate:epochs, e.g. mnist5k:symmetric:0.1:10 (the anchor); default: all")  # fmt: skip
     args = ap.parse_args()
+    if args.report_only:
+        saved = json.loads((args.out / "noisy_labels.json").read_text())
+        report(saved["detection"], saved["repair"], args.out)
+        return
     torch.set_num_threads(1)
     data = {"mnist5k": (mnist5k(), 1000), "digits": (digits(), 360)}
     settings = [("mnist5k", "symmetric", 0.1, 10), ("digits", "symmetric", 0.2, 10)]
@@ -177,22 +204,30 @@ def main() -> None:
             ("digits", "symmetric", 0.1, 10), ("digits", "symmetric", 0.2, 10), ("digits", "symmetric", 0.4, 10),
             ("digits", "asymmetric", 0.2, 10),
         ]  # fmt: skip
+    if args.settings:
+        settings = [_parse_setting(t) for t in args.settings.split(",")]
     seeds = [0] if args.quick else list(range(args.seeds))
     rows, repairs = [], []
     for seed in seeds:
         for name, kind, rate, epochs in settings:
             (X, Y), n_test = data[name]
             t0 = time.perf_counter()
-            r, rep = run_setting(name, X, Y, kind, rate, seed, epochs, not (args.quick or args.no_cleanlab), n_test)
+            r, rep = run_setting(name, X, Y, kind, rate, seed, epochs, not (args.quick or args.no_cleanlab), n_test,
+                                   args.peers)  # fmt: skip
             rows += r
             repairs.append(rep)
             print(f"{name} {kind} {rate} {epochs}ep seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
-            write_json(args.out / "noisy_labels.json", {"detection": rows, "repair": repairs, "peak_rss_mb": peak_rss_mb()})
+            write_json(args.out / "noisy_labels.json", {"detection": rows, "repair": repairs})
+    report(rows, repairs, args.out)
+
+
+def report(rows: list[dict], repairs: list[dict], out: Path) -> None:
+    """Write noisy_labels.md / .json / .png under ``out`` from per-seed rows."""
     det = summarise(rows, ["data", "noise", "epochs", "method"])
     rep = summarise(repairs, ["data", "noise", "epochs"])
     md = ["# Noisy labels", "", "Detection (mean over seeds; suspicion vs the true flip mask):", ""]
-    md.append(markdown_table(det, ["data", "noise", "epochs", "method", "seeds", "roc_auc", "ap", "top10", "top20", "seconds"],
-                             {"seconds": "{:.1f}"}))  # fmt: skip
+    md.append(markdown_table(det, ["data", "noise", "epochs", "method", "seeds", "roc_auc", "ap", "top10", "top20", "seconds",
+                                  "peak_mb"], {"seconds": "{:.1f}", "peak_mb": "{:.0f}"}))  # fmt: skip
     md += ["", "Clean test accuracy after acting on the flagged share of the default ranking and retraining:", ""]
     md.append(markdown_table(rep, ["data", "noise", "epochs", "seeds", "acc_all_noisy", "acc_removed", "acc_relabelled",
                                    "acc_oracle_removed", "suggestion_correct_on_flips"]))  # fmt: skip
@@ -201,12 +236,19 @@ def main() -> None:
                                           "combined_minus_loss", "best"]))  # fmt: skip
     md += ["", "Seeds where retraining after acting on the flagged share beats retraining on all the noisy data:", ""]
     md.append(markdown_table(wins(repairs), ["data", "noise", "epochs", "seeds", "removal_wins", "relabel_wins"]))
-    md += ["", f"Peak resident memory of the whole run: {peak_rss_mb():.0f} MiB."]
-    (args.out / "noisy_labels.md").write_text("\n".join(md) + "\n")
-    write_json(args.out / "noisy_labels.json", {"detection": rows, "repair": repairs, "summary": det, "repair_summary": rep,
-                                                "peak_rss_mb": peak_rss_mb()})  # fmt: skip
-    plot(det, args.out / "noisy_labels.png")
+    md += ["", "`seconds`: wall time of each method's call; `peak_mb`: its peak resident memory above the process's",
+           "resident set before the call (see benchmarks/_peers.py `measure`)."]
+    (out / "noisy_labels.md").write_text("\n".join(md) + "\n")
+    write_json(out / "noisy_labels.json", {"detection": rows, "repair": repairs, "summary": det, "repair_summary": rep})
+    plot(det, out / "noisy_labels.png")
     print("\n".join(md))
+
+
+def _parse_setting(text: str) -> tuple[str, str, float, int]:
+    parts = text.split(":")
+    if len(parts) != 4 or parts[0] not in ("mnist5k", "digits") or parts[1] not in ("symmetric", "asymmetric"):
+        raise SystemExit(f"--settings: expected data:kind:rate:epochs like mnist5k:symmetric:0.1:10, got {text!r}")
+    return parts[0], parts[1], float(parts[2]), int(parts[3])
 
 
 def ranks(det):
