@@ -117,6 +117,46 @@ def fairness_command(
         _fail(e)
 
 
+@app.command("select")
+def select_command(
+    pool: Path = typer.Option(..., "--pool", help="JSON lines with prompt and response fields (the candidates)."),
+    target: Path = typer.Option(..., "--target", help="JSON lines with prompt, response and task fields (validation examples)."),
+    model: Path = typer.Option(..., "--model", help="Folder of a local Hugging Face causal LM (and its tokenizer)."),
+    out: Path = typer.Option(Path("selected.jsonl"), "--out", help="Selected pool rows, best first, with hessfree_index and hessfree_score."),
+    fraction: float = typer.Option(0.05, help="Share of the pool to select."),
+    gguf_file: str = typer.Option(None, "--gguf-file", help="GGUF file name inside --model, for GGUF checkpoints."),
+    workdir: Path = typer.Option(None, "--workdir", help="Checkpoints and gradient store (default <out>.work); a rerun resumes."),
+    warmup_fraction: float = typer.Option(0.05, help="Share of the pool the LoRA warm-up trains on."),
+    warmup_epochs: int = typer.Option(4, help="Warm-up epochs = checkpoints."),
+    lr: float = typer.Option(2e-4, help="Peak warm-up learning rate (AdamW, linear decay)."),
+    dim: int = typer.Option(8192, "--dim", help="Projected gradient dimension."),
+    similarity: str = typer.Option("cosine", help="cosine or dot."),
+    optimizer_aware: bool = typer.Option(False, "--optimizer-aware", help="Score Adam update directions of pool examples (LESS)."),
+    batch_size: int = typer.Option(8, help="Examples per batch."),
+    max_length: int = typer.Option(256, help="Tokens per example (responses truncated)."),
+    seed: int = typer.Option(0, help="Seed of the warm-up subset, the adapter and the projection."),
+) -> None:
+    """Select the pool examples whose LoRA gradients best match the target tasks (TracIn-CP)."""
+    from .selection import SelectionConfig, select_files
+
+    try:
+        cfg = SelectionConfig(
+            fraction=fraction, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, lr=lr,
+            projection_dim=dim, similarity=similarity, optimizer_aware=optimizer_aware, batch_size=batch_size, max_length=max_length, seed=seed,
+        )  # fmt: skip
+        cfg.validate()
+        result = select_files(pool, target, model, out, cfg, workdir, gguf_file, progress=True)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        _fail(e)
+    n = len(result.scores)
+    typer.echo(f"selected {len(result.indices)} of {n} pool examples ({fraction:.1%}) -> {out}")
+    for name, s in result.task_scores.items():
+        chosen = s[result.indices]
+        typer.echo(f"  task {name}: mean score selected {chosen.mean():.4g} vs pool {s.mean():.4g}")
+    t = result.timings
+    typer.echo(f"  time: warm-up {t['warmup_s']:.1f}s, features {t['featurize_s']:.1f}s, scores {t['score_s']:.1f}s")
+
+
 def main() -> None:
     app()
 
