@@ -38,3 +38,16 @@ def markdown_table(rows: list[dict], columns: list[str], fmt: dict | None = None
             cells.append(fmt.get(c, "{:.3f}").format(v) if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tabular_splits(d):
+    """Train / validation / test tensors of a ``hessfree.datasets.TabularData``:
+    the test split is halved into a validation half (the target data) and a
+    test half (for reporting). Returns ``(train, val, test, groups_val, groups_test)``."""
+    import torch
+
+    half = len(d.y_test) // 2
+    train = (torch.from_numpy(d.X_train), torch.from_numpy(d.y_train))
+    val = (torch.from_numpy(d.X_test[:half]), torch.from_numpy(d.y_test[:half]))
+    test = (torch.from_numpy(d.X_test[half:]), torch.from_numpy(d.y_test[half:]))
+    return train, val, test, d.g_test[:half], d.g_test[half:]

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from _util import markdown_table, peak_rss_mb, tabular_splits, write_json  # noqa: E402
 
 from hessfree.apps import defend  # noqa: E402
 from hessfree.apps._retrain import fit_model  # noqa: E402
@@ -74,10 +74,7 @@ def main() -> None:
     runs = []
     for name in names:
         d = LOADERS[name]()
-        half = len(d.y_test) // 2
-        tr = (torch.from_numpy(d.X_train), torch.from_numpy(d.y_train))
-        va = (torch.from_numpy(d.X_test[:half]), torch.from_numpy(d.y_test[:half]))
-        te = (torch.from_numpy(d.X_test[half:]), torch.from_numpy(d.y_test[half:]))
+        tr, va, te, _, _ = tabular_splits(d)
         for arch in archs:
             make = factory(arch, d.n_features)
             t0 = time.perf_counter()

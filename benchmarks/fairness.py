@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from _util import markdown_table, peak_rss_mb, tabular_splits, write_json  # noqa: E402
 
 from hessfree.apps import repair_fairness  # noqa: E402
 from hessfree.apps._retrain import fit_model  # noqa: E402
@@ -54,11 +54,7 @@ def main() -> None:
     results = []
     for name in names:
         d = LOADERS[name]()
-        half = len(d.y_test) // 2
-        tr = (torch.from_numpy(d.X_train), torch.from_numpy(d.y_train))
-        va = (torch.from_numpy(d.X_test[:half]), torch.from_numpy(d.y_test[:half]))
-        te = (torch.from_numpy(d.X_test[half:]), torch.from_numpy(d.y_test[half:]))
-        gv, gt = d.g_test[:half], d.g_test[half:]
+        tr, va, te, gv, gt = tabular_splits(d)
 
         def make(d=d):
             return nn.Linear(d.n_features, 1)
