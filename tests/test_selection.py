@@ -10,6 +10,7 @@ import torch
 
 import hessfree as hf
 from hessfree import selection as sel
+from hessfree.store import GradientStore
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -67,6 +68,22 @@ def loop_grads(model, task, examples):
     return torch.stack(out), names
 
 
+
+def select_killed_at_third_store_write(monkeypatch, tok, pool, targets, workdir):
+    """Run a selection that is killed on its third store batch write."""
+    real_write, calls = GradientStore.write, {"n": 0}
+
+    def dying_write(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(GradientStore, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        sel.select(tiny_llama(dtype=torch.float32), tok, pool, targets, workdir, _config())
+    monkeypatch.setattr(GradientStore, "write", real_write)
+
 def test_projected_lora_features_of_a_padded_batch_equal_projecting_a_plain_loop():
     model = lora_model()
     task = hf.LanguageModelTask(model)
@@ -123,20 +140,7 @@ def test_resumed_selection_equals_uninterrupted(tmp_path, monkeypatch):
     np.testing.assert_array_equal(full.scores, np.maximum(full.task_scores["a"], full.task_scores["b"]))
     assert full.scores[full.indices].min() >= np.delete(full.scores, full.indices).max()
     # simulate a kill during featurization: fail after two store batches, then rerun the same call
-    from hessfree.store import GradientStore
-
-    real_write, calls = GradientStore.write, {"n": 0}
-
-    def dying_write(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return real_write(self, *a, **k)
-
-    monkeypatch.setattr(GradientStore, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        sel.select(tiny_llama(dtype=torch.float32), tok, pool, targets, tmp_path / "resumed", _config())
-    monkeypatch.setattr(GradientStore, "write", real_write)
+    select_killed_at_third_store_write(monkeypatch, tok, pool, targets, tmp_path / "resumed")
     meta = json.loads((tmp_path / "resumed" / "store" / "meta.json").read_text())
     assert meta["complete"] is False
     # and lose the last warm-up checkpoint too: the warm-up resumes from epoch 0's file
@@ -151,20 +155,7 @@ def test_resumed_store_equals_uninterrupted(tmp_path, monkeypatch):
     tok = CharTokenizer()
     pool, targets = rows(16, seed=1), rows(3, seed=2, task="a")
     full = sel.select(tiny_llama(dtype=torch.float32), tok, pool, targets, tmp_path / "full", _config())
-    from hessfree.store import GradientStore
-
-    real_write, calls = GradientStore.write, {"n": 0}
-
-    def dying_write(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("killed")
-        return real_write(self, *a, **k)
-
-    monkeypatch.setattr(GradientStore, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        sel.select(tiny_llama(dtype=torch.float32), tok, pool, targets, tmp_path / "resumed", _config())
-    monkeypatch.setattr(GradientStore, "write", real_write)
+    select_killed_at_third_store_write(monkeypatch, tok, pool, targets, tmp_path / "resumed")
     again = sel.select(tiny_llama(dtype=torch.float32), tok, pool, targets, tmp_path / "resumed", _config())
     a = GradientStore.open_existing(tmp_path / "full" / "store")
     b = GradientStore.open_existing(tmp_path / "resumed" / "store")

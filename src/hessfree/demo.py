@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import curation, members, metrics, targets
+from ._progress import progress_bar
 from .apps import find_noisy_labels
 from .datasets import digits, flip_labels
 from .influence import Influence
@@ -156,7 +156,7 @@ def run_demo(
     removed = curation.remove(-suspicion, fraction=0.05)
     _, relabelled = curation.relabel(-suspicion, y_noisy, predicted, fraction=0.05)
     random_removed = np.random.default_rng(seed + 1).choice(len(tr), size=len(removed), replace=False)
-    bar = tqdm(total=5 * retrain_seeds, desc="retraining", disable={True: False, False: True, None: None}[progress], leave=False)
+    bar = progress_bar(5 * retrain_seeds, "retraining", progress)
 
     def mean_accuracy(**curate) -> tuple[float, float]:
         accs = []

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from ._scale import StoreMixin
 from .data import DataSource, to_device
 from .distributed import all_reduce_sum, rank_and_world
@@ -152,8 +152,7 @@ class Influence(StoreMixin):
                     yield m, view
 
     def _bar(self, total: int, desc: str):
-        disable = {True: False, False: True, None: None}[self.progress]
-        return tqdm(total=total, desc=desc, disable=disable, leave=False)
+        return progress_bar(total, desc, self.progress)
 
     @property
     def member_names(self) -> list[str]:

@@ -22,15 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from ._progress import progress_bar
 
 TrainFn = Callable[[np.ndarray], Any]
 MeasureFn = Callable[[Any], Any]
-
-
-def _bar(total: int, desc: str, progress: bool | None):
-    disable = {True: False, False: True, None: None}[progress]
-    return tqdm(total=total, desc=desc, disable=disable, leave=False)
 
 
 def _measured(value: Any, where: str) -> np.ndarray:
@@ -83,7 +79,7 @@ def loo(
     all_idx = np.arange(n, dtype=np.int64)
     base = _measured(measure(train_fn(all_idx)) if baseline is None else baseline, "the full training set")
     out = np.zeros((len(idx_groups), base.size))
-    bar = _bar(len(idx_groups), "leave-out retraining", progress)
+    bar = progress_bar(len(idx_groups), "leave-out retraining", progress)
     try:
         for j, g in enumerate(idx_groups):
             value = _measured(measure(train_fn(np.setdiff1d(all_idx, g))), f"group {j}")
@@ -157,7 +153,7 @@ def retrain_subsets(
                 "or other alpha / seed); delete it or choose another results_path"
             )
         done = [list(map(float, row)) for row in saved["outputs"]]
-    bar = _bar(masks.shape[0], "subset retraining", progress)
+    bar = progress_bar(masks.shape[0], "subset retraining", progress)
     bar.update(len(done))
     meta = {"n": int(masks.shape[1]), "n_subsets": int(masks.shape[0]), "masks_sha256": digest}
     try:

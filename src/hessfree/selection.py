@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from .influence import Influence
 from .llm import LanguageModelTask, collate, encode
 from .members import Checkpoints
@@ -236,7 +236,7 @@ def warmup(
     named = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
     was = model.training
     model.train()
-    bar = tqdm(total=total, desc="LoRA warm-up", disable={True: False, False: True, None: None}[progress], leave=False)
+    bar = progress_bar(total, "LoRA warm-up", progress)
     try:
         for e, path in enumerate(paths):
             if path.exists():  # resume: adapter, optimizer and schedule as saved

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from .data import DataSource, map_batch
 from .task import ClassificationTask, Task
 
@@ -64,8 +64,8 @@ def train(
     result = TrainResult(model=model)
     model.train()
     device = next(model.parameters()).device
-    disable = {True: False, False: True, None: None}[progress]
-    for _ in tqdm(range(epochs), desc="training", disable=disable, leave=False):
+    bar = progress_bar(epochs, "training", progress)
+    for _ in range(epochs):
         total, count = 0.0, 0.0
         if source._tensors is not None:
             order = torch.randperm(source.n, generator=gen)
@@ -88,6 +88,8 @@ def train(
         result.lrs.append(lr)
         if checkpoints:
             result.checkpoints.append(copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}))
+        bar.update(1)
+    bar.close()
     model.eval()
     return result
 
