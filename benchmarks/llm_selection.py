@@ -9,7 +9,9 @@ selection) and a test split (used for evaluation only).
 Arms (each fine-tunes a fresh, seeded LoRA adapter on its subset):
   hessfree  top fraction by TracIn-CP on projected LoRA gradients (hf.selection)
   random    a random fraction (three seeds)
+  hessfree-balanced  the same scores, each target task taking an equal share (combine="balanced")
   embed     top fraction by all-MiniLM-L6-v2 cosine similarity to the validation examples
+  embed-balanced     the same similarities, an equal share per task
   full      the whole pool
   base      no fine-tuning
 
@@ -162,8 +164,9 @@ def embed_select(pool, val, k: int) -> tuple[np.ndarray, float]:
     for exs in val.values():
         v = embed([e["prompt"] + e["options"][e["answer"]] for e in exs])
         scores.append((p @ v.T).mean(1))
+    per_task = {t: s.numpy() for t, s in zip(val, scores)}
     s = torch.stack(scores).max(0).values.numpy()
-    return sel.top_fraction(s, k / len(pool)), time.perf_counter() - t0
+    return sel.top_fraction(s, k / len(pool)), per_task, time.perf_counter() - t0
 
 
 # ---- the study ---------------------------------------------------------------------------------
@@ -189,6 +192,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--tag", default=None, help="name of the result files and work folder (default: quick or full)")
     args = ap.parse_args()
     if args.quick:
         args.pool, args.n_test = min(args.pool, 600), min(args.n_test, 40)
@@ -214,14 +218,16 @@ def main() -> None:
     cfg = sel.SelectionConfig(fraction=args.fraction, warmup_fraction=args.fraction, warmup_epochs=args.warmup_epochs, lr=args.lr,
                               lora_r=args.lora_r, lora_alpha=2 * args.lora_r, projection_dim=args.dim, batch_size=args.batch_size,
                               max_length=args.max_length, seed=0)
-    work = OUT / ("work-quick" if args.quick else "work")
+    name = args.tag or ("quick" if args.quick else "full")
+    work = OUT / ("work" if name == "full" else f"work-{name}")
     targets = [{"prompt": e["prompt"], "response": e["options"][e["answer"]], "task": t} for t, exs in val.items() for e in exs]
     result = sel.select(copy.deepcopy(base), tok, pool, targets, work, cfg, progress=True)
     times.update({f"hessfree_{k_}": v for k_, v in result.timings.items()})
     mem["after_hessfree_mb"] = peak_rss_mb()
-    subsets = {"hessfree": result.indices}
-    emb_idx, times["embed_select_s"] = embed_select(pool, val, k)
+    subsets = {"hessfree": result.indices, "hessfree-balanced": sel.balanced_top(result.task_scores, args.fraction)}
+    emb_idx, emb_scores, times["embed_select_s"] = embed_select(pool, val, k)
     subsets["embed"] = emb_idx
+    subsets["embed-balanced"] = sel.balanced_top(emb_scores, args.fraction)
     for s in range(args.seeds):
         subsets[f"random{s}"] = np.random.default_rng(100 + s).permutation(len(pool))[:k]
     subsets = {"base": np.array([], dtype=int), **subsets}
@@ -247,21 +253,23 @@ def main() -> None:
         rows.append(row)
         payload["arms"][arm] = {"indices": np.asarray(idx).tolist() if arm != "full" else "all", **row, "per_task": res}
         print(markdown_table([row], list(row)), flush=True)
-        write_json(OUT / f"{'quick' if args.quick else 'full'}.partial.json", payload)
+        write_json(OUT / f"{name}.partial.json", payload)
     mem["peak_rss_mb"] = peak_rss_mb()
     rnd = [r for r in rows if r["arm"].startswith("random")]
     hf_row = next(r for r in rows if r["arm"] == "hessfree")
     wins = sum(hf_row["test_loss"] < r["test_loss"] for r in rnd)
+    bal_row = next(r for r in rows if r["arm"] == "hessfree-balanced")
+    wins_bal = sum(bal_row["test_loss"] < r["test_loss"] for r in rnd)
     payload.update({"rows": rows, "times_s": times, "memory_mb": mem, "hessfree_beats_random_loss": f"{wins}/{len(rnd)}",
+                    "hessfree_balanced_beats_random_loss": f"{wins_bal}/{len(rnd)}",
                     "lrs": result.lrs, "pool_tasks": args.pool_tasks, "targets": args.targets})
     cols = ["arm", "n", "target_share", "test_loss", "accuracy"] + [c for t in args.targets for c in (f"loss[{t}]", f"acc[{t}]")] + ["finetune_s"]
     table = markdown_table(rows, cols, {"finetune_s": "{:.0f}", "test_loss": "{:.4f}"})
     print(table)
-    print(f"hessfree beats random on test loss in {wins}/{len(rnd)} seeds; times {json.dumps({k_: round(v, 1) for k_, v in times.items()})}; "
+    print(f"hessfree beats random on test loss in {wins}/{len(rnd)} seeds (balanced: {wins_bal}/{len(rnd)}); times {json.dumps({k_: round(v, 1) for k_, v in times.items()})}; "
           f"peak RSS {mem['peak_rss_mb']:.0f} MiB")
-    name = "quick" if args.quick else "full"
     write_json(OUT / f"{name}.json", payload)
-    (OUT / f"{name}.md").write_text(table + f"\n\nhessfree beats random on test loss in {wins}/{len(rnd)} seeds\n"
+    (OUT / f"{name}.md").write_text(table + f"\n\nhessfree beats random on test loss in {wins}/{len(rnd)} seeds (balanced: {wins_bal}/{len(rnd)})\n"
                                     f"times (s): {json.dumps({k_: round(v, 1) for k_, v in times.items()})}\nmemory (MiB): {json.dumps(mem)}\n")
 
 

@@ -11,14 +11,18 @@ the labels, c -> c+1 among eligible classes). Suspicion is higher = more
 likely flipped for every method.
 
 Methods:
-  hf-self (default)   find_noisy_labels: self-influence over checkpoints, output layer, log-mean
-  hf-self-final       self-influence of the final model only (output layer)
-  hf-self-dropout     self-influence over 5 dropout members (p_max 0.1) of the final model
-  hf-self-noise       self-influence over 5 weight-noise members (relative sigma 0.05)
+  hf-self (default)   find_noisy_labels: output-space self-influence summed over checkpoints,
+                      centred by the median of the given class
+  hf-self-weights     parameter-space self-influence over checkpoints, output layer, log-mean
+                      (the previous default)
+  hf-self-final       output-space self-influence of the final model only
+  hf-self-dropout     output-space self-influence over 5 dropout members (p_max 0.1) of the final model
+  hf-self-noise       output-space self-influence over 5 weight-noise members (relative sigma 0.05)
   hf-utility          the seed paper's form: minus influence on a clean validation loss, over checkpoints
   hf-class-utility    minus the worst per-class validation influence, final model
   hf-combined         z(self) + z(class-utility), both over checkpoints (needs validation data)
   loss                final training loss
+  loss-checkpoints    training loss averaged over the epoch checkpoints (a training-dynamics baseline)
   cleanlab            cleanlab label-quality scores from 5-fold cross-validated probabilities
   captum-tracincp     (--peers) Captum TracInCP self-influence over the epoch checkpoints, all layers
   trak                (--peers) TRAK self-influence, 5 independently trained models (4 trained inside
@@ -100,6 +104,7 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False
         out[name] = (np.asarray(s, dtype=float), sec, mb)
 
     timed("hf-self (default)", lambda: find_noisy_labels(task, (x, y), members=ck).suspicion())
+    timed("hf-self-weights", lambda: find_noisy_labels(task, (x, y), members=ck, method="self_weights").suspicion())
     timed("hf-self-final", lambda: find_noisy_labels(task, (x, y)).suspicion())
     timed("hf-self-dropout", lambda: find_noisy_labels(task, (x, y), members=hf.members.Dropout(5, 0.1, seed=seed)).suspicion())
     timed(
@@ -115,6 +120,17 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False
             return F.cross_entropy(model(x), y, reduction="none").numpy()
 
     timed("loss", loss)
+
+    def loss_checkpoints():
+        probe = mlp(x.shape[1])
+        total = np.zeros(len(y))
+        with torch.no_grad():
+            for state in res.checkpoints:
+                probe.load_state_dict(state)
+                total += F.cross_entropy(probe(x), y, reduction="none").numpy()
+        return total / len(res.checkpoints)
+
+    timed("loss-checkpoints", loss_checkpoints)
     if with_cleanlab:
         timed("cleanlab", lambda: cleanlab_scores(x, y, seed, epochs))
     if with_peers:

@@ -161,13 +161,20 @@ def test_combined_is_the_sum_of_z_scores():
     train(model, (x, y), seed=0, **{**TRAIN, "epochs": 3})
     task = hf.ClassificationTask(model)
     own = find_noisy_labels(task, (x, y)).suspicion()
-    # self-influence of one member: log of the squared gradient norm, by an autograd loop
+    # default: ||softmax - onehot||^2 (closed form), minus its median within the given class
+    with torch.no_grad():
+        r = (torch.softmax(model(x).double(), -1) - nn.functional.one_hot(y, 3)).pow(2).sum(1).numpy()
+    expected = r.copy()
+    for c in range(3):
+        expected[y.numpy() == c] -= np.median(r[y.numpy() == c])
+    np.testing.assert_allclose(own, expected, rtol=1e-5, atol=1e-7)
+    # self_weights: log of the squared output-layer gradient norm, by an autograd loop
     last = list(model.parameters())[-2:]
     loop = []
     for xi, yi in zip(x, y):
         g = torch.autograd.grad(nn.functional.cross_entropy(model(xi[None]), yi[None]), last)
         loop.append(float(sum(t.pow(2).sum() for t in g).log()))
-    np.testing.assert_allclose(own, loop, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(find_noisy_labels(task, (x, y), method="self_weights").suspicion(), loop, rtol=1e-4, atol=1e-5)
     cls = find_noisy_labels(task, (x, y), val=(xv, yv), method="class_utility").suspicion()
     comb = find_noisy_labels(task, (x, y), val=(xv, yv), method="combined").suspicion()
 
@@ -175,3 +182,34 @@ def test_combined_is_the_sum_of_z_scores():
         return (a - a.mean()) / a.std()
 
     np.testing.assert_allclose(comb, z(own) + z(cls), rtol=1e-6, atol=1e-8)
+
+
+def test_output_self_influence_against_closed_form_over_checkpoints_and_weights():
+    """sum_m lr_m * w_i^2 * ||softmax(f(x_i; theta_m)) - onehot(y_i)||^2, checkpoint by checkpoint."""
+    from hessfree.output_space import output_self_influence
+
+    x, y = blobs(50, 3, seed=0)
+    torch.manual_seed(0)
+    model = mlp(10, 3)
+    res = train(model, (x, y), checkpoints=True, seed=0, **{**TRAIN, "epochs": 3})
+    lrs = [0.3, 0.2, 0.1]
+    w = torch.linspace(0.5, 2.0, 50)
+    got = output_self_influence(hf.ClassificationTask(model), (x, y, w), hf.members.Checkpoints(res.checkpoints, lrs),
+                                reduce=None, batch_size=16)
+    probe = mlp(10, 3)
+    for m, (state, lr) in enumerate(zip(res.checkpoints, lrs)):
+        probe.load_state_dict(state)
+        with torch.no_grad():
+            r = (torch.softmax(probe(x), -1) - nn.functional.one_hot(y, 3)).pow(2).sum(1) * w.pow(2)
+        np.testing.assert_allclose(got[m], lr * r.double().numpy(), rtol=1e-5, atol=1e-9)
+    total = output_self_influence(hf.ClassificationTask(model), (x, y, w), hf.members.Checkpoints(res.checkpoints, lrs))
+    np.testing.assert_allclose(total, got.sum(0), rtol=1e-5)  # other batch size: float32 rounding
+    # binary logit outputs: (sigmoid(f) - y)^2, through autograd of the task's own loss
+    bmodel = mlp(10, 1)
+    yb = (y == 0).float()
+    got_b = output_self_influence(hf.ClassificationTask(bmodel), (x, yb))
+    with torch.no_grad():
+        ref = (torch.sigmoid(bmodel(x).squeeze(-1)) - yb).pow(2).double().numpy()
+    np.testing.assert_allclose(got_b, ref, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="reduce must be"):
+        output_self_influence(hf.ClassificationTask(model), (x, y), reduce="max")

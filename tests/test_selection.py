@@ -200,6 +200,22 @@ def test_bad_inputs_are_named(tmp_path):
         sel.select(tiny_llama(), CharTokenizer(), rows(4), rows(1), tmp_path / "w", _config())
 
 
+def test_balanced_selection_gives_each_task_its_share_of_its_best_examples():
+    rng = np.random.default_rng(0)
+    scores = {"b": rng.normal(size=40), "a": rng.normal(size=40) + 5.0}  # "a" dominates every max
+    picked = sel.balanced_top(scores, 0.25)
+    assert len(picked) == 10 and len(set(picked.tolist())) == 10
+    assert set(sel.top_fraction(np.maximum(scores["a"], scores["b"]), 0.25).tolist()) == set(np.argsort(-scores["a"])[:10].tolist())
+    # independent rule: a greedy loop over the two tasks in name order
+    taken = []
+    for turn in range(10):
+        t = ("a", "b")[turn % 2]
+        taken.append(next(int(i) for i in np.argsort(-scores[t], kind="stable") if int(i) not in taken))
+    assert picked.tolist() == taken
+    with pytest.raises(ValueError, match="combine must be one of"):
+        sel.SelectionConfig(combine="mean").validate()
+
+
 def _save_tiny_model(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -131,6 +131,7 @@ def select_command(
     lr: float = typer.Option(2e-4, help="Peak warm-up learning rate (AdamW, linear decay)."),
     dim: int = typer.Option(8192, "--dim", help="Projected gradient dimension."),
     similarity: str = typer.Option("cosine", help="cosine or dot."),
+    combine: str = typer.Option("max", help="Several target tasks: max (rank by the best task) or balanced (equal share per task)."),
     optimizer_aware: bool = typer.Option(False, "--optimizer-aware", help="Score Adam update directions of pool examples (LESS)."),
     batch_size: int = typer.Option(8, help="Examples per batch."),
     max_length: int = typer.Option(256, help="Tokens per example (responses truncated)."),
@@ -142,7 +143,7 @@ def select_command(
     try:
         cfg = SelectionConfig(
             fraction=fraction, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, lr=lr,
-            projection_dim=dim, similarity=similarity, optimizer_aware=optimizer_aware, batch_size=batch_size, max_length=max_length, seed=seed,
+            projection_dim=dim, similarity=similarity, combine=combine, optimizer_aware=optimizer_aware, batch_size=batch_size, max_length=max_length, seed=seed,
         )  # fmt: skip
         cfg.validate()
         result = select_files(pool, target, model, out, cfg, workdir, gguf_file, progress=True)

@@ -49,6 +49,7 @@ from .members import Checkpoints
 from .projections import Factorized
 
 SIMILARITIES = ("cosine", "dot")
+COMBINES = ("max", "balanced")
 
 
 @dataclass
@@ -64,6 +65,11 @@ class SelectionConfig:
         lora_r, lora_alpha, lora_targets: the LoRA adapter added when the model has none.
         projection_dim: total projected dimension ``k`` (over all LoRA matrices).
         similarity: ``"cosine"`` (default, as LESS) or ``"dot"``.
+        combine: how several target tasks share the budget: ``"max"`` (default,
+            as LESS: rank by each example's maximum score over tasks; one task
+            whose gradients align more strongly can take every slot) or
+            ``"balanced"`` (tasks take turns, in name order, each adding its
+            best not yet selected example, so each gets an equal share).
         optimizer_aware: score the Adam update direction of each pool example
             instead of its gradient (LESS): at checkpoint c with Adam moments
             ``m, v`` after ``t`` steps, ``u = m_hat / (sqrt(v_hat) + eps)`` with
@@ -86,6 +92,7 @@ class SelectionConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     projection_dim: int = 8192
     similarity: str = "cosine"
+    combine: str = "max"
     optimizer_aware: bool = False
     batch_size: int = 8
     max_length: int = 256
@@ -103,6 +110,8 @@ class SelectionConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
 
@@ -394,6 +403,32 @@ def top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     return order[:k]
 
 
+def balanced_top(task_scores: dict[str, np.ndarray], fraction: float) -> np.ndarray:
+    """Indices of ``ceil(fraction * n)`` examples shared equally between tasks, in pick order.
+
+    Tasks take turns in name order; each adds its highest-scoring example not
+    already selected (ties: lower index first).
+    """
+    names = sorted(task_scores)
+    n = len(task_scores[names[0]])
+    k = max(1, math.ceil(fraction * n))
+    orders = {t: top_fraction(task_scores[t], 1.0) for t in names}
+    pos = dict.fromkeys(names, 0)
+    taken = np.zeros(n, dtype=bool)
+    out: list[int] = []
+    while len(out) < k:
+        for t in names:
+            if len(out) == k:
+                break
+            order = orders[t]
+            while taken[order[pos[t]]]:
+                pos[t] += 1
+            i = int(order[pos[t]])
+            taken[i] = True
+            out.append(i)
+    return np.asarray(out, dtype=np.int64)
+
+
 def select(
     model: nn.Module,
     tokenizer: Any,
@@ -470,7 +505,7 @@ def select(
     loaders = {t: make_loader(EncodedExamples(tokenizer, rows, config.max_length), config.batch_size, pad_id) for t, rows in sorted(by_task.items())}
     task_scores = tracin_scores(est, loaders, config.similarity, lambda loader: estimator().fit(loader))
     scores = np.max(np.stack(list(task_scores.values())), axis=0)
-    indices = top_fraction(scores, config.fraction)
+    indices = top_fraction(scores, config.fraction) if config.combine == "max" else balanced_top(task_scores, config.fraction)
     timings["score_s"] = time.perf_counter() - t0
     result = Selection(indices, scores, task_scores, [str(p) for p in paths], lrs, timings)
     summary = {

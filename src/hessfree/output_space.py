@@ -1,0 +1,117 @@
+"""Self-influence measured at the model's outputs.
+
+The parameter-space self-influence of example ``i`` at member ``m`` is
+``||grad_theta l_i||^2 = r_i^T J_i J_i^T r_i`` with ``r_i = d l_i / d f(x_i)``
+the gradient of the loss with respect to the outputs (logits) and ``J_i`` the
+Jacobian of the outputs with respect to the parameters. Replacing the kernel
+``J_i J_i^T`` by the identity gives the output-space self-influence
+``||r_i||^2``: the same Hessian-free idea one step further, with no
+per-example parameter gradients at all (one forward pass per member).
+
+For softmax cross-entropy ``r_i = softmax(f(x_i)) - onehot(y_i)``, so
+``||r_i||^2`` is in [0, 2]: it does not grow without bound with the loss, and
+it does not carry the size of the example's features (``||J_i||``), which for
+the output layer is the factor ``||h_i||^2 + 1`` that varies with the input
+and not with whether the label is right. On the noisy-label study
+(docs/applications.md) this form, summed over checkpoints, ranks flipped
+labels better than the parameter-space one in every setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._progress import progress_bar
+from .data import DataSource, to_device
+from .members import MemberView, as_members
+from .task import Task
+
+
+def output_self_influence(
+    task: Task,
+    data: Any,
+    members: Any = None,
+    *,
+    reduce: str | None = "sum",
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Output-space self-influence ``w_m ||d l_i / d f(x_i; theta_m)||^2`` of every example.
+
+    Args:
+        task: the task (its ``forward`` must return one tensor of outputs per
+            example, e.g. logits ``(B, K)``; its ``loss`` is differentiated
+            with respect to them, sample weights included).
+        data: the examples (anything :class:`hessfree.data.DataSource` accepts).
+        members: ``None`` (the model as it is) or :mod:`hessfree.members`;
+            each member is evaluated in eval mode, with its masks or noise.
+        reduce: ``"sum"`` (weighted sum over members, TracIn-CP), ``"mean"``
+            (divided by the number of members) or ``None`` (one row per member).
+        batch_size: examples per forward pass.
+        device: where to compute (default: the model's device).
+        progress: show a progress bar (``None``: only on a terminal).
+
+    Returns:
+        ``(n,)`` (or ``(M, n)`` with ``reduce=None``) in loss units squared per
+        output unit squared (nats² per logit² for classification) times the
+        member weight (the learning rate for checkpoints). Larger = the
+        example's own loss is more sensitive to the outputs (it is fitted
+        less well); with checkpoints, summed over training.
+    """
+    if reduce not in (None, "sum", "mean"):
+        raise ValueError(f"reduce must be None, 'sum' or 'mean', got {reduce!r}")
+    source = DataSource(data, batch_size=batch_size, name="data")
+    model = task.model
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else "cpu"
+    device = torch.device(device)
+    specs = as_members(members).specs()
+    example = to_device(source.first_example(), device)
+    rows = np.zeros((len(specs), source.n))
+    bar = progress_bar(len(specs) * source.n, "output self-influence", progress)
+    for m, spec in enumerate(specs):
+        module = spec.module if spec.module is not None else model
+        was = module.training
+        module.eval()
+        try:
+            view = MemberView(spec, model, task, example, device)
+            with view:
+                fn = view.functional()
+                for start, batch in source.batches():
+                    batch = to_device(batch, device)
+                    with torch.no_grad():
+                        out = task.forward(fn, batch)
+                    if not isinstance(out, torch.Tensor):
+                        raise TypeError(
+                            f"output_self_influence needs the task's forward to return a tensor, got "
+                            f"{type(out).__name__}; override Task.forward to return the outputs the loss uses"
+                        )
+                    out = out.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        losses = task.loss(out, batch)
+                        w = task.weights(batch)
+                        if w is not None:
+                            losses = losses * w.to(losses.dtype)
+                        (r,) = torch.autograd.grad(losses.sum(), out)
+                    b = out.shape[0]
+                    s = r.detach().double().reshape(b, -1).pow(2).sum(1)
+                    if not torch.isfinite(s).all():
+                        bad = start + int(torch.nonzero(~torch.isfinite(s))[0])
+                        raise FloatingPointError(f"the output gradient of example {bad} is not finite; check its inputs and label")
+                    rows[m, start : start + b] = s.cpu().numpy() * spec.weight
+                    bar.update(b)
+        finally:
+            module.train(was)
+    bar.close()
+    if reduce is None:
+        return rows
+    total = rows.sum(0)
+    return total / len(specs) if reduce == "mean" else total
+
+
+__all__ = ["output_self_influence"]
