@@ -11,8 +11,10 @@ the labels, c -> c+1 among eligible classes). Suspicion is higher = more
 likely flipped for every method.
 
 Methods:
-  hf-self (default)   find_noisy_labels: output-space self-influence summed over checkpoints,
-                      centred by the median of the given class
+  hf-default (auto)   find_noisy_labels with the validation data and the default method="auto":
+                      output-space self-influence, or class-utility when the noise looks systematic
+  hf-self             output-space self-influence summed over checkpoints, centred by the median
+                      of the given class (what "auto" does without validation data)
   hf-self-weights     parameter-space self-influence over checkpoints, output layer, log-mean
                       (the previous default)
   hf-self-final       output-space self-influence of the final model only
@@ -67,6 +69,7 @@ from hessfree.metrics import average_precision, recall_at_k, roc_auc  # noqa: E4
 from hessfree.training import accuracy, predict, train  # noqa: E402
 
 RECIPE = dict(lr=0.1, momentum=0.9, batch_size=128)
+DEFAULT = "hf-default (auto)"
 
 
 def mlp(d: int) -> nn.Module:
@@ -103,13 +106,23 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False
         s, sec, mb = measure(fn)
         out[name] = (np.asarray(s, dtype=float), sec, mb)
 
-    timed("hf-self (default)", lambda: find_noisy_labels(task, (x, y), members=ck).suspicion())
+    chosen = {}
+
+    def default():
+        rep = find_noisy_labels(task, (x, y), val=val, members=ck)
+        chosen.update(method=rep.method, **rep.diagnostics)
+        return rep.suspicion()
+
+    timed(DEFAULT, default)
+    timed("hf-self", lambda: find_noisy_labels(task, (x, y), members=ck, method="self").suspicion())
     timed("hf-self-weights", lambda: find_noisy_labels(task, (x, y), members=ck, method="self_weights").suspicion())
-    timed("hf-self-final", lambda: find_noisy_labels(task, (x, y)).suspicion())
-    timed("hf-self-dropout", lambda: find_noisy_labels(task, (x, y), members=hf.members.Dropout(5, 0.1, seed=seed)).suspicion())
+    timed("hf-self-final", lambda: find_noisy_labels(task, (x, y), method="self").suspicion())
+    timed("hf-self-dropout", lambda: find_noisy_labels(task, (x, y), members=hf.members.Dropout(5, 0.1, seed=seed),
+                                                       method="self").suspicion())
     timed(
         "hf-self-noise",
-        lambda: find_noisy_labels(task, (x, y), members=hf.members.WeightNoise(5, 0.05, seed=seed, relative=True)).suspicion(),
+        lambda: find_noisy_labels(task, (x, y), members=hf.members.WeightNoise(5, 0.05, seed=seed, relative=True),
+                                  method="self").suspicion(),
     )
     timed("hf-utility", lambda: find_noisy_labels(task, (x, y), val=val, members=ck, method="utility").suspicion())
     timed("hf-class-utility", lambda: find_noisy_labels(task, (x, y), val=val, method="class_utility").suspicion())
@@ -138,6 +151,7 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False
         timed("captum-tracincp", lambda: captum_tracincp(make, res.checkpoints, res.lrs, x, y))
         timed("trak", lambda: trak_self(make, lambda s: fit(x, y, seed + s, epochs)[0], x, y, first=model))
         timed("kronfluence-ekfac", lambda: kronfluence_ekfac(model, x, y))
+    out["_chosen"] = chosen
     return out
 
 
@@ -151,16 +165,17 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, wit
     xt, yt = torch.from_numpy(Xte[h:]), torch.from_numpy(yte[h:])
     model, res = fit(x, y, seed, epochs, checkpoints=True)
     scores = methods(model, res, x, y, (xv, yv), seed, epochs, with_cleanlab, with_peers)
+    chosen = scores.pop("_chosen")
     rows = []
     for m, (s, sec, mb) in scores.items():
         rows.append({
             "data": name, "noise": f"{kind[:3]} {rate:.0%}", "epochs": epochs, "seed": seed, "method": m,
             "roc_auc": roc_auc(s, flipped), "ap": average_precision(s, flipped),
             "top10": recall_at_k(s, flipped, fraction=0.1), "top20": recall_at_k(s, flipped, fraction=0.2),
-            "seconds": sec, "peak_mb": mb,
+            "seconds": sec, "peak_mb": mb, **({"auto_chose": chosen} if m == DEFAULT else {}),
         })  # fmt: skip
     # repair: act on the flagged share (= the noise rate) of the default's ranking, retrain
-    s = scores["hf-self (default)"][0]
+    s = scores[DEFAULT][0]
     k = int(flipped.sum())
     flagged = np.argsort(-s, kind="stable")[:k]
     base_acc = accuracy(model, xt, yt)
@@ -250,6 +265,13 @@ def report(rows: list[dict], repairs: list[dict], out: Path) -> None:
     md += ["", "Rank on AP (1 = best of all methods) and AP minus the loss baseline's, per setting:", ""]
     md.append(markdown_table(ranks(det), ["data", "noise", "epochs", "rank_default", "default_minus_loss", "rank_combined",
                                           "combined_minus_loss", "best"]))  # fmt: skip
+    picks = [{"data": r["data"], "noise": r["noise"], "epochs": r["epochs"], "seed": r["seed"], "chose": r["auto_chose"]["method"],
+              "overlap_cu_utility": r["auto_chose"].get("overlap_class_utility_utility", ""),
+              "overlap_cu_self": r["auto_chose"].get("overlap_class_utility_self", "")}
+             for r in rows if r.get("auto_chose")]  # fmt: skip
+    if picks:
+        md += ["", "What the default (`method=\"auto\"`, with the validation data) chose, and the top-10% overlaps behind it:", ""]
+        md.append(markdown_table(picks, ["data", "noise", "epochs", "seed", "chose", "overlap_cu_utility", "overlap_cu_self"]))
     md += ["", "Seeds where retraining after acting on the flagged share beats retraining on all the noisy data:", ""]
     md.append(markdown_table(wins(repairs), ["data", "noise", "epochs", "seeds", "removal_wins", "relabel_wins"]))
     md += ["", "`seconds`: wall time of each method's call; `peak_mb`: its peak resident memory above the process's",
@@ -275,7 +297,7 @@ def ranks(det):
         names = [r["method"] for r in rs]
         out.append({
             "data": key[0], "noise": key[1], "epochs": key[2],
-            "rank_default": names.index("hf-self (default)") + 1, "default_minus_loss": ap["hf-self (default)"] - ap["loss"],
+            "rank_default": names.index(DEFAULT) + 1, "default_minus_loss": ap[DEFAULT] - ap["loss"],
             "rank_combined": names.index("hf-combined") + 1 if "hf-combined" in ap else "",
             "combined_minus_loss": ap["hf-combined"] - ap["loss"] if "hf-combined" in ap else "",
             "best": names[0],

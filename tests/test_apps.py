@@ -213,3 +213,31 @@ def test_output_self_influence_against_closed_form_over_checkpoints_and_weights(
     np.testing.assert_allclose(got_b, ref, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="reduce must be"):
         output_self_influence(hf.ClassificationTask(model), (x, y), reduce="max")
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "asymmetric"])
+def test_auto_picks_class_utility_for_systematic_noise_and_self_otherwise(kind):
+    # 10 classes: with few classes a symmetric flip's harm is less cancelled in the mean validation
+    # loss, the plain utility ranks flips well too, and either choice is right
+    x, y = blobs(1500, 10, seed=0, spread=1.5)
+    xv, yv = blobs(500, 10, seed=5, spread=1.5)
+    mapping = {c: c + 1 for c in range(0, 10, 2)} if kind == "asymmetric" else None
+    noisy, flipped = flip_labels(y.numpy(), 0.2, seed=0, kind=kind, mapping=mapping)
+    yn = torch.from_numpy(noisy)
+    torch.manual_seed(0)
+    model = mlp(10, 10)
+    res = train(model, (x, yn), checkpoints=True, seed=0, **TRAIN)
+    task = hf.ClassificationTask(model)
+    ck = hf.members.Checkpoints(res.checkpoints, res.lrs)
+    auto = find_noisy_labels(task, (x, yn), val=(xv, yv), members=ck)
+    want = "class_utility" if kind == "asymmetric" else "self"
+    assert auto.method == f"auto -> {want}"
+    d = auto.diagnostics
+    assert (d["overlap_class_utility_utility"] > d["overlap_class_utility_self"]) == (kind == "asymmetric")
+    same = find_noisy_labels(task, (x, yn), val=(xv, yv), members=ck, method=want)
+    np.testing.assert_allclose(auto.suspicion(), same.suspicion(), rtol=1e-12)
+    assert roc_auc(auto.suspicion(), flipped) > 0.9
+    # without validation data "auto" is "self"
+    alone = find_noisy_labels(task, (x, yn), members=ck)
+    assert alone.method == "auto -> self" and alone.diagnostics == {}
+    np.testing.assert_allclose(alone.suspicion(), find_noisy_labels(task, (x, yn), members=ck, method="self").suspicion())

@@ -45,13 +45,13 @@ def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, metho
     res = train(model, (x, y), epochs=epochs, lr=0.1, momentum=0.9, seed=seed, checkpoints=True, progress=True)
     t0 = time.perf_counter()
     report = find_noisy_labels(
-        ClassificationTask(model), (x, y), val=split.tensors("val") if method != "self" else None,
+        ClassificationTask(model), (x, y), val=split.tensors("val") if method not in ("self", "self_weights") else None,
         members=hf_members.Checkpoints(res.checkpoints, res.lrs), method=method, progress=True,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     n_flag = int(round(top * len(report)))
     payload = {
-        "data": split.name, "model": arch, "epochs": epochs, "method": method, "seed": seed,
+        "data": split.name, "model": arch, "epochs": epochs, "method": report.method, "diagnostics": report.diagnostics, "seed": seed,
         "n_train": len(report), "seconds_scoring": seconds,
         "test_accuracy": accuracy(model, *split.tensors("test")),
         "flagged": report.top(n_flag).to_records(),

@@ -3,7 +3,10 @@
 Suspicion scores (HIGHER = more likely mislabelled; this is the one place where
 a larger number is worse, and the report says so):
 
-* ``method="self"`` (default): output-space self-influence
+* ``method="auto"`` (default): ``"self"`` without validation data; with it,
+  ``"class_utility"`` when the noise looks systematic and ``"self"``
+  otherwise (the test is described below).
+* ``method="self"``: output-space self-influence
   ``sum_m w_m ||d l_i / d f(x_i; theta_m)||^2`` (:mod:`hessfree.output_space`:
   for softmax cross-entropy ``||softmax - onehot(y_i)||^2``, in [0, 2] per
   member), summed over members with their weights (TracIn-CP over
@@ -36,6 +39,15 @@ over checkpoints lets the late checkpoints, where memorised flips are fitted,
 outweigh the early ones where they stand out. No label-free score finds
 class-dependent flips (c -> c+1) well, because the model learns them as a
 pattern; with trusted validation data ``class_utility`` or ``combined`` does.
+
+The test behind ``"auto"``: the plain utility score ranks flips well only
+when they hurt the mean validation loss coherently, i.e. when the noise is
+systematic (the cancellation explained below does not happen). So when the
+10% most suspicious by ``class_utility`` overlap more with the 10% by
+``utility`` than with the 10% by ``self``, the noise is taken to be systematic
+and ``class_utility`` is used; otherwise ``self``. The two overlaps are kept
+in ``NoisyLabelReport.diagnostics``. On the study the test picked the right
+side in every setting and seed (docs/applications.md).
 
 Why the utility form is not the default: a mislabelled example (true class a, given
 label b) helps the validation examples of class b and hurts those of class a.
@@ -73,7 +85,7 @@ from ..task import Task
 from ..training import predict
 from ._common import percentile_ranks, split_xy
 
-METHODS = ("self", "self_weights", "utility", "class_utility", "combined")
+METHODS = ("auto", "self", "self_weights", "utility", "class_utility", "combined")
 
 
 @dataclass
@@ -98,8 +110,11 @@ class NoisyLabelReport:
         given_label: the label in the training data.
         suggested_label: the label under which the example helps most.
         predicted_label: the model's prediction (for comparison).
-        method: how ``score`` was computed.
+        method: how ``score`` was computed (``"auto -> self"`` or
+            ``"auto -> class_utility"`` when ``"auto"`` chose).
         members: names of the members.
+        diagnostics: for ``"auto"`` with validation data, the top-10%
+            overlaps (shares in [0, 1]) that decided the method.
     """
 
     index: np.ndarray
@@ -110,6 +125,7 @@ class NoisyLabelReport:
     predicted_label: np.ndarray
     method: str
     members: list[str] = field(default_factory=list)
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     _COLUMNS = ("index", "score", "uncertainty", "given_label", "suggested_label", "predicted_label")
 
@@ -119,7 +135,7 @@ class NoisyLabelReport:
     def top(self, k: int) -> NoisyLabelReport:
         """The ``k`` most suspicious rows."""
         cols = {c: getattr(self, c)[:k] for c in self._COLUMNS}
-        return NoisyLabelReport(**cols, method=self.method, members=self.members)
+        return NoisyLabelReport(**cols, method=self.method, members=self.members, diagnostics=self.diagnostics)
 
     def flagged(self, fraction: float) -> np.ndarray:
         """Training indices of the ``fraction`` most suspicious examples, ``(k,)``."""
@@ -140,7 +156,7 @@ class NoisyLabelReport:
     def to_dict(self) -> dict[str, Any]:
         """Columns as lists (JSON-friendly)."""
         d = {c: getattr(self, c).tolist() for c in self._COLUMNS}
-        d.update(method=self.method, members=list(self.members))
+        d.update(method=self.method, members=list(self.members), diagnostics=dict(self.diagnostics))
         return d
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -167,6 +183,24 @@ def _class_centred(score: np.ndarray, y: np.ndarray) -> np.ndarray:
         m = y == c
         out[m] -= np.median(score[m])
     return out
+
+
+def _top_overlap(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> float:
+    """Share of the ``share`` highest of ``a`` that are also among the highest of ``b``."""
+    k = max(1, int(round(share * len(a))))
+    top = lambda v: set(np.argsort(-v, kind="stable")[:k].tolist())  # noqa: E731
+    return len(top(a) & top(b)) / k
+
+
+def _auto(est: Any, val: tuple, train: tuple, task: Task, members: Any, influence_kwargs: dict):
+    """Choose between ``self`` and ``class_utility`` (see the module docstring)."""
+    own, own_rows = _suspicion(est, "self", val, train, task, members, influence_kwargs)
+    cls, cls_rows = _suspicion(est, "class_utility", val, train, task, members, influence_kwargs)
+    util, _ = _suspicion(est, "utility", val, train, task, members, influence_kwargs)
+    diag = {"overlap_class_utility_utility": _top_overlap(cls, util), "overlap_class_utility_self": _top_overlap(cls, own)}
+    if diag["overlap_class_utility_utility"] > diag["overlap_class_utility_self"]:
+        return cls, cls_rows, "auto -> class_utility", diag
+    return own, own_rows, "auto -> self", diag
 
 
 def _suspicion(est: Any, method: str, val: tuple | None, train: tuple, task: Task, members: Any,
@@ -230,7 +264,7 @@ def find_noisy_labels(
     val: Any = None,
     members: Any = None,
     *,
-    method: str = "self",
+    method: str = "auto",
     params: Any = "last",
     suggest: str = "prediction",
     n_classes: int | None = None,
@@ -246,8 +280,8 @@ def find_noisy_labels(
         members: ``None`` (the model as it is) or :mod:`hessfree.members`;
             ``Checkpoints(result.checkpoints, result.lrs)`` from training is the
             recommended choice (self-influence TracIn-CP).
-        method: ``"self"`` (default), ``"self_weights"``, ``"utility"``,
-            ``"class_utility"`` or ``"combined"`` (see the module docstring for what each computes
+        method: ``"auto"`` (default), ``"self"``, ``"self_weights"``,
+            ``"utility"``, ``"class_utility"`` or ``"combined"`` (see the module docstring for what each computes
             and why; with trusted validation data and noise that may be
             class-dependent, ``"combined"`` is the safer choice).
         params: parameters whose gradients are used by every method but
@@ -283,7 +317,14 @@ def find_noisy_labels(
             fitted.append(Influence(task, members=members, params=params, **influence_kwargs).fit((x, y)))
         return fitted[0]
 
-    score, rows = _suspicion(est, method, valt, (x, y), task, members, influence_kwargs)
+    diagnostics: dict[str, float] = {}
+    resolved = method
+    if method == "auto" and valt is not None:
+        score, rows, resolved, diagnostics = _auto(est, valt, (x, y), task, members, influence_kwargs)
+    else:
+        if method == "auto":
+            resolved = "auto -> self"
+        score, rows = _suspicion(est, "self" if method == "auto" else method, valt, (x, y), task, members, influence_kwargs)
     uncertainty = percentile_ranks(rows).std(0) if rows.shape[0] > 1 else np.zeros_like(score)
     predicted = predict(task.model, x).numpy()
     if suggest == "influence":
@@ -300,7 +341,8 @@ def find_noisy_labels(
         given_label=y.numpy()[order],
         suggested_label=np.asarray(suggested)[order],
         predicted_label=predicted[order],
-        method=method,
+        method=resolved,
+        diagnostics=diagnostics,
         members=[spec.name for spec in as_members(members).specs()],
     )
 
