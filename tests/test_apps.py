@@ -151,6 +151,14 @@ def test_repair_fairness_shrinks_the_gap():
     # the most harmful examples are the planted ones
     assert np.mean(np.argsort(res.scores)[:60] >= 500) > 0.6
     assert res.to_dict()["curve"][0]["fraction"] == 0.05
+    # target_options reach the target: the scores equal the influence on that target, computed directly
+    res_model = hf.apps._retrain.fit_model(lambda: nn.Linear(5, 1), x, y, 0, tk)
+    opts = {"form": "loss_difference", "order": (1, 0)}
+    signed = repair_fairness(lambda: nn.Linear(5, 1), (x, y), (xv, yv), gv, (xt, yt), gt, fractions=(0.05,), train_kwargs=tk,
+                             base_model=res_model, target_options=opts)
+    direct = hf.Influence(hf.ClassificationTask(res_model)).fit((x, y)).influence(
+        hf.targets.DemographicParity((xv, yv), groups=gv, **opts))
+    np.testing.assert_allclose(signed.scores, direct, rtol=1e-6, atol=1e-12)
 
 
 def test_combined_is_the_sum_of_z_scores():

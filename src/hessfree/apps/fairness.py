@@ -106,6 +106,7 @@ def repair_fairness(
     seed: int = 0,
     train_kwargs: dict | None = None,
     base_model: nn.Module | None = None,
+    target_options: dict | None = None,
     **influence_kwargs: Any,
 ) -> FairnessResult:
     """Score, curate and retrain over a sweep of fractions.
@@ -123,6 +124,8 @@ def repair_fairness(
         train_kwargs: passed to :func:`hessfree.training.train`.
         base_model: the model already trained on all of ``train`` with this
             recipe and seed (skips that training; for repeated runs).
+        target_options: passed to the target (e.g. ``{"form": "loss_difference",
+            "order": (a, b)}``; see :class:`hessfree.targets.DemographicParity`).
 
     Returns:
         A :class:`FairnessResult`.
@@ -139,7 +142,7 @@ def repair_fairness(
     task = ClassificationTask(model)
     scores = np.zeros(0)
     if strategy == "influence":
-        target = GAPS[metric]((xv, yv), groups=gv, favourable=favourable)
+        target = GAPS[metric]((xv, yv), groups=gv, favourable=favourable, **(target_options or {}))
         scores = Influence(task, members=members, params=params, **influence_kwargs).fit((x, y)).influence(target)
     result = FairnessResult(
         metric=metric,
