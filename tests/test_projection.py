@@ -279,3 +279,16 @@ def test_estimator_self_influence_norms_only_path_equals_vmap():
     fast = hf.Influence(task, members, projection=Factorized(None), max_cache_bytes=0, batch_size=8).fit(data)
     ref = hf.Influence(task, members, batch_size=8).fit(data)
     np.testing.assert_allclose(fast.self_influence(reduce=None), ref.self_influence(reduce=None), rtol=1e-4)
+
+
+def test_dense_block_cache_changes_nothing_but_reuses_blocks():
+    x = torch.randn(5, 5000)
+    cached = Dense(64, seed=3, block_rows=1024, cache_bytes=2 * 1024 * 64 * 4)  # room for two blocks of five
+    plain = Dense(64, seed=3, block_rows=1024, cache_bytes=0)
+    first, again = cached.project(x, key="w"), cached.project(x, key="w")
+    torch.testing.assert_close(first, plain.project(x, key="w"), rtol=0, atol=0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert len(cached._blocks) == 2 and cached.block(0, 1024, "w") is cached.block(0, 1024, "w")
+    assert plain._blocks == {} and cached.describe() == plain.describe()
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+        Dense(8, cache_bytes=-1)

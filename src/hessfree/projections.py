@@ -90,20 +90,39 @@ class Dense(Projection):
             (entries ``N(0, 1/k)``).
         seed: the matrix is a pure function of ``(seed, key)``.
         block_rows: rows of ``P`` generated at a time; memory ``block_rows * dim * 4`` bytes.
+        cache_bytes: generated blocks are kept (first come, first kept) up to
+            this many bytes and reused by later batches; the rest is generated
+            again for every batch. ``0`` keeps nothing. The cache does not
+            change any result, only the time.
     """
 
-    def __init__(self, dim: int, kind: str = "rademacher", seed: int = 0, block_rows: int = 2048):
+    def __init__(self, dim: int, kind: str = "rademacher", seed: int = 0, block_rows: int = 2048,
+                 cache_bytes: int = 256 * 2**20):
         _check(dim, seed, kind)
         if block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.dim, self.kind, self.seed, self.block_rows = dim, kind, seed, int(block_rows)
+        self.cache_bytes = int(cache_bytes)
+        self._blocks: dict[tuple, torch.Tensor] = {}
+        self._cached = 0
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "block_rows": self.block_rows}  # the matrix depends on it
 
     def block(self, start: int, stop: int, key: str = "", device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows ``start:stop`` of ``P`` (``start`` a multiple of ``block_rows``), ``(stop-start, dim)``."""
-        return random_matrix(stop - start, self.dim, self.kind, self.seed, key, start // self.block_rows).to(device)
+        cache_key = (key, start, stop, str(device))
+        hit = self._blocks.get(cache_key)
+        if hit is not None:
+            return hit
+        block = random_matrix(stop - start, self.dim, self.kind, self.seed, key, start // self.block_rows).to(device)
+        size = block.numel() * block.element_size()
+        if self._cached + size <= self.cache_bytes:
+            self._blocks[cache_key] = block
+            self._cached += size
+        return block
 
     def project(self, x: torch.Tensor, key: str = "") -> torch.Tensor:
         """``x @ P`` for ``x`` of shape ``(B, D)`` -> ``(B, dim)`` in fp32.
