@@ -197,3 +197,57 @@ def test_bad_store_arguments():
         hf.Influence(task, store=3)
     with pytest.raises(ValueError, match="needs the training data"):
         hf.Influence(task).fit()
+
+
+class _Counting(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y, self.loaded = x, y, []
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.loaded.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def test_a_plain_loader_loads_only_the_kept_batches():
+    from hessfree.data import DataSource
+
+    _, (x, y), _, _ = _setup(n=30)
+    ds = _Counting(x, y)
+    src = DataSource(torch.utils.data.DataLoader(ds, batch_size=8))
+    full = list(src.batches())
+    ds.loaded.clear()
+    odd = list(src.batches_where(lambda b: b % 2 == 1))
+    assert sorted(set(ds.loaded)) == list(range(8, 16)) + list(range(24, 30))
+    assert [o for o, _ in odd] == [8, 24]
+    for (o, (bx, by)), (fo, (fx, fy)) in zip(odd, [full[1], full[3]]):
+        assert o == fo and torch.equal(bx, fx) and torch.equal(by, fy)
+
+
+def test_resumed_store_loads_only_the_unfinished_batches(tmp_path, monkeypatch):
+    task, (x, y), target, _ = _setup(n=200)
+    ds = _Counting(x, y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    real, calls = hf.Influence._features, []
+
+    def failing(self, view, names, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(self, view, names, batch)
+
+    monkeypatch.setattr(hf.Influence, "_features", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        hf.Influence(task, batch_size=8, store=tmp_path / "s").fit(loader)
+    monkeypatch.setattr(hf.Influence, "_features", real)
+    ds.loaded.clear()
+    resumed = hf.Influence(task, batch_size=8, store=tmp_path / "s").fit(loader)
+    # batch 0 is read for the first example, a spread sample for the store's data fingerprint;
+    # batch 1 (finished before the crash) is not loaded again
+    sample = {int(i) for i in np.linspace(0, 199, num=64)}
+    assert set(range(16, 200)) <= set(ds.loaded)
+    assert {i for i in ds.loaded if 8 <= i < 16} <= sample
+    ref = hf.Influence(task, batch_size=8).fit((x, y))
+    np.testing.assert_allclose(resumed.influence(target), ref.influence(target), rtol=1e-5, atol=1e-7)

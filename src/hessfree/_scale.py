@@ -47,12 +47,21 @@ class StoreMixin:
         return Path(store), dtype
 
     # ---- sharding ----------------------------------------------------------------------
-    def _own_batches(self, source: DataSource):
-        """``(offset, batch)`` of the batches this rank handles (batch b -> rank b % world)."""
+    def _own_batches(self, source: DataSource, skip=None):
+        """``(offset, batch)`` of the batches this rank handles (batch b -> rank b % world),
+        leaving out batch indices in ``skip``; a plain DataLoader loads only those."""
         rank, world = rank_and_world()
-        for b, (offset, batch) in enumerate(source.batches()):
-            if b % world == rank:
-                yield offset, batch
+        skip = skip or set()
+        yield from source.batches_where(lambda b: b % world == rank and b not in skip)
+
+    def _batch_rows(self) -> int | None:
+        """Examples per batch of the training source when every batch but the last has
+        that many (tensors, or a loader with the default batch sampler); else ``None``."""
+        src = self.source
+        if src._tensors is not None:
+            return src.batch_size
+        sampler = getattr(src._loader, "batch_sampler", None)
+        return getattr(sampler, "batch_size", None) if type(sampler).__name__ == "BatchSampler" else None
 
     def _store_rows(self) -> tuple[int, int]:
         """The contiguous block of store rows this rank scores."""
@@ -124,7 +133,9 @@ class StoreMixin:
                 if len(done) and store.rows_done(m) == n:
                     continue
                 mine = sorted(_own_ranges(store, m, rank))
-                for offset, batch in self._own_batches(self.source):
+                bs = self._batch_rows()
+                finished = {b for b in range(-(-n // bs)) if (b * bs, min(bs, n - b * bs)) in done} if bs else set()
+                for offset, batch in self._own_batches(self.source, finished):
                     count = batch_size_of(batch)
                     if (offset, count) in done:
                         continue

@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 Batch = Union[tuple, dict]
 
@@ -149,6 +149,37 @@ class DataSource:
                 skip = max(0, start - offset)
                 yield offset + skip, slice_batch(batch, skip, b) if skip else batch
             offset += b
+
+    def batches_where(self, keep) -> Iterator[tuple[int, Batch]]:
+        """Yield ``(offset, batch)`` for the batches whose index ``b`` passes ``keep(b)``.
+
+        Tensor data is sliced. A loader with the default batch sampler loads only
+        the kept batches (same dataset, collate function and workers); any other
+        loader is iterated in full and the rest is skipped.
+        """
+        if self._tensors is not None:
+            for b, s in enumerate(range(0, self.n, self.batch_size)):
+                if keep(b):
+                    yield s, slice_batch(self._tensors, s, min(s + self.batch_size, self.n))
+            return
+        loader = self._loader
+        sampler = getattr(loader, "batch_sampler", None)
+        plain = (
+            type(sampler) is BatchSampler and isinstance(sampler.sampler, SequentialSampler) and not sampler.drop_last
+        )
+        if not plain:
+            for b, (offset, batch) in enumerate(self.batches()):
+                if keep(b):
+                    yield offset, batch
+            return
+        bs = sampler.batch_size
+        index_lists = [list(range(s, min(s + bs, self.n))) for b, s in enumerate(range(0, self.n, bs)) if keep(b)]
+        if not index_lists:
+            return
+        sub = DataLoader(loader.dataset, batch_sampler=index_lists, collate_fn=loader.collate_fn,
+                         num_workers=loader.num_workers, pin_memory=loader.pin_memory)  # fmt: skip
+        for idx, batch in zip(index_lists, sub):
+            yield idx[0], tuple(batch) if isinstance(batch, list) else batch
 
     def first_example(self) -> Batch:
         """The first example as a batch of one."""
