@@ -11,6 +11,9 @@ Side by side in one run, on the same synthetic MNIST-sized data (28x28 inputs,
 * ``captum_tracincp``: Captum ``TracInCP`` self-influence (sample-wise grads per batch);
 * ``trak_featurize``: TRAK ``featurize`` with its CPU ``BasicProjector``, k = 1024;
 * ``dattri_tracin``: dattri ``TracInAttributor`` self-attribution;
+* ``hf_dense_512`` / ``hf_dense_512_nocache`` (MLP 784-128-10): dense projection of
+  the vmap gradients to k = 512, with the default block cache (the whole matrix,
+  208 MB, fits) and with ``cache_bytes=0`` (blocks generated again every batch);
 
 on an MLP 784-1024-1024-10 and a small CNN. The peers' per-example paths are
 time-boxed (``--peer-budget`` seconds, whole batches): their rate is measured on
@@ -127,6 +130,18 @@ def _hf_fit(model_name, n, projection, members=None, tmp=None):
     est.fit(data)
     est.self_influence()
     return time.perf_counter() - t
+
+
+def case_hf_dense_512(model_name, n, tmp):
+    import hessfree as hf
+
+    return _hf_fit(model_name, n, hf.projections.Dense(512))
+
+
+def case_hf_dense_512_nocache(model_name, n, tmp):
+    import hessfree as hf
+
+    return _hf_fit(model_name, n, hf.projections.Dense(512, cache_bytes=0))
 
 
 def _engine_loop(model_name, n, engine):
@@ -400,7 +415,8 @@ def main() -> None:
         for case in ("train_step", "hf_vmap", "hf_exact_hooks", "hf_fact_1024", "hf_fact_4096",
                      "captum_tracincp", "trak_featurize", "dattri_tracin")
     ]
-    plan += [("mlp_small", c, n) for c in ("train_step", "hf_vmap", "hf_exact_hooks", "captum_tracincp")]
+    plan += [("mlp_small", c, n) for c in ("train_step", "hf_vmap", "hf_exact_hooks", "captum_tracincp",
+                                            "hf_dense_512", "hf_dense_512_nocache")]
     plan += [("mlp_small", "selfinf_hf", n), ("mlp_small", "selfinf_captum", n)]
     plan += [("mlp_big", "store", store_n), ("mlp_big", "store", 2 * store_n), ("mlp_big", "scoring", 2 * store_n)]
     rows = []
