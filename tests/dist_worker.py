@@ -29,6 +29,24 @@ def main(out: str, mode: str) -> None:
             (Path(out) / f"error{rank}.txt").write_text(str(e))
         torch.distributed.destroy_process_group()
         return
+    if mode in ("fail-store", "fail-memory"):  # rank 1 hits a bad example mid-way: every rank must fail, none may hang
+        if rank == 1:
+            real = hf.Influence._features
+
+            def failing(self, view, names, batch, calls=[]):  # noqa: B006
+                calls.append(1)
+                if len(calls) == 2:
+                    raise FloatingPointError("simulated non-finite gradient")
+                return real(self, view, names, batch)
+
+            hf.Influence._features = failing
+        kw = {"store": Path(out) / "store"} if mode == "fail-store" else {}
+        try:
+            hf.Influence(task, **setup.kwargs, **kw).fit(train)
+        except (FloatingPointError, hf.distributed.RankFailedError) as e:
+            (Path(out) / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        torch.distributed.destroy_process_group()
+        return
     store = hf.Influence(task, **setup.kwargs, store=Path(out) / "store").fit(train)
     memory = hf.Influence(task, **setup.kwargs).fit(train)
     res = {f"store_{k}": v for k, v in results(store, target, test).items()}

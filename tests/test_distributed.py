@@ -67,3 +67,13 @@ def test_a_store_mismatch_on_one_rank_fails_every_rank(tmp_path):
     torchrun(tmp_path, "mismatch")
     assert "data" in (tmp_path / "error1.txt").read_text()
     assert "another rank" in (tmp_path / "error0.txt").read_text()
+
+
+def test_a_failure_mid_way_on_one_rank_fails_every_rank(tmp_path):
+    for mode in ("fail-store", "fail-memory"):
+        out = tmp_path / mode
+        out.mkdir()
+        torchrun(out, mode)  # returns: no rank hangs (torchrun would time out)
+        assert "simulated non-finite gradient" in (out / "error1.txt").read_text()
+        text = (out / "error0.txt").read_text()
+        assert text.startswith("RankFailedError") and "simulated non-finite gradient" in text, text

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .data import DataSource, batch_size_of, to_device
-from .distributed import all_gather, barrier, rank_and_world
+from .distributed import RankFailedError, all_gather, barrier, rank_and_world
 from .scoring import merge_top_k, top_k_blocked
 from .store import DTYPES, GradientStore, StoreMismatchError, fingerprint_data, fingerprint_tensors
 
@@ -116,8 +116,8 @@ class StoreMixin:
             _collectively(None)
         self._store = store
         if not store.complete:
-            self._write_store(store, rank)
-            barrier()
+            # a failure on any rank (bad example, out of memory, ...) is raised on every rank
+            _collectively(lambda: self._write_store(store, rank), "could not write its share of the store")
             if rank == 0:
                 store.mark_complete()
             barrier()
@@ -216,9 +216,10 @@ class StoreMixin:
         return [(0, self.n_train, [lambda s, e, m=m: self._cache[m][s:e] for m in range(len(self._specs))])]
 
 
-def _collectively(fn):
+def _collectively(fn, what: str = "could not open the store"):
     """Run ``fn`` (or nothing, when ``None``) on this rank; if it failed on any rank,
-    raise on every rank. Returns ``fn()``'s result."""
+    raise on every rank (a rank that did not fail raises :class:`RankFailedError`,
+    or :class:`StoreMismatchError` for the store checks). Returns ``fn()``'s result."""
     result, error = None, None
     if fn is not None:
         try:
@@ -229,8 +230,10 @@ def _collectively(fn):
     if error is not None:
         raise error
     if failures:
-        raise StoreMismatchError(f"another rank could not open the store: {failures[0]}")
+        cls = StoreMismatchError if what == "could not open the store" else RankFailedError
+        raise cls(f"another rank {what}: {failures[0]}")
     return result
+
 
 
 class _One:

@@ -25,6 +25,11 @@ def is_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class RankFailedError(RuntimeError):
+    """Raised on every other rank when one rank failed while computing its share
+    (the failing rank raises its own error); no rank is left waiting."""
+
+
 def rank_and_world() -> tuple[int, int]:
     """``(rank, world_size)``; ``(0, 1)`` outside torch.distributed."""
     if dist.is_available() and dist.is_initialized():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._progress import progress_bar
-from ._scale import StoreMixin
+from ._scale import StoreMixin, _collectively
 from .data import DataSource, to_device
 from .distributed import all_reduce_sum, rank_and_world
 from .gradients.functional import flat_per_example_grads, flatten
@@ -276,6 +276,11 @@ class Influence(StoreMixin):
             self._dims.append(engine.dim if engine is not None else sum(view.params[k].numel() for k in names))
 
     def _fill_memory(self) -> None:
+        # a failure on any rank is raised on every rank before the collective sum
+        _collectively(self._fill_memory_local, "could not compute its share of the gradients")
+        self._sqnorms = all_reduce_sum(self._sqnorms)
+
+    def _fill_memory_local(self) -> None:
         n, n_members = self.source.n, len(self._specs)
         _, world = rank_and_world()
         self._sqnorms = np.zeros((n_members, n))
@@ -307,7 +312,6 @@ class Influence(StoreMixin):
                     budget -= n * dim * itemsize
         finally:
             bar.close()
-        self._sqnorms = all_reduce_sum(self._sqnorms)
 
     def _check_fitted(self) -> None:
         if not self._fitted:
