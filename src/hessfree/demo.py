@@ -59,11 +59,13 @@ def _score_methods(model, task, ckpts, lrs, train_xy, val_xy, seed, progress):
         t1 = time.perf_counter()
         out[f"utility IP, {label}"] = (-est.influence(utility), fit_s + time.perf_counter() - t1)
     ckpts_members = members.Checkpoints(ckpts, lrs=lrs)
-    for label, method in (("hf.apps default: output-space self-influence, TracIn-CP", "self"),
-                          ("hf.apps class-wise utility, TracIn-CP", "class_utility")):
-        t0 = time.perf_counter()
-        report = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, method=method, progress=progress)
-        out[label] = (report.suspicion(), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    report = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, progress=progress)
+    chose = report.method.removeprefix("auto -> ")
+    out[f"hf.apps default (auto chose {chose}), TracIn-CP"] = (report.suspicion(), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    report = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, method="class_utility", progress=progress)
+    out["hf.apps class-wise utility, TracIn-CP"] = (report.suspicion(), time.perf_counter() - t0)
     return out
 
 
