@@ -100,18 +100,18 @@ def cleanlab_scores(x, y, seed, epochs):
 def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False):
     task = hf.ClassificationTask(model)
     ck = hf.members.Checkpoints(res.checkpoints, res.lrs)
-    out = {}
+    out, chosen = {}, {}
 
     def timed(name, fn):
         s, sec, mb = measure(fn)
+        if isinstance(s, tuple):  # (scores, what the default chose), back from the measuring child
+            s, info = s
+            chosen.update(info)
         out[name] = (np.asarray(s, dtype=float), sec, mb)
-
-    chosen = {}
 
     def default():
         rep = find_noisy_labels(task, (x, y), val=val, members=ck)
-        chosen.update(method=rep.method, **rep.diagnostics)
-        return rep.suspicion()
+        return rep.suspicion(), {"method": rep.method, **rep.diagnostics}
 
     timed(DEFAULT, default)
     timed("hf-self", lambda: find_noisy_labels(task, (x, y), members=ck, method="self").suspicion())

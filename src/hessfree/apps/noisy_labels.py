@@ -44,8 +44,9 @@ The test behind ``"auto"``: the plain utility score ranks flips well only
 when they hurt the mean validation loss coherently, i.e. when the noise is
 systematic (the cancellation explained below does not happen). So when the
 10% most suspicious by ``class_utility`` overlap more with the 10% by
-``utility`` than with the 10% by ``self``, the noise is taken to be systematic
-and ``class_utility`` is used; otherwise ``self``. The two overlaps are kept
+``utility`` than with the 10% by ``self`` (summed, before the class
+centring), the noise is taken to be systematic and ``class_utility`` is used;
+otherwise ``self``. The two overlaps are kept
 in ``NoisyLabelReport.diagnostics``. On the study the test picked the right
 side in every setting and seed (docs/applications.md).
 
@@ -197,7 +198,8 @@ def _auto(est: Any, val: tuple, train: tuple, task: Task, members: Any, influenc
     own, own_rows = _suspicion(est, "self", val, train, task, members, influence_kwargs)
     cls, cls_rows = _suspicion(est, "class_utility", val, train, task, members, influence_kwargs)
     util, _ = _suspicion(est, "utility", val, train, task, members, influence_kwargs)
-    diag = {"overlap_class_utility_utility": _top_overlap(cls, util), "overlap_class_utility_self": _top_overlap(cls, own)}
+    raw = own_rows.sum(0)  # before the class centring, which already lifts part of a systematic flip
+    diag = {"overlap_class_utility_utility": _top_overlap(cls, util), "overlap_class_utility_self": _top_overlap(cls, raw)}
     if diag["overlap_class_utility_utility"] > diag["overlap_class_utility_self"]:
         return cls, cls_rows, "auto -> class_utility", diag
     return own, own_rows, "auto -> self", diag
