@@ -62,7 +62,7 @@ def _score_methods(model, task, ckpts, lrs, train_xy, val_xy, seed, progress):
     t0 = time.perf_counter()
     report = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, progress=progress)
     chose = report.method.removeprefix("auto -> ")
-    out[f"hf.apps default (auto chose {chose}), TracIn-CP"] = (report.suspicion(), time.perf_counter() - t0)
+    out[f"hf.apps default (auto: {chose}), TracIn-CP"] = (report.suspicion(), time.perf_counter() - t0)
     t0 = time.perf_counter()
     report = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, method="class_utility", progress=progress)
     out["hf.apps class-wise utility, TracIn-CP"] = (report.suspicion(), time.perf_counter() - t0)
