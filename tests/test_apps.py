@@ -9,9 +9,9 @@ from torch import nn
 
 import hessfree as hf
 from hessfree.apps import defend, find_noisy_labels, group_gap, repair_fairness
-from hessfree.output_space import output_self_influence
 from hessfree.datasets import flip_labels
 from hessfree.metrics import roc_auc
+from hessfree.output_space import output_self_influence
 from hessfree.training import accuracy, train
 
 TRAIN = dict(epochs=15, lr=0.1, momentum=0.9, batch_size=64, progress=False)
