@@ -7,9 +7,9 @@ best-scored option. Target tasks: a few validation examples (used for
 selection) and a test split (used for evaluation only).
 
 Arms (each fine-tunes a fresh, seeded LoRA adapter on its subset):
-  hessfree  top fraction by TracIn-CP on projected LoRA gradients (hf.selection)
+  hessfree  top fraction by TracIn-CP on projected LoRA gradients (hf.selection), per-task maximum (LESS)
   random    a random fraction (three seeds)
-  hessfree-balanced  the same scores, each target task taking an equal share (combine="balanced")
+  hessfree-balanced  the same scores, each target task taking an equal share (combine="balanced", the default)
   embed     top fraction by all-MiniLM-L6-v2 cosine similarity to the validation examples
   embed-balanced     the same similarities, an equal share per task
   full      the whole pool
@@ -218,7 +218,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg = sel.SelectionConfig(fraction=args.fraction, warmup_fraction=args.fraction, warmup_epochs=args.warmup_epochs, lr=args.lr,
                               lora_r=args.lora_r, lora_alpha=2 * args.lora_r, projection_dim=args.dim, batch_size=args.batch_size,
-                              max_length=args.max_length, seed=0)
+                              max_length=args.max_length, combine="max", seed=0)  # the balanced arm reuses its task scores
     name = args.tag or ("quick" if args.quick else "full")
     work = OUT / ("work" if name == "full" else f"work-{name}")
     targets = [{"prompt": e["prompt"], "response": e["options"][e["answer"]], "task": t} for t, exs in val.items() for e in exs]

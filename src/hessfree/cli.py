@@ -131,7 +131,7 @@ def select_command(
     lr: float = typer.Option(2e-4, help="Peak warm-up learning rate (AdamW, linear decay)."),
     dim: int = typer.Option(8192, "--dim", help="Projected gradient dimension."),
     similarity: str = typer.Option("cosine", help="cosine or dot."),
-    combine: str = typer.Option("max", help="Several target tasks: max (rank by the best task) or balanced (equal share per task)."),
+    combine: str = typer.Option("balanced", help="Several target tasks: balanced (equal share per task) or max (rank by the best task, as LESS)."),
     optimizer_aware: bool = typer.Option(False, "--optimizer-aware", help="Score Adam update directions of pool examples (LESS)."),
     batch_size: int = typer.Option(8, help="Examples per batch."),
     max_length: int = typer.Option(256, help="Tokens per example (responses truncated)."),

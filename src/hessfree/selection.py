@@ -65,11 +65,13 @@ class SelectionConfig:
         lora_r, lora_alpha, lora_targets: the LoRA adapter added when the model has none.
         projection_dim: total projected dimension ``k`` (over all LoRA matrices).
         similarity: ``"cosine"`` (default, as LESS) or ``"dot"``.
-        combine: how several target tasks share the budget: ``"max"`` (default,
-            as LESS: rank by each example's maximum score over tasks; one task
-            whose gradients align more strongly can take every slot) or
-            ``"balanced"`` (tasks take turns, in name order, each adding its
-            best not yet selected example, so each gets an equal share).
+        combine: how several target tasks share the budget: ``"balanced"``
+            (default: tasks take turns, in name order, each adding its best
+            not yet selected example, so each gets an equal share) or
+            ``"max"`` (LESS: rank by each example's maximum score over tasks;
+            a task whose gradients align more strongly can take every slot,
+            which on the study in docs/llm_selection.md left the other task
+            worse than random selection).
         optimizer_aware: score the Adam update direction of each pool example
             instead of its gradient (LESS): at checkpoint c with Adam moments
             ``m, v`` after ``t`` steps, ``u = m_hat / (sqrt(v_hat) + eps)`` with
@@ -92,7 +94,7 @@ class SelectionConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     projection_dim: int = 8192
     similarity: str = "cosine"
-    combine: str = "max"
+    combine: str = "balanced"
     optimizer_aware: bool = False
     batch_size: int = 8
     max_length: int = 256
