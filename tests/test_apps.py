@@ -252,3 +252,20 @@ def test_auto_picks_class_utility_for_systematic_noise_and_self_otherwise(kind):
     alone = find_noisy_labels(task, (x, yn), members=ck)
     assert alone.method == "auto -> self" and alone.diagnostics == {}
     np.testing.assert_allclose(alone.suspicion(), find_noisy_labels(task, (x, yn), members=ck, method="self").suspicion())
+
+
+def test_auto_utility_from_pairwise_equals_the_utility_method():
+    """auto derives the plain utility from the pairwise scores; it must equal method='utility'."""
+    from hessfree.apps.noisy_labels import _top_overlap
+
+    x, y = blobs(300, 10, seed=0, spread=1.5)
+    xv, yv = blobs(100, 10, seed=5, spread=1.5)
+    torch.manual_seed(0)
+    model = mlp(10, 10)
+    res = train(model, (x, y), checkpoints=True, seed=0, **{**TRAIN, "epochs": 3})
+    task, ck = hf.ClassificationTask(model), hf.members.Checkpoints(res.checkpoints, res.lrs)
+    auto = find_noisy_labels(task, (x, y), val=(xv, yv), members=ck)
+    util = find_noisy_labels(task, (x, y), val=(xv, yv), members=ck, method="utility").suspicion()
+    cls = find_noisy_labels(task, (x, y), val=(xv, yv), members=ck, method="class_utility").suspicion()
+    assert auto.diagnostics["overlap_class_utility_utility"] == _top_overlap(cls, util)
+    assert auto.diagnostics["overlap_class_utility_self"] == _top_overlap(cls, output_self_influence(task, (x, y), ck))

@@ -199,8 +199,9 @@ def _top_overlap(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> float:
 def _auto(est: Any, val: tuple, train: tuple, task: Task, members: Any, influence_kwargs: dict):
     """Choose between ``self`` and ``class_utility`` (see the module docstring)."""
     own, own_rows = _suspicion(est, "self", val, train, task, members, influence_kwargs)
-    cls, cls_rows = _suspicion(est, "class_utility", val, train, task, members, influence_kwargs)
-    util, _ = _suspicion(est, "utility", val, train, task, members, influence_kwargs)
+    pair = est().pairwise(val, reduce=None)  # (M, n_val, n), once for both validation scores
+    cls, cls_rows = _class_utility(pair, val)
+    util = -pair.sum(0).mean(0)  # minus the influence on the mean validation loss (= "utility")
     raw = own_rows.sum(0)  # before the class centring, which already lifts part of a systematic flip
     diag = {"overlap_class_utility_utility": _top_overlap(cls, util), "overlap_class_utility_self": _top_overlap(cls, raw)}
     if diag["overlap_class_utility_utility"] > diag["overlap_class_utility_self"]:
@@ -231,7 +232,11 @@ def _suspicion(est: Any, method: str, val: tuple | None, train: tuple, task: Tas
     if method == "utility":
         rows = -est().influence(Utility(val), reduce=None)
         return rows.sum(0), rows
-    pair = est().pairwise(val, reduce=None)  # (M, n_val, n)
+    return _class_utility(est().pairwise(val, reduce=None), val)
+
+
+def _class_utility(pair: np.ndarray, val: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Minus the worst per-class mean influence, from pairwise scores ``(M, n_val, n)``."""
     yv = val[1].reshape(-1).cpu().numpy()
     classes = np.unique(yv)
     per_class = np.stack([pair[:, yv == c].mean(1) for c in classes], axis=1)  # (M, C, n)
