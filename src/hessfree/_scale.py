@@ -54,15 +54,6 @@ class StoreMixin:
         skip = skip or set()
         yield from source.batches_where(lambda b: b % world == rank and b not in skip)
 
-    def _batch_rows(self) -> int | None:
-        """Examples per batch of the training source when every batch but the last has
-        that many (tensors, or a loader with the default batch sampler); else ``None``."""
-        src = self.source
-        if src._tensors is not None:
-            return src.batch_size
-        sampler = getattr(src._loader, "batch_sampler", None)
-        return getattr(sampler, "batch_size", None) if type(sampler).__name__ == "BatchSampler" else None
-
     def _store_rows(self) -> tuple[int, int]:
         """The contiguous block of store rows this rank scores."""
         rank, world = rank_and_world()
@@ -117,7 +108,7 @@ class StoreMixin:
         self._store = store
         if not store.complete:
             # a failure on any rank (bad example, out of memory, ...) is raised on every rank
-            _collectively(lambda: self._write_store(store, rank), "could not write its share of the store")
+            _collectively(lambda: self._write_store(store, rank), "could not write its share of the store", RankFailedError)
             if rank == 0:
                 store.mark_complete()
             barrier()
@@ -133,7 +124,7 @@ class StoreMixin:
                 if len(done) and store.rows_done(m) == n:
                     continue
                 mine = sorted(_own_ranges(store, m, rank))
-                bs = self._batch_rows()
+                bs = self.source.fixed_batch_size
                 finished = {b for b in range(-(-n // bs)) if (b * bs, min(bs, n - b * bs)) in done} if bs else set()
                 for offset, batch in self._own_batches(self.source, finished):
                     count = batch_size_of(batch)
@@ -216,10 +207,10 @@ class StoreMixin:
         return [(0, self.n_train, [lambda s, e, m=m: self._cache[m][s:e] for m in range(len(self._specs))])]
 
 
-def _collectively(fn, what: str = "could not open the store"):
+def _collectively(fn, what: str = "could not open the store", raises: type[Exception] = StoreMismatchError):
     """Run ``fn`` (or nothing, when ``None``) on this rank; if it failed on any rank,
-    raise on every rank (a rank that did not fail raises :class:`RankFailedError`,
-    or :class:`StoreMismatchError` for the store checks). Returns ``fn()``'s result."""
+    raise on every rank (a rank that did not fail raises ``raises``, saying that
+    another rank ``what``). Returns ``fn()``'s result."""
     result, error = None, None
     if fn is not None:
         try:
@@ -230,10 +221,8 @@ def _collectively(fn, what: str = "could not open the store"):
     if error is not None:
         raise error
     if failures:
-        cls = StoreMismatchError if what == "could not open the store" else RankFailedError
-        raise cls(f"another rank {what}: {failures[0]}")
+        raise raises(f"another rank {what}: {failures[0]}")
     return result
-
 
 
 class _One:

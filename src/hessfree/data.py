@@ -150,6 +150,17 @@ class DataSource:
                 yield offset + skip, slice_batch(batch, skip, b) if skip else batch
             offset += b
 
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """Examples in every batch but the last: the batch size for tensors and for a
+        loader with the default batch sampler (sequential, ``drop_last=False``);
+        ``None`` for a loader with a custom batch sampler."""
+        if self._tensors is not None:
+            return self.batch_size
+        sampler = getattr(self._loader, "batch_sampler", None)
+        plain = type(sampler) is BatchSampler and isinstance(sampler.sampler, SequentialSampler) and not sampler.drop_last
+        return sampler.batch_size if plain else None
+
     def batches_where(self, keep) -> Iterator[tuple[int, Batch]]:
         """Yield ``(offset, batch)`` for the batches whose index ``b`` passes ``keep(b)``.
 
@@ -162,17 +173,13 @@ class DataSource:
                 if keep(b):
                     yield s, slice_batch(self._tensors, s, min(s + self.batch_size, self.n))
             return
-        loader = self._loader
-        sampler = getattr(loader, "batch_sampler", None)
-        plain = (
-            type(sampler) is BatchSampler and isinstance(sampler.sampler, SequentialSampler) and not sampler.drop_last
-        )
-        if not plain:
+        bs = self.fixed_batch_size
+        if bs is None:
             for b, (offset, batch) in enumerate(self.batches()):
                 if keep(b):
                     yield offset, batch
             return
-        bs = sampler.batch_size
+        loader = self._loader
         index_lists = [list(range(s, min(s + bs, self.n))) for b, s in enumerate(range(0, self.n, bs)) if keep(b)]
         if not index_lists:
             return

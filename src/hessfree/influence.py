@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -21,13 +20,13 @@ import torch
 from ._progress import progress_bar
 from ._scale import StoreMixin, _collectively
 from .data import DataSource, to_device
-from .distributed import all_reduce_sum, rank_and_world
+from .distributed import RankFailedError, all_reduce_sum, rank_and_world
 from .gradients.functional import flat_per_example_grads, flatten
 from .gradients.projected import ProjectedFeatures
 from .gradients.selection import ParamSpec, select_parameters
 from .hessian import InverseHessian, make_inverse_hessian
 from .hessian import self_influence as _hessian_self_influence
-from .members import MemberView, as_members
+from .members import MemberView, as_members, member_views, model_device
 from .projections import Projection, expand_members
 from .targets import Target
 from .task import Task
@@ -113,10 +112,7 @@ class Influence(StoreMixin):
         self.members = as_members(members)
         self.params = params
         self.batch_size = int(batch_size)
-        if device is None:
-            first = next(task.model.parameters(), None)
-            device = first.device if first is not None else "cpu"
-        self.device = torch.device(device)
+        self.device = model_device(task.model) if device is None else torch.device(device)
         self.max_cache_bytes = int(max_cache_bytes)
         self.progress = progress
         self.projection = projection
@@ -132,24 +128,9 @@ class Influence(StoreMixin):
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
-    @contextmanager
-    def _eval_mode(self, module: torch.nn.Module):
-        was = module.training
-        module.eval()
-        try:
-            yield
-        finally:
-            module.train(was)
-
     def _views(self, desc: str | None = None) -> Iterator[tuple[int, MemberView]]:
         """Each member in turn, materialised, masks active, module in eval mode."""
-        for m, spec in enumerate(self._specs):
-            module = spec.module if spec.module is not None else self.task.model
-            with self._eval_mode(module):
-                view = MemberView(spec, self.task.model, self.task, self._example, self.device)
-                view.member_index = m
-                with view:
-                    yield m, view
+        yield from member_views(self._specs, self.task.model, self.task, self._example, self.device)
 
     def _bar(self, total: int, desc: str):
         return progress_bar(total, desc, self.progress)
@@ -277,7 +258,7 @@ class Influence(StoreMixin):
 
     def _fill_memory(self) -> None:
         # a failure on any rank is raised on every rank before the collective sum
-        _collectively(self._fill_memory_local, "could not compute its share of the gradients")
+        _collectively(self._fill_memory_local, "could not compute its share of the gradients", RankFailedError)
         self._sqnorms = all_reduce_sum(self._sqnorms)
 
     def _fill_memory_local(self) -> None:

@@ -404,6 +404,28 @@ class MemberView:
         self._handles.clear()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def member_views(specs: Sequence[MemberSpec], model: nn.Module, task, example, device: torch.device) -> Iterator[tuple[int, MemberView]]:
+    """Each member in turn, materialised, masks active, its module in eval mode
+    (the mode is restored afterwards)."""
+    for m, spec in enumerate(specs):
+        module = spec.module if spec.module is not None else model
+        was = module.training
+        module.eval()
+        try:
+            view = MemberView(spec, model, task, example, device)
+            view.member_index = m
+            with view:
+                yield m, view
+        finally:
+            module.train(was)
+
+
 def describe(members: Members) -> list[dict[str, Any]]:
     """A JSON-friendly description of each member (name and weight)."""
     return [{"name": s.name, "weight": s.weight} for s in members.specs()]

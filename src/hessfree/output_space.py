@@ -26,7 +26,7 @@ import torch
 
 from ._progress import progress_bar
 from .data import DataSource, to_device
-from .members import MemberView, as_members
+from .members import as_members, member_views, model_device
 from .task import Task
 
 
@@ -65,48 +65,36 @@ def output_self_influence(
     if reduce not in (None, "sum", "mean"):
         raise ValueError(f"reduce must be None, 'sum' or 'mean', got {reduce!r}")
     source = DataSource(data, batch_size=batch_size, name="data")
-    model = task.model
-    if device is None:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else "cpu"
-    device = torch.device(device)
+    device = model_device(task.model) if device is None else torch.device(device)
     specs = as_members(members).specs()
     example = to_device(source.first_example(), device)
     rows = np.zeros((len(specs), source.n))
     bar = progress_bar(len(specs) * source.n, "output self-influence", progress)
-    for m, spec in enumerate(specs):
-        module = spec.module if spec.module is not None else model
-        was = module.training
-        module.eval()
-        try:
-            view = MemberView(spec, model, task, example, device)
-            with view:
-                fn = view.functional()
-                for start, batch in source.batches():
-                    batch = to_device(batch, device)
-                    with torch.no_grad():
-                        out = task.forward(fn, batch)
-                    if not isinstance(out, torch.Tensor):
-                        raise TypeError(
-                            f"output_self_influence needs the task's forward to return a tensor, got "
-                            f"{type(out).__name__}; override Task.forward to return the outputs the loss uses"
-                        )
-                    out = out.detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        losses = task.loss(out, batch)
-                        w = task.weights(batch)
-                        if w is not None:
-                            losses = losses * w.to(losses.dtype)
-                        (r,) = torch.autograd.grad(losses.sum(), out)
-                    b = out.shape[0]
-                    s = r.detach().double().reshape(b, -1).pow(2).sum(1)
-                    if not torch.isfinite(s).all():
-                        bad = start + int(torch.nonzero(~torch.isfinite(s))[0])
-                        raise FloatingPointError(f"the output gradient of example {bad} is not finite; check its inputs and label")
-                    rows[m, start : start + b] = s.cpu().numpy() * spec.weight
-                    bar.update(b)
-        finally:
-            module.train(was)
+    for m, view in member_views(specs, task.model, task, example, device):
+        fn = view.functional()
+        for start, batch in source.batches():
+            batch = to_device(batch, device)
+            with torch.no_grad():
+                out = task.forward(fn, batch)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"output_self_influence needs the task's forward to return a tensor, got "
+                    f"{type(out).__name__}; override Task.forward to return the outputs the loss uses"
+                )
+            out = out.detach().requires_grad_(True)
+            with torch.enable_grad():
+                losses = task.loss(out, batch)
+                w = task.weights(batch)
+                if w is not None:
+                    losses = losses * w.to(losses.dtype)
+                (r,) = torch.autograd.grad(losses.sum(), out)
+            b = out.shape[0]
+            s = r.detach().double().reshape(b, -1).pow(2).sum(1)
+            if not torch.isfinite(s).all():
+                bad = start + int(torch.nonzero(~torch.isfinite(s))[0])
+                raise FloatingPointError(f"the output gradient of example {bad} is not finite; check its inputs and label")
+            rows[m, start : start + b] = s.cpu().numpy() * view.weight
+            bar.update(b)
     bar.close()
     if reduce is None:
         return rows
