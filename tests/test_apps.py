@@ -11,7 +11,7 @@ import hessfree as hf
 from hessfree.apps import defend, find_noisy_labels, group_gap, repair_fairness
 from hessfree.datasets import flip_labels
 from hessfree.metrics import roc_auc
-from hessfree.output_space import output_self_influence
+from hessfree.output_space import member_probabilities, output_self_influence
 from hessfree.training import accuracy, train
 
 TRAIN = dict(epochs=15, lr=0.1, momentum=0.9, batch_size=64, progress=False)
@@ -221,6 +221,34 @@ def test_output_self_influence_against_closed_form_over_checkpoints_and_weights(
     np.testing.assert_allclose(got_b, ref, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="reduce must be"):
         output_self_influence(hf.ClassificationTask(model), (x, y), reduce="max")
+
+
+def test_suggested_labels_average_the_members_probabilities():
+    """suggest="members": argmax of the mean over checkpoints of softmax(f(x; theta_m)),
+    against a loop that loads each checkpoint; without members it is the prediction."""
+    x, y = blobs(120, 3, seed=0, spread=2.0)
+    noisy, _ = flip_labels(y.numpy(), 0.3, seed=0)
+    yn = torch.from_numpy(noisy)
+    torch.manual_seed(0)
+    model = mlp(10, 3)
+    res = train(model, (x, yn), checkpoints=True, seed=0, **{**TRAIN, "epochs": 4})
+    task, ck = hf.ClassificationTask(model), hf.members.Checkpoints(res.checkpoints, [0.4, 0.3, 0.2, 0.1])
+    probe, ref = mlp(10, 3), torch.zeros(120, 3, dtype=torch.float64)
+    for state in res.checkpoints:
+        probe.load_state_dict(state)
+        with torch.no_grad():
+            ref += torch.softmax(probe(x), -1).double() / len(res.checkpoints)
+    got = member_probabilities(task, (x, yn), ck, batch_size=32)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)  # float32 softmax
+    report = find_noisy_labels(task, (x, yn), members=ck)
+    np.testing.assert_array_equal(report.suggestions(), ref.argmax(1).numpy())
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    np.testing.assert_array_equal(find_noisy_labels(task, (x, yn), members=ck, suggest="prediction").suggestions(), pred)
+    np.testing.assert_array_equal(find_noisy_labels(task, (x, yn)).suggestions(), pred)
+    with pytest.raises(ValueError, match="suggest must be one of"):
+        find_noisy_labels(task, (x, yn), suggest="vote")
 
 
 @pytest.mark.parametrize("kind", ["symmetric", "asymmetric"])

@@ -56,6 +56,7 @@ def noisy_labels(
     noise: float = typer.Option(0.0, help="Flip this share of training labels first (to check detection)."),
     method: str = typer.Option("auto", help="auto (self, or class_utility when the noise looks systematic), self, self_weights, utility, class_utility or combined."),
     top: float = typer.Option(0.1, help="Share of the training data flagged as suspects."),
+    suggest: str = typer.Option("members", help="Suggested label: members (averaged over the epoch checkpoints), prediction (final model) or influence."),
     seed: int = typer.Option(0, help="Seed of the split, the flips and the model."),
     n_train: int = _NTRAIN,
 ) -> None:
@@ -63,7 +64,7 @@ def noisy_labels(
     from .apps.cli_commands import run_noisy_labels
 
     try:
-        run_noisy_labels(data, csv, label, features, out, model, epochs, noise, method, top, seed, n_train)
+        run_noisy_labels(data, csv, label, features, out, model, epochs, noise, method, top, seed, n_train, suggest)
     except (ValueError, FileNotFoundError, ImportError) as e:
         _fail(e)
 

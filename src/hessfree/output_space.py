@@ -102,4 +102,47 @@ def output_self_influence(
     return total / len(specs) if reduce == "mean" else total
 
 
-__all__ = ["output_self_influence"]
+def member_probabilities(
+    task: Task,
+    data: Any,
+    members: Any = None,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Class probabilities of every example, averaged over the members.
+
+    Each member (in eval mode, with its masks or noise) gives
+    ``task.probabilities(outputs)``; the result is their plain mean (every
+    member counts once, whatever its weight). With
+    ``Checkpoints(result.checkpoints, ...)`` this is the prediction of the
+    whole training run rather than of its end: a flipped label that the final
+    model has started to fit is still outvoted by the earlier checkpoints.
+
+    Returns:
+        ``(n, C)`` probabilities in [0, 1]; each row sums to 1.
+    """
+    source = DataSource(data, batch_size=batch_size, name="data")
+    device = model_device(task.model) if device is None else torch.device(device)
+    specs = as_members(members).specs()
+    example = to_device(source.first_example(), device)
+    total: np.ndarray | None = None
+    bar = progress_bar(len(specs) * source.n, "member probabilities", progress)
+    for _, view in member_views(specs, task.model, task, example, device):
+        fn = view.functional()
+        for start, batch in source.batches():
+            batch = to_device(batch, device)
+            with torch.no_grad():
+                p = task.probabilities(task.forward(fn, batch)).double().cpu().numpy()
+            if total is None:
+                total = np.zeros((source.n, p.shape[1]))
+            total[start : start + p.shape[0]] += p
+            bar.update(p.shape[0])
+    bar.close()
+    if total is None:
+        raise ValueError("member_probabilities: the data is empty")
+    return total / len(specs)
+
+
+__all__ = ["member_probabilities", "output_self_influence"]

@@ -12,7 +12,7 @@ from .. import members as hf_members
 from ..datasets import flip_labels
 from ..metrics import average_precision, recall_at_k, roc_auc
 from ..task import ClassificationTask
-from ..training import accuracy, train
+from ..training import accuracy, predict, train
 from . import commands as C
 from .defense import defend
 from .fairness import repair_fairness
@@ -32,7 +32,7 @@ def _echo(msg: str) -> None:
     tqdm.write(msg)
 
 
-def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, method, top, seed, n_train) -> dict:
+def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, method, top, seed, n_train, suggest="members") -> dict:
     split = C.load(data, csv, label, None, features, seed, n_train)
     x, y = split.tensors("train")
     k = int(max(split.y.max(), split.yv.max(), split.yt.max())) + 1
@@ -46,7 +46,7 @@ def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, metho
     t0 = time.perf_counter()
     report = find_noisy_labels(
         ClassificationTask(model), (x, y), val=split.tensors("val") if method not in ("self", "self_weights") else None,
-        members=hf_members.Checkpoints(res.checkpoints, res.lrs), method=method, progress=True,
+        members=hf_members.Checkpoints(res.checkpoints, res.lrs), method=method, suggest=suggest, progress=True,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     n_flag = int(round(top * len(report)))
@@ -61,10 +61,13 @@ def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, metho
         payload["detection"] = {
             "noise": noise, "roc_auc": roc_auc(s, flipped), "average_precision": average_precision(s, flipped),
             "recall_top10": recall_at_k(s, flipped, fraction=0.1), "recall_top20": recall_at_k(s, flipped, fraction=0.2),
+            "suggestion_correct_on_flips": float(np.mean(report.suggestions()[flipped] == split.y[flipped])),
+            "prediction_correct_on_flips": float(np.mean(predict(model, x[flipped]).numpy() == split.y[flipped])),
         }  # fmt: skip
         _echo(
             f"flips: ROC-AUC {payload['detection']['roc_auc']:.3f}, AP {payload['detection']['average_precision']:.3f}, "
-            f"top 10% recall {payload['detection']['recall_top10']:.3f}"
+            f"top 10% recall {payload['detection']['recall_top10']:.3f}; suggested label right on "
+            f"{payload['detection']['suggestion_correct_on_flips']:.0%} of the flips"
         )
     path = C.write_json(out, "noisy_labels.json", {**payload, "table": report.to_dict()})
     plt = _plt()
