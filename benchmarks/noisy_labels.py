@@ -45,7 +45,9 @@ the data with exactly the flipped examples removed (oracle) and the noisy data a
 Each is retrained with --retrain-seeds seeds (default 3: seed, seed + 1000, seed + 2000;
 the first is the noisy model itself) and the accuracies averaged, so one retraining's
 luck (a test example or two on digits) does not decide a comparison; the first seed's
-numbers are kept as ``acc_*_first``.
+numbers are kept as ``acc_*_first``. The same share is also removed by the rankings of
+REPAIR_BY (hf-self, the loss baselines, cleanlab and, with --peers, the peers), to compare
+what each ranking's removal buys.
 
 Seconds and peak memory are measured per method in this process (see
 benchmarks/_peers.py `measure`): wall time of the scoring call (for cleanlab and
@@ -80,6 +82,8 @@ from hessfree.training import accuracy, predict, train  # noqa: E402
 
 RECIPE = dict(lr=0.1, momentum=0.9, batch_size=128)
 DEFAULT = "hf-default (auto)"
+# rankings whose top share is also removed and retrained on in the repair part
+REPAIR_BY = ("hf-self", "loss", "loss-checkpoints", "cleanlab", "captum-tracincp", "trak", "kronfluence-ekfac")
 
 
 def mlp(d: int) -> nn.Module:
@@ -195,6 +199,9 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, wit
     relab_pred[flagged] = predict(model, x[flagged])
     arms = {"all_noisy": ({}, y), "removed": ({"remove": flagged}, y), "relabelled": ({}, relab),
             "relabelled_prediction": ({}, relab_pred), "oracle_removed": ({"remove": np.flatnonzero(flipped)}, y)}  # fmt: skip
+    for other in REPAIR_BY:  # the same removal by the other rankings, where they ran
+        if other in scores:
+            arms[f"removed_by:{other}"] = ({"remove": np.argsort(-scores[other][0], kind="stable")[:k]}, y)
     per_seed = {arm: [] for arm in arms}
     for r in range(retrain_seeds):
         for arm, (kw, labels) in arms.items():
@@ -295,6 +302,11 @@ def report(rows: list[dict], repairs: list[dict], out: Path) -> None:
                                    "prediction_correct_on_flips"]))  # fmt: skip
     md += ["", "`acc_relabelled`: relabelled to the default suggestion (the class of highest probability averaged over",
            "the epoch checkpoints); `acc_relabelled_prediction`: to the final model's prediction.", ""]
+    by = removal_by_method(repairs)
+    if by:
+        md += ["", "Removing the same share by each ranking and retraining: mean clean test accuracy (over runs, each",
+               "the mean over its retraining seeds) and the runs where it beats training on all the noisy data:", ""]
+        md.append(markdown_table(by, ["data", "noise", "epochs", "ranking", "runs", "acc_removed", "minus_all_noisy", "wins"]))
     md += ["", "Rank on AP (1 = best of all methods) and AP minus the loss baseline's, per setting:", ""]
     md.append(markdown_table(ranks(det), ["data", "noise", "epochs", "rank_default", "default_minus_loss", "rank_combined",
                                           "combined_minus_loss", "best"]))  # fmt: skip
@@ -358,6 +370,24 @@ def ranks(det):
             "combined_minus_loss": ap["hf-combined"] - ap["loss"] if "hf-combined" in ap else "",
             "best": names[0],
         })  # fmt: skip
+    return out
+
+
+def removal_by_method(repairs):
+    out = []
+    for key in sorted({(r["data"], r["noise"], r["epochs"]) for r in repairs}):
+        rs = [r for r in repairs if (r["data"], r["noise"], r["epochs"]) == key]
+        for ranking in (DEFAULT, *REPAIR_BY):
+            col = "acc_removed" if ranking == DEFAULT else f"acc_removed_by:{ranking}"
+            have = [r for r in rs if col in r]
+            if not have:
+                continue
+            out.append({
+                "data": key[0], "noise": key[1], "epochs": key[2], "ranking": ranking, "runs": len(have),
+                "acc_removed": float(np.mean([r[col] for r in have])),
+                "minus_all_noisy": float(np.mean([r[col] - r["acc_all_noisy"] for r in have])),
+                "wins": sum(r[col] > r["acc_all_noisy"] for r in have),
+            })  # fmt: skip
     return out
 
 
