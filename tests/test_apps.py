@@ -243,6 +243,13 @@ def test_suggested_labels_average_the_members_probabilities():
     np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-6)  # float32 softmax
     report = find_noisy_labels(task, (x, yn), members=ck)
     np.testing.assert_array_equal(report.suggestions(), ref.argmax(1).numpy())
+    # the estimated share of wrong labels: suggested != given, and flagged() takes that many from the top
+    share = float(np.mean(ref.argmax(1).numpy() != noisy))
+    assert report.estimated_noise_share() == pytest.approx(share)
+    top = np.argsort(-report.suspicion(), kind="stable")[: round(share * 120)]
+    np.testing.assert_array_equal(np.sort(report.flagged()), np.sort(top))
+    with pytest.raises(ValueError, match="fraction must be in"):
+        report.flagged(1.5)
     with torch.no_grad():
         pred = model(x).argmax(1).numpy()
     np.testing.assert_array_equal(find_noisy_labels(task, (x, yn), members=ck, suggest="prediction").suggestions(), pred)

@@ -38,7 +38,11 @@ def test_noisy_labels_builtin(tmp_path):
     s = np.empty(300)
     s[table["index"]] = table["score"]
     assert payload["detection"]["roc_auc"] == pytest.approx(roc_auc(s, flipped))
-    assert len(payload["flagged"]) == 30
+    # flagged by default: the share whose suggested label differs from the given one
+    share = np.mean(np.asarray(table["suggested_label"]) != np.asarray(table["given_label"]))
+    assert payload["estimated_noise_share"] == pytest.approx(share)
+    assert len(payload["flagged"]) == round(share * 300)
+    assert [r["index"] for r in payload["flagged"]] == table["index"][: len(payload["flagged"])]
 
 
 def _csv(path, n=240, seed=0):

@@ -81,7 +81,8 @@ def test_demo_runs_end_to_end(tmp_path):
     report = run_demo(out=tmp_path, epochs=4, n_train=400, n_val=150, retrain_seeds=1, verbose=False)
     assert (tmp_path / "suspects.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "demo.json").read_text())
-    assert saved["best_method"] == report["best_method"]
+    assert saved["estimated_noise_share"] == report["estimated_noise_share"]
+    assert saved["flagged"] == round(saved["estimated_noise_share"] * 400)
     by_method = {r["method"]: r for r in saved["detection"]}
     # self-influence separates planted flips far better than chance
     assert by_method["self-influence, final model"]["roc_auc"] > 0.85

@@ -55,7 +55,7 @@ def noisy_labels(
     epochs: int = typer.Option(10, help="Training epochs (one checkpoint per epoch)."),
     noise: float = typer.Option(0.0, help="Flip this share of training labels first (to check detection)."),
     method: str = typer.Option("auto", help="auto (self, or class_utility when the noise looks systematic), self, self_weights, utility, class_utility or combined."),
-    top: float = typer.Option(0.1, help="Share of the training data flagged as suspects."),
+    top: float | None = typer.Option(None, help="Share of the training data flagged as suspects (default: the estimated share of wrong labels, where the suggested label differs from the given one)."),
     suggest: str = typer.Option("members", help="Suggested label: members (averaged over the epoch checkpoints), prediction (final model) or influence."),
     seed: int = typer.Option(0, help="Seed of the split, the flips and the model."),
     n_train: int = _NTRAIN,

@@ -49,10 +49,10 @@ def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, metho
         members=hf_members.Checkpoints(res.checkpoints, res.lrs), method=method, suggest=suggest, progress=True,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    n_flag = int(round(top * len(report)))
+    n_flag = len(report.flagged(top))
     payload = {
         "data": split.name, "model": arch, "epochs": epochs, "method": report.method, "diagnostics": report.diagnostics, "seed": seed,
-        "n_train": len(report), "seconds_scoring": seconds,
+        "n_train": len(report), "seconds_scoring": seconds, "estimated_noise_share": report.estimated_noise_share(),
         "test_accuracy": accuracy(model, *split.tensors("test")),
         "flagged": report.top(n_flag).to_records(),
     }  # fmt: skip
