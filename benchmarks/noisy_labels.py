@@ -82,6 +82,13 @@ from hessfree.training import accuracy, predict, train  # noqa: E402
 
 RECIPE = dict(lr=0.1, momentum=0.9, batch_size=128)
 DEFAULT = "hf-default (auto)"
+# (data, noise kind, rate, epochs) of the full study
+SETTINGS = (
+    ("mnist5k", "symmetric", 0.1, 10), ("mnist5k", "symmetric", 0.1, 40), ("mnist5k", "symmetric", 0.2, 10),
+    ("mnist5k", "symmetric", 0.4, 10), ("mnist5k", "asymmetric", 0.2, 10),
+    ("digits", "symmetric", 0.1, 10), ("digits", "symmetric", 0.2, 10), ("digits", "symmetric", 0.4, 10),
+    ("digits", "asymmetric", 0.2, 10),
+)  # fmt: skip
 # rankings whose top share is also removed and retrained on in the repair part
 REPAIR_BY = ("hf-self", "loss", "loss-checkpoints", "cleanlab", "captum-tracincp", "trak", "kronfluence-ekfac")
 
@@ -265,12 +272,7 @@ def main() -> None:
     data = {"mnist5k": (mnist5k(), 1000), "digits": (digits(), 360)}
     settings = [("mnist5k", "symmetric", 0.1, 10), ("digits", "symmetric", 0.2, 10)]
     if not args.quick:
-        settings = [
-            ("mnist5k", "symmetric", 0.1, 10), ("mnist5k", "symmetric", 0.1, 40), ("mnist5k", "symmetric", 0.2, 10),
-            ("mnist5k", "symmetric", 0.4, 10), ("mnist5k", "asymmetric", 0.2, 10),
-            ("digits", "symmetric", 0.1, 10), ("digits", "symmetric", 0.2, 10), ("digits", "symmetric", 0.4, 10),
-            ("digits", "asymmetric", 0.2, 10),
-        ]  # fmt: skip
+        settings = list(SETTINGS)
     if args.settings:
         settings = [_parse_setting(t) for t in args.settings.split(",")]
     seeds = [0] if args.quick else list(range(args.first_seed, args.first_seed + args.seeds))
