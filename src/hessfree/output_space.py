@@ -25,9 +25,30 @@ import numpy as np
 import torch
 
 from ._progress import progress_bar
-from .data import DataSource, to_device
+from .data import DataSource, batch_size_of, to_device
 from .members import as_members, member_views, model_device
 from .task import Task
+
+
+def _member_passes(task: Task, data: Any, members: Any, batch_size: int, device, progress, desc: str):
+    """``(n, n_members, passes)``: ``passes`` yields ``(member index, member weight,
+    functional model, offset, batch on the device)`` for every member and batch,
+    members in eval mode, with a progress bar over both."""
+    source = DataSource(data, batch_size=batch_size, name="data")
+    device = model_device(task.model) if device is None else torch.device(device)
+    specs = as_members(members).specs()
+    example = to_device(source.first_example(), device)
+
+    def passes():
+        bar = progress_bar(len(specs) * source.n, desc, progress)
+        for m, view in member_views(specs, task.model, task, example, device):
+            fn = view.functional()
+            for start, batch in source.batches():
+                yield m, view.weight, fn, start, to_device(batch, device)
+                bar.update(batch_size_of(batch))
+        bar.close()
+
+    return source.n, len(specs), passes()
 
 
 def output_self_influence(
@@ -64,42 +85,33 @@ def output_self_influence(
     """
     if reduce not in (None, "sum", "mean"):
         raise ValueError(f"reduce must be None, 'sum' or 'mean', got {reduce!r}")
-    source = DataSource(data, batch_size=batch_size, name="data")
-    device = model_device(task.model) if device is None else torch.device(device)
-    specs = as_members(members).specs()
-    example = to_device(source.first_example(), device)
-    rows = np.zeros((len(specs), source.n))
-    bar = progress_bar(len(specs) * source.n, "output self-influence", progress)
-    for m, view in member_views(specs, task.model, task, example, device):
-        fn = view.functional()
-        for start, batch in source.batches():
-            batch = to_device(batch, device)
-            with torch.no_grad():
-                out = task.forward(fn, batch)
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(
-                    f"output_self_influence needs the task's forward to return a tensor, got "
-                    f"{type(out).__name__}; override Task.forward to return the outputs the loss uses"
-                )
-            out = out.detach().requires_grad_(True)
-            with torch.enable_grad():
-                losses = task.loss(out, batch)
-                w = task.weights(batch)
-                if w is not None:
-                    losses = losses * w.to(losses.dtype)
-                (r,) = torch.autograd.grad(losses.sum(), out)
-            b = out.shape[0]
-            s = r.detach().double().reshape(b, -1).pow(2).sum(1)
-            if not torch.isfinite(s).all():
-                bad = start + int(torch.nonzero(~torch.isfinite(s))[0])
-                raise FloatingPointError(f"the output gradient of example {bad} is not finite; check its inputs and label")
-            rows[m, start : start + b] = s.cpu().numpy() * view.weight
-            bar.update(b)
-    bar.close()
+    n, n_members, passes = _member_passes(task, data, members, batch_size, device, progress, "output self-influence")
+    rows = np.zeros((n_members, n))
+    for m, weight, fn, start, batch in passes:
+        with torch.no_grad():
+            out = task.forward(fn, batch)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"output_self_influence needs the task's forward to return a tensor, got "
+                f"{type(out).__name__}; override Task.forward to return the outputs the loss uses"
+            )
+        out = out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            losses = task.loss(out, batch)
+            w = task.weights(batch)
+            if w is not None:
+                losses = losses * w.to(losses.dtype)
+            (r,) = torch.autograd.grad(losses.sum(), out)
+        b = out.shape[0]
+        s = r.detach().double().reshape(b, -1).pow(2).sum(1)
+        if not torch.isfinite(s).all():
+            bad = start + int(torch.nonzero(~torch.isfinite(s))[0])
+            raise FloatingPointError(f"the output gradient of example {bad} is not finite; check its inputs and label")
+        rows[m, start : start + b] = s.cpu().numpy() * weight
     if reduce is None:
         return rows
     total = rows.sum(0)
-    return total / len(specs) if reduce == "mean" else total
+    return total / n_members if reduce == "mean" else total
 
 
 def member_probabilities(
@@ -123,26 +135,17 @@ def member_probabilities(
     Returns:
         ``(n, C)`` probabilities in [0, 1]; each row sums to 1.
     """
-    source = DataSource(data, batch_size=batch_size, name="data")
-    device = model_device(task.model) if device is None else torch.device(device)
-    specs = as_members(members).specs()
-    example = to_device(source.first_example(), device)
+    n, n_members, passes = _member_passes(task, data, members, batch_size, device, progress, "member probabilities")
     total: np.ndarray | None = None
-    bar = progress_bar(len(specs) * source.n, "member probabilities", progress)
-    for _, view in member_views(specs, task.model, task, example, device):
-        fn = view.functional()
-        for start, batch in source.batches():
-            batch = to_device(batch, device)
-            with torch.no_grad():
-                p = task.probabilities(task.forward(fn, batch)).double().cpu().numpy()
-            if total is None:
-                total = np.zeros((source.n, p.shape[1]))
-            total[start : start + p.shape[0]] += p
-            bar.update(p.shape[0])
-    bar.close()
+    for _, _, fn, start, batch in passes:
+        with torch.no_grad():
+            p = task.probabilities(task.forward(fn, batch)).double().cpu().numpy()
+        if total is None:
+            total = np.zeros((n, p.shape[1]))
+        total[start : start + p.shape[0]] += p
     if total is None:
         raise ValueError("member_probabilities: the data is empty")
-    return total / len(specs)
+    return total / n_members
 
 
 __all__ = ["member_probabilities", "output_self_influence"]
