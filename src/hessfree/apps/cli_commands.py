@@ -82,7 +82,8 @@ def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, metho
     ax.set_ylabel("training examples")
     C.save_figure(fig, out, "noisy_labels.png")
     plt.close(fig)
-    _echo(f"wrote {path} and {out / 'noisy_labels.png'}; {n_flag} suspects flagged")
+    how = f"--top {top:g}" if top is not None else f"the estimated share of wrong labels, {report.estimated_noise_share():.1%}"
+    _echo(f"wrote {path} and {out / 'noisy_labels.png'}; {n_flag} suspects flagged ({how})")
     return payload
 
 
