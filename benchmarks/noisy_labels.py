@@ -45,7 +45,8 @@ the data with exactly the flipped examples removed (oracle) and the noisy data a
 Each is retrained with --retrain-seeds seeds (default 3: seed, seed + 1000, seed + 2000;
 the first is the noisy model itself) and the accuracies averaged, so one retraining's
 luck (a test example or two on digits) does not decide a comparison; the first seed's
-numbers are kept as ``acc_*_first``. The same share is also removed by the rankings of
+numbers are kept as ``acc_*_first``. ``*_estimated``: the same, acting on the share the
+report estimates (``report.flagged()``) instead of the true noise rate. The same share is also removed by the rankings of
 REPAIR_BY (hf-self, the loss baselines, cleanlab and, with --peers, the peers), to compare
 what each ranking's removal buys.
 
@@ -132,7 +133,8 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False
 
     def default():
         rep = find_noisy_labels(task, (x, y), val=val, members=ck)
-        return rep.suspicion(), {"method": rep.method, **rep.diagnostics, "suggestions": rep.suggestions().tolist()}
+        return rep.suspicion(), {"method": rep.method, **rep.diagnostics, "suggestions": rep.suggestions().tolist(),
+                                 "estimated_share": rep.estimated_noise_share()}  # fmt: skip
 
     timed(DEFAULT, default)
     timed("hf-self", lambda: find_noisy_labels(task, (x, y), members=ck, method="self").suspicion())
@@ -188,6 +190,7 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, wit
     scores = methods(model, res, x, y, (xv, yv), seed, epochs, with_cleanlab, with_peers)
     chosen = scores.pop("_chosen")
     suggestions = np.asarray(chosen.pop("suggestions"))
+    estimated_share = chosen.pop("estimated_share")
     rows = []
     for m, (s, sec, mb) in scores.items():
         rows.append({
@@ -206,6 +209,12 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, wit
     relab_pred[flagged] = predict(model, x[flagged])
     arms = {"all_noisy": ({}, y), "removed": ({"remove": flagged}, y), "relabelled": ({}, relab),
             "relabelled_prediction": ({}, relab_pred), "oracle_removed": ({"remove": np.flatnonzero(flipped)}, y)}  # fmt: skip
+    # acting on the share the report estimates (no knowledge of the true noise rate)
+    flagged_est = np.argsort(-s, kind="stable")[: int(round(estimated_share * len(y)))]
+    relab_est = y.clone()
+    relab_est[flagged_est] = torch.from_numpy(suggestions[flagged_est]).to(y.dtype)
+    arms["removed_estimated"] = ({"remove": flagged_est}, y)
+    arms["relabelled_estimated"] = ({}, relab_est)
     for other in REPAIR_BY:  # the same removal by the other rankings, where they ran
         if other in scores:
             arms[f"removed_by:{other}"] = ({"remove": np.argsort(-scores[other][0], kind="stable")[:k]}, y)
@@ -221,6 +230,7 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, wit
         **{f"acc_{arm}": float(np.mean(v)) for arm, v in per_seed.items()},
         **{f"acc_{arm}_first": v[0] for arm, v in per_seed.items()},
         "per_retrain_seed": per_seed,
+        "estimated_share": estimated_share,
         "suggestion_correct_on_flips": float(np.mean(suggestions[flipped] == ytr[flipped])),
         "prediction_correct_on_flips": float(np.mean(predict(model, x[flipped]).numpy() == ytr[flipped])),
     }  # fmt: skip
@@ -304,6 +314,10 @@ def report(rows: list[dict], repairs: list[dict], out: Path) -> None:
                                    "prediction_correct_on_flips"]))  # fmt: skip
     md += ["", "`acc_relabelled`: relabelled to the default suggestion (the class of highest probability averaged over",
            "the epoch checkpoints); `acc_relabelled_prediction`: to the final model's prediction.", ""]
+    if "acc_removed_estimated" in rep[0]:
+        md += ["Acting on the share the report estimates (`report.flagged()`, no knowledge of the noise rate):", ""]
+        md.append(markdown_table(rep, ["data", "noise", "epochs", "seeds", "estimated_share", "acc_all_noisy",
+                                       "acc_removed_estimated", "acc_relabelled_estimated"]))  # fmt: skip
     by = removal_by_method(repairs)
     if by:
         md += ["", "Removing the same share by each ranking and retraining: mean clean test accuracy (over runs, each",
@@ -322,7 +336,8 @@ def report(rows: list[dict], repairs: list[dict], out: Path) -> None:
     md += ["", "Runs (noise seeds) where retraining after acting on the flagged share beats retraining on all the noisy",
            "data: on the mean over the retraining seeds, and (`*_first`) with the first retraining seed only:", ""]
     md.append(markdown_table(wins(repairs), ["data", "noise", "epochs", "seeds", "retrain_seeds", "removal_wins",
-                                             "relabel_wins", "either_wins", "removal_wins_first", "relabel_wins_first"]))  # fmt: skip
+                                             "relabel_wins", "either_wins", "removal_wins_first", "relabel_wins_first",
+                                             "estimated_share_wins"]))  # fmt: skip
     md += ["", "`seconds`: wall time of each method's call; `peak_mb`: its peak resident memory above the process's",
            "resident set before the call (see benchmarks/_peers.py `measure`)."]
     (out / "noisy_labels.md").write_text("\n".join(md) + "\n")
@@ -404,6 +419,8 @@ def wins(repairs):
             "removal_wins": sum(r["acc_removed"] > r["acc_all_noisy"] for r in rs),
             "relabel_wins": sum(r["acc_relabelled"] > r["acc_all_noisy"] for r in rs),
             "either_wins": sum(max(r["acc_removed"], r["acc_relabelled"]) > r["acc_all_noisy"] for r in rs),
+            "estimated_share_wins": sum(max(r.get("acc_removed_estimated", 0.0), r.get("acc_relabelled_estimated", 0.0))
+                                        > r["acc_all_noisy"] for r in rs),
             "removal_wins_first": sum(r["acc_removed"] > r["acc_all_noisy"] for r in first),
             "relabel_wins_first": sum(r["acc_relabelled"] > r["acc_all_noisy"] for r in first),
         })  # fmt: skip
