@@ -127,17 +127,17 @@ def main() -> None:
     # C: variants
     ck = hf.members.Checkpoints(run.checkpoints, run.lrs)
     variants = {
-        "default (probability surrogate)": (lambda: s, RECIPE, base),
-        "sharper surrogate, tau 0.5": (lambda: scores_of(base, sharpened(target_cls, 0.5)(va, groups=gv, favourable=d.favourable)), RECIPE, base),
-        "sharper surrogate, tau 0.25": (lambda: scores_of(base, sharpened(target_cls, 0.25)(va, groups=gv, favourable=d.favourable)), RECIPE, base),
-        "TracIn-CP, 30 checkpoints": (lambda: scores_of(base, target, ck), RECIPE, base),
-        "weight noise x8, sigma 0.1": (lambda: scores_of(base, target, hf.members.WeightNoise(8, 0.1, seed=0, relative=True)), RECIPE, base),
-        "weight noise x8, sigma 0.3": (lambda: scores_of(base, target, hf.members.WeightNoise(8, 0.3, seed=0, relative=True)), RECIPE, base),
+        "default (probability surrogate)": (lambda: s, RECIPE),
+        "sharper surrogate, tau 0.5": (lambda: scores_of(base, sharpened(target_cls, 0.5)(va, groups=gv, favourable=d.favourable)), RECIPE),
+        "sharper surrogate, tau 0.25": (lambda: scores_of(base, sharpened(target_cls, 0.25)(va, groups=gv, favourable=d.favourable)), RECIPE),
+        "TracIn-CP, 30 checkpoints": (lambda: scores_of(base, target, ck), RECIPE),
+        "weight noise x8, sigma 0.1": (lambda: scores_of(base, target, hf.members.WeightNoise(8, 0.1, seed=0, relative=True)), RECIPE),
+        "weight noise x8, sigma 0.3": (lambda: scores_of(base, target, hf.members.WeightNoise(8, 0.3, seed=0, relative=True)), RECIPE),
     }  # fmt: skip
     conv = fit_model(make, *tr, 0, CONVERGED)
-    variants["converged recipe (full batch, 300 epochs)"] = (lambda: scores_of(conv, target), CONVERGED, conv)
+    variants["converged recipe (full batch, 300 epochs)"] = (lambda: scores_of(conv, target), CONVERGED)
     part_c = []
-    for name, (score_fn, recipe, _) in variants.items():
+    for name, (score_fn, recipe) in variants.items():
         sc = score_fn()
         row = {"variant": name}
         wins = 0

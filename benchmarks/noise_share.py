@@ -19,11 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import markdown_table, write_json  # noqa: E402
-from noisy_labels import SETTINGS, fit  # noqa: E402
+from noisy_labels import SETTINGS, fit, load_data, noisy_split  # noqa: E402
 
 import hessfree as hf  # noqa: E402
 from hessfree.apps import find_noisy_labels  # noqa: E402
-from hessfree.datasets import digits, flip_labels, mnist5k, train_test_split  # noqa: E402
 from hessfree.training import predict  # noqa: E402
 
 
@@ -33,24 +32,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/noise_share"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    data = {"mnist5k": (mnist5k(), 1000), "digits": (digits(), 360)}
+    data = load_data()
     rows = []
     for seed in range(args.seeds):
         for name, kind, rate, epochs in SETTINGS:
             (X, Y), n_test = data[name]
-            Xtr, ytr, Xte, yte = train_test_split(X, Y, n_test=n_test, seed=seed)
-            mapping = {c: (c + 1) % 10 for c in range(0, 10, 2)} if kind == "asymmetric" else None
-            noisy, flipped = flip_labels(ytr, rate, n_classes=10, seed=seed, kind=kind, mapping=mapping)
-            x, y = torch.from_numpy(Xtr), torch.from_numpy(noisy)
-            h = len(yte) // 2
+            x, y, _, flipped, val, _ = noisy_split(X, Y, kind, rate, seed, n_test)
             model, res = fit(x, y, seed, epochs, checkpoints=True)
-            val = (torch.from_numpy(Xte[:h]), torch.from_numpy(yte[:h]))
             rep = find_noisy_labels(hf.ClassificationTask(model), (x, y), val=val,
                                     members=hf.members.Checkpoints(res.checkpoints, res.lrs))  # fmt: skip
             rows.append({
                 "data": name, "noise": f"{kind[:3]} {rate:.0%}", "epochs": epochs, "seed": seed,
                 "true_share": float(flipped.mean()), "estimated_share": rep.estimated_noise_share(),
-                "final_model_disagreement": float(np.mean(predict(model, x).numpy() != noisy)),
+                "final_model_disagreement": float(np.mean(predict(model, x).numpy() != y.numpy())),
                 "precision_of_flagged": float(flipped[rep.flagged()].mean()) if len(rep.flagged()) else float("nan"),
                 "recall_of_flagged": float(flipped[rep.flagged()].sum() / flipped.sum()),
             })  # fmt: skip

@@ -178,14 +178,25 @@ def methods(model, res, x, y, val, seed, epochs, with_cleanlab, with_peers=False
     return out
 
 
-def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, with_peers=False, retrain_seeds=3):
+def load_data() -> dict:
+    """``name -> ((X, Y), test size)`` of the study's data sets."""
+    return {"mnist5k": (mnist5k(), 1000), "digits": (digits(), 360)}
+
+
+def noisy_split(X, Y, kind, rate, seed, n_test):
+    """The study's split and flips: ``(x, y_noisy, y_true, flipped, val, test)``; the
+    test split is halved into a clean validation half and a reported half."""
     Xtr, ytr, Xte, yte = train_test_split(X, Y, n_test=n_test, seed=seed)
     mapping = {c: (c + 1) % 10 for c in range(0, 10, 2)} if kind == "asymmetric" else None
     noisy, flipped = flip_labels(ytr, rate, n_classes=10, seed=seed, kind=kind, mapping=mapping)
-    x, y = torch.from_numpy(Xtr), torch.from_numpy(noisy)
     h = len(yte) // 2
-    xv, yv = torch.from_numpy(Xte[:h]), torch.from_numpy(yte[:h])
-    xt, yt = torch.from_numpy(Xte[h:]), torch.from_numpy(yte[h:])
+    val = (torch.from_numpy(Xte[:h]), torch.from_numpy(yte[:h]))
+    test = (torch.from_numpy(Xte[h:]), torch.from_numpy(yte[h:]))
+    return torch.from_numpy(Xtr), torch.from_numpy(noisy), ytr, flipped, val, test
+
+
+def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, with_peers=False, retrain_seeds=3):
+    x, y, ytr, flipped, (xv, yv), (xt, yt) = noisy_split(X, Y, kind, rate, seed, n_test)
     model, res = fit(x, y, seed, epochs, checkpoints=True)
     scores = methods(model, res, x, y, (xv, yv), seed, epochs, with_cleanlab, with_peers)
     chosen = scores.pop("_chosen")
@@ -201,23 +212,25 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, wit
         })  # fmt: skip
     # repair: act on the flagged share (= the noise rate) of the default's ranking, retrain with
     # retrain_seeds seeds (seed + 1000 r; r = 0 is the seed the noisy model was trained with)
-    s = scores[DEFAULT][0]
+    harm = -scores[DEFAULT][0]  # curation acts on the lowest scores
     k = int(flipped.sum())
-    flagged = np.argsort(-s, kind="stable")[:k]
-    relab, relab_pred = y.clone(), y.clone()
-    relab[flagged] = torch.from_numpy(suggestions[flagged]).to(y.dtype)
-    relab_pred[flagged] = predict(model, x[flagged])
-    arms = {"all_noisy": ({}, y), "removed": ({"remove": flagged}, y), "relabelled": ({}, relab),
-            "relabelled_prediction": ({}, relab_pred), "oracle_removed": ({"remove": np.flatnonzero(flipped)}, y)}  # fmt: skip
-    # acting on the share the report estimates (no knowledge of the true noise rate)
-    flagged_est = np.argsort(-s, kind="stable")[: int(round(estimated_share * len(y)))]
-    relab_est = y.clone()
-    relab_est[flagged_est] = torch.from_numpy(suggestions[flagged_est]).to(y.dtype)
-    arms["removed_estimated"] = ({"remove": flagged_est}, y)
-    arms["relabelled_estimated"] = ({}, relab_est)
+    k_est = int(round(estimated_share * len(y)))  # as report.flagged() does
+    pred = predict(model, x).numpy()
+
+    def relabelled(new_labels, count):
+        return torch.from_numpy(hf.curation.relabel(harm, y, new_labels, count=count)[1]).to(y.dtype)
+
+    arms = {
+        "all_noisy": ({}, y), "removed": ({"remove": hf.curation.remove(harm, count=k)}, y),
+        "relabelled": ({}, relabelled(suggestions, k)), "relabelled_prediction": ({}, relabelled(pred, k)),
+        "oracle_removed": ({"remove": np.flatnonzero(flipped)}, y),
+        # acting on the share the report estimates (no knowledge of the true noise rate)
+        "removed_estimated": ({"remove": hf.curation.remove(harm, count=k_est)}, y),
+        "relabelled_estimated": ({}, relabelled(suggestions, k_est)),
+    }  # fmt: skip
     for other in REPAIR_BY:  # the same removal by the other rankings, where they ran
         if other in scores:
-            arms[f"removed_by:{other}"] = ({"remove": np.argsort(-scores[other][0], kind="stable")[:k]}, y)
+            arms[f"removed_by:{other}"] = ({"remove": hf.curation.remove(-scores[other][0], count=k)}, y)
     per_seed = {arm: [] for arm in arms}
     for r in range(retrain_seeds):
         for arm, (kw, labels) in arms.items():
@@ -232,7 +245,7 @@ def run_setting(name, X, Y, kind, rate, seed, epochs, with_cleanlab, n_test, wit
         "per_retrain_seed": per_seed,
         "estimated_share": estimated_share,
         "suggestion_correct_on_flips": float(np.mean(suggestions[flipped] == ytr[flipped])),
-        "prediction_correct_on_flips": float(np.mean(predict(model, x[flipped]).numpy() == ytr[flipped])),
+        "prediction_correct_on_flips": float(np.mean(pred[flipped] == ytr[flipped])),
     }  # fmt: skip
     return rows, repair
 
@@ -279,7 +292,7 @@ def main() -> None:
         report(detection, repair, args.out)
         return
     torch.set_num_threads(1)
-    data = {"mnist5k": (mnist5k(), 1000), "digits": (digits(), 360)}
+    data = load_data()
     settings = [("mnist5k", "symmetric", 0.1, 10), ("digits", "symmetric", 0.2, 10)]
     if not args.quick:
         settings = list(SETTINGS)

@@ -156,8 +156,7 @@ def run_demo(
     _plot_suspects(png, x_all[tr], y_noisy, predicted, flipped, order)
     share = default.estimated_noise_share()
     removed = default.flagged()
-    relabelled = y_noisy.copy()
-    relabelled[removed] = default.suggestions()[removed]
+    _, relabelled = curation.relabel(-default.suspicion(), y_noisy, default.suggestions(), count=len(removed))
     random_removed = np.random.default_rng(seed + 1).choice(len(tr), size=len(removed), replace=False)
     console.print(
         f"estimated share of wrong labels: {share:.1%} (suggested label differs from the given one; "

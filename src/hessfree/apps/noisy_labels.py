@@ -226,6 +226,11 @@ def _top_overlap(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> float:
     return len(top(a) & top(b)) / k
 
 
+def _forward_kwargs(influence_kwargs: dict) -> dict:
+    """The ``influence_kwargs`` that the forward-only passes of :mod:`hessfree.output_space` take too."""
+    return {key: v for key, v in influence_kwargs.items() if key in ("batch_size", "device", "progress")}
+
+
 def _auto(est: Any, val: tuple, train: tuple, task: Task, members: Any, influence_kwargs: dict):
     """Choose between ``self`` and ``class_utility`` (see the module docstring)."""
     own, own_rows = _suspicion(est, "self", val, train, task, members, influence_kwargs)
@@ -245,8 +250,7 @@ def _suspicion(est: Any, method: str, val: tuple | None, train: tuple, task: Tas
     """Suspicion ``(n,)`` and per-member suspicion rows ``(M, n)``; ``est()``
     returns the fitted estimator (built on first use)."""
     if method == "self":
-        kw = {k: v for k, v in influence_kwargs.items() if k in ("batch_size", "device", "progress")}
-        rows = output_self_influence(task, train, members, reduce=None, **kw)
+        rows = output_self_influence(task, train, members, reduce=None, **_forward_kwargs(influence_kwargs))
         y = train[1].reshape(-1).cpu().numpy()
         return _class_centred(rows.sum(0), y), rows
     if method == "self_weights":
@@ -375,9 +379,7 @@ def find_noisy_labels(
             task, x, k, valt if valt is not None else (x, y), members, params, **influence_kwargs
         )
     elif suggest == "members":
-        passed = {k: influence_kwargs[k] for k in ("batch_size", "device", "progress") if k in influence_kwargs}
-        probs = member_probabilities(task, (x, y), members, **passed)
-        suggested = probs.argmax(1)
+        suggested = member_probabilities(task, (x, y), members, **_forward_kwargs(influence_kwargs)).argmax(1)
     else:
         suggested = predicted
     order = np.argsort(-score, kind="stable")
