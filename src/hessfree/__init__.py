@@ -22,7 +22,8 @@ from . import (
     training,
 )
 from .data import DataSource
-from .influence import Influence, NotFittedError
+from .errors import EngineError, HessfreeError, ModelChangedError, NotFittedError
+from .influence import Influence
 from .llm import LanguageModelTask
 from .task import ClassificationTask, RegressionTask, Task
 
@@ -31,8 +32,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassificationTask",
     "DataSource",
+    "EngineError",
+    "HessfreeError",
     "Influence",
     "LanguageModelTask",
+    "ModelChangedError",
     "NotFittedError",
     "RegressionTask",
     "Task",

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .data import DataSource, batch_size_of, to_device
+from .data import DataSource, batch_size_of, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, barrier, rank_and_world
 from .scoring import merge_top_k, top_k_blocked
 from .store import DTYPES, GradientStore, StoreMismatchError, fingerprint_data, fingerprint_tensors
@@ -82,6 +82,9 @@ class StoreMixin:
             "dims": self._dims,
             "dtype": self.store_dtype,
         }
+        layouts = [self._engines[m].legacy_layout for m in range(len(self._specs))]
+        if not all(layouts):  # tied or transposed layers: a layout earlier versions never wrote
+            config["layout"] = 2
         if with_data:
             config.update(n=self.source.n, data=fingerprint_data(self.source))
         return config
@@ -94,7 +97,7 @@ class StoreMixin:
             store = GradientStore.open(self._store_path, config)
             if not (self._store_path / "example.pt").exists():
                 tmp = self._store_path / ".example.pt.tmp"
-                torch.save(to_device(self._example, torch.device("cpu")), tmp)
+                torch.save(to_device(self._probe, torch.device("cpu")), tmp)  # the first few examples, cloned
                 os.replace(tmp, self._store_path / "example.pt")
             return store
 
@@ -143,7 +146,8 @@ class StoreMixin:
         if self._store_path is None:
             raise ValueError("fit() needs the training data; only an estimator with store=path can reopen a store without it")
         store = GradientStore.open_existing(self._store_path)
-        self._example = to_device(torch.load(self._store_path / "example.pt", weights_only=True), self.device)
+        self._probe = to_device(torch.load(self._store_path / "example.pt", weights_only=True), self.device)
+        self._example = slice_batch(self._probe, 0, 1)
         self._setup_members()
         now = self._store_config(with_data=False)
         old = {k: v for k, v in store.config.items() if k in now}

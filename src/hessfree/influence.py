@@ -19,10 +19,11 @@ import torch
 
 from ._progress import progress_bar
 from ._scale import StoreMixin, _collectively
-from .data import DataSource, to_device
+from .data import DataSource, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
-from .gradients.functional import flat_per_example_grads, flatten
-from .gradients.projected import ProjectedFeatures
+from .errors import NotFittedError
+from .gradients.functional import flatten
+from .gradients.projected import ProjectedFeatures, probe_of
 from .gradients.selection import ParamSpec, select_parameters
 from .hessian import InverseHessian, make_inverse_hessian
 from .hessian import self_influence as _hessian_self_influence
@@ -32,10 +33,7 @@ from .targets import Target
 from .task import Task
 
 _REDUCE = ("sum", "mean", None)
-
-
-class NotFittedError(RuntimeError):
-    pass
+ENGINES = ("auto", "hooks", "vmap", "loop")
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -82,6 +80,14 @@ class Influence(StoreMixin):
         hessian_options: further settings of the comparator, e.g.
             ``{"max_iter": 100, "tol": 1e-6}`` for CG or
             ``{"iterations": 500, "scale": 10.0}`` for LiSSA.
+        engine: how per-example gradients are computed (see
+            :mod:`hessfree.gradients`): ``"auto"`` (default: the hook engine for
+            every parameter with a per-example rule, a per-example loop for the
+            rest, announced by one warning), ``"hooks"`` (refuses a model with a
+            parameter it has no rule for), ``"vmap"`` (``torch.func``) or
+            ``"loop"`` (one backward per example: the slow reference). All give
+            the same numbers; an engine that cannot handle a model raises
+            :class:`hessfree.EngineError` naming the module and an engine that works.
 
     Call :meth:`fit` with the training data, then :meth:`influence`,
     :meth:`pairwise` or :meth:`self_influence`.
@@ -103,6 +109,7 @@ class Influence(StoreMixin):
         hessian: str | InverseHessian = "identity",
         damping: float | None = None,
         hessian_options: dict | None = None,
+        engine: str = "auto",
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
@@ -125,6 +132,9 @@ class Influence(StoreMixin):
                 f"hessian={hessian!r} needs exact per-example gradients; use it with projection=None "
                 "and store=None (Hessian comparators are for studies on small models)"
             )
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = engine
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
@@ -150,10 +160,7 @@ class Influence(StoreMixin):
     # ---- features (per-example gradients; projection plugs in here) ------------
     def _features(self, view: MemberView, names: list[str], batch) -> torch.Tensor:
         """Per-example feature vectors ``(B, D)`` whose inner products give scores."""
-        engine = self._engine(view, names)
-        if engine is not None:
-            return engine.features(view, batch)
-        return _compute_dtype(flat_per_example_grads(view, names, batch))
+        return _compute_dtype(self._engine(view, names).features(view, batch))
 
     def _query(self, view: MemberView, names: list[str], grad_flat: torch.Tensor) -> torch.Tensor:
         """Map a target gradient ``(D,)`` into feature space (identity Hessian,
@@ -162,19 +169,20 @@ class Influence(StoreMixin):
             q = _compute_dtype(grad_flat)
             grad_flat = self.hessian.solve(self, view, names, q[None])[0].to(device=q.device, dtype=q.dtype)
         engine = self._engine(view, names)
-        if engine is not None:
+        if engine.projection is not None:
             return engine.project_flat(grad_flat.float())
         return _compute_dtype(grad_flat)
 
-    def _engine(self, view: MemberView, names: list[str]) -> ProjectedFeatures | None:
-        """The projection engine of ``view``'s member (``None`` without projection)."""
-        m = getattr(view, "member_index", None)
-        proj = self._member_projections[m] if m is not None and self._member_projections else None
-        if proj is None:
-            return None
+    def _engine(self, view: MemberView, names: list[str]) -> ProjectedFeatures:
+        """The feature map of ``view``'s member (built, and checked on the probe, once)."""
+        m = view.member_index
         if m not in self._engines:
-            self._engines[m] = ProjectedFeatures(proj, view, names)
+            proj = self._member_projections[m] if self._member_projections else None
+            checked = self._checked.setdefault((id(view.module), tuple(names)), {})
+            self._engines[m] = ProjectedFeatures(proj, view, names, self.engine, self._probe, checked)
         return self._engines[m]
+
+    _feature_map = _engine
 
     @property
     def feature_dim(self) -> list[int]:
@@ -182,6 +190,38 @@ class Influence(StoreMixin):
         or the number of selected parameters without projection)."""
         self._check_fitted()
         return list(self._dims)
+
+    def param_names(self, member: int = 0) -> list[str]:
+        """The selected parameter names of ``member``: the order of flat gradients
+        (``flatten``) that :meth:`feature_map` maps into feature space."""
+        self._check_fitted()
+        return list(self._names[member])
+
+    def feature_map(self, member: int = 0) -> ProjectedFeatures:
+        """The map from flat gradients of ``member`` (in :meth:`param_names` order)
+        to its feature space: ``feature_map(m).project_flat(g)`` for ``g`` of shape
+        ``(D,)`` or ``(B, D)`` gives ``(dim,)`` / ``(B, dim)``, with the same
+        matrices used for the training features (the identity without projection)."""
+        self._check_fitted()
+        for m, view in self._views():
+            if m == member:
+                return self._feature_map(view, self._names[m])
+        raise IndexError(f"member={member} is out of range: the estimator has {len(self._specs)} members")
+
+    def features(self, data: Any, member: int = 0) -> torch.Tensor:
+        """Per-example feature vectors of ``data`` at ``member``: the (projected)
+        per-example gradients whose inner products give every score.
+
+        Returns:
+            ``(n, feature_dim[member])`` fp32 (fp64 for an fp64 model without
+            projection); loss units per parameter unit.
+        """
+        self._check_fitted()
+        source = DataSource(data, batch_size=self.batch_size, name="data")
+        for m, view in self._views():
+            if m == member:
+                return torch.cat([f.cpu() for _, f in self._featurize(view, self._names[m], source, "data")])
+        raise IndexError(f"member={member} is out of range: the estimator has {len(self._specs)} members")
 
     def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None, shard: bool = False):
         batches = self._own_batches(source) if shard else source.batches()
@@ -232,7 +272,9 @@ class Influence(StoreMixin):
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
         if self.hessian is not None:
             self.hessian.reset()
-        self._example = to_device(self.source.first_example(), self.device)
+        self._probe = to_device(probe_of(next(iter(self.source))), self.device)
+        self._example = slice_batch(self._probe, 0, 1)
+        self.task.check_data(self.source)
         self._setup_members()
         if self._store_path is not None:
             self._fill_store()
@@ -246,6 +288,7 @@ class Influence(StoreMixin):
         """Expand members by projection seeds; resolve parameter names and feature sizes."""
         self._specs, self._member_projections = expand_members(self.members.specs(), self._projections)
         self._engines: dict[int, ProjectedFeatures] = {}
+        self._checked: dict[tuple, dict] = {}
         self._names: list[list[str]] = []
         self._dims: list[int] = []
         self._cache: dict[int, Any] = {}
@@ -253,8 +296,7 @@ class Influence(StoreMixin):
         for _, view in self._views():
             names = select_parameters(view.module, self.params, view.call_order)
             self._names.append(names)
-            engine = self._engine(view, names)
-            self._dims.append(engine.dim if engine is not None else sum(view.params[k].numel() for k in names))
+            self._dims.append(self._engine(view, names).dim)
 
     def _fill_memory(self) -> None:
         # a failure on any rank is raised on every rank before the collective sum
@@ -273,7 +315,7 @@ class Influence(StoreMixin):
                 itemsize = 8 if view.params[names[0]].dtype == torch.float64 else 4
                 keep = n * dim * itemsize <= budget
                 engine = self._engine(view, names)
-                if not keep and engine is not None and engine.exact:  # norms only: no gradient is formed
+                if not keep and engine.exact:  # norms only: no gradient is formed
                     for offset, batch in self._own_batches(self.source):
                         sq = engine.sqnorms(view, to_device(batch, self.device)).numpy()
                         if not np.isfinite(sq).all():

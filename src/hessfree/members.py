@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .gradients.rules import replaying
 from .gradients.selection import modules_in_call_order
 
 StateLike = Union[dict, str, Path]
@@ -391,6 +392,8 @@ class MemberView:
             dim = _mask_dim(module)
 
             def hook(mod, inp, out, mask=mask, dim=dim):
+                if replaying():  # a rule re-running the layer reads its unmasked output
+                    return None
                 shape = [1] * out.dim()
                 shape[dim] = mask.numel()
                 return out * mask.to(device=out.device, dtype=out.dtype).view(shape)

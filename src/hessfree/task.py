@@ -89,6 +89,10 @@ class Task:
             return batch.get(self.weight_key)
         return batch[2] if len(batch) > 2 else None
 
+    def check_data(self, source) -> None:
+        """Validate a whole data source (labels, shapes) once, before any gradient
+        is taken; raise naming the example index and value. No-op by default."""
+
     def check_batch(self, batch: Batch) -> None:
         """Validate a whole batch before per-example gradients are taken
         (data-dependent checks cannot run inside ``vmap``). No-op by default."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import grad, vmap
 
-from ..data import Batch
+from ..data import Batch, batch_size_of, slice_batch
 
 if TYPE_CHECKING:
     from ..members import MemberView
@@ -54,6 +54,26 @@ def per_example_grads(view: MemberView, names: list[str], batch: Batch) -> dict[
     view.task.check_batch(batch)
     selected = {n: view.params[n] for n in names}
     return vmap(grad(example_loss_fn(view, names)), in_dims=(None, 0))(selected, batch)
+
+
+def per_example_grads_loop(view: MemberView, names: list[str], batch: Batch) -> dict[str, torch.Tensor]:
+    """Per-example gradients by one backward pass per example (the slow reference:
+    each example is run alone as a batch of one, so it works on every model).
+
+    Returns:
+        ``{name: (B, *param.shape)}`` in loss units per parameter unit.
+    """
+    view.task.check_batch(batch)
+    b = batch_size_of(batch)
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with torch.enable_grad():
+        for i in range(b):
+            selected = {n: view.params[n].detach().requires_grad_(True) for n in names}
+            loss = view.task.per_example_loss(view.functional(selected), slice_batch(batch, i, i + 1)).sum()
+            grads = torch.autograd.grad(loss, [selected[n] for n in names], allow_unused=True) if loss.requires_grad else [None] * len(names)
+            for n, g in zip(names, grads):
+                rows[n].append(torch.zeros_like(selected[n]) if g is None else g.detach())
+    return {n: torch.stack(r) for n, r in rows.items()}
 
 
 def flat_per_example_grads(view: MemberView, names: list[str], batch: Batch) -> torch.Tensor:

@@ -1,53 +1,259 @@
-"""Projected per-example gradients: hook-captured Kronecker factors and a dense fallback.
+"""Per-example feature vectors of one member: exact or projected per-example gradients.
 
-:class:`ProjectedFeatures` turns a batch into ``(B, k)`` projected per-example
-gradients for one member, and maps full gradients (a target gradient, or
-explicit per-example gradients in tests) through the very same matrices, so
-``features(batch)[i] . project_flat(g) ~ grad l(z_i) . g`` (unbiased).
+:class:`ProjectedFeatures` (the estimator's feature map) turns a batch into
+``(B, dim)`` features and maps full gradients (a target gradient, or explicit
+per-example gradients in tests) through the very same matrices, so
+``features(batch)[i] . project_flat(g) = P^T grad l(z_i) . P^T g`` exactly, which
+is ``grad l(z_i) . g`` without projection and an unbiased estimate of it with one.
 
-The factorized path runs one forward and one backward pass of the batch (the
-backward stops at the layer outputs; no weight gradient is formed). A forward
-hook on every supported layer, registered in front of any other hook (such as a
-dropout member's mask), records the layer input ``a`` and its raw output; the
-output-gradient ``d`` comes from ``torch.autograd.grad(loss, outputs)``. The
-member's parameters are used through ``MemberView.functional`` (so hooks on the
-real submodules fire with the member's values swapped in).
+Engines (how the per-example gradients are computed; all give the same numbers):
+
+* ``"hooks"``: one batched forward and backward pass; hooks record each layer's
+  input and output-gradient and the rules of :mod:`hessfree.gradients.rules` form
+  (or, with :class:`~hessfree.projections.Factorized`, project without forming)
+  the per-example gradients. Refuses a model with a selected parameter that no
+  rule covers (:class:`hessfree.EngineError`, naming the layers).
+* ``"auto"``: the hook engine for every parameter with a rule and one backward
+  pass per example for the rest (announced once by a warning naming the layers).
+* ``"vmap"``: ``torch.func.vmap(grad)``; ``"loop"``: one backward pass per example.
+
+Given a probe batch (the first examples of the training data), the hook and vmap
+engines are checked once against the per-example loop: a rule that does not
+match (a weight used outside its layer, a layer that mixes examples) moves its
+parameters to the loop (``"auto"``) or raises :class:`hessfree.EngineError`.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data import Batch, batch_size_of
-from ..projections import Dense, Factorized, Projection, Unit, plan_units
-from .functional import _check_vmappable, flat_per_example_grads
+from ..data import Batch, batch_size_of, slice_batch
+from ..errors import EngineError
+from ..projections import Dense, Factorized, Projection
+from .functional import _check_vmappable, per_example_grads, per_example_grads_loop
+from .plan import Plan, Unit, make_plan
+from .rules import Unattributable, batch_major, capture, layer_kind, row_col, vector_grads
+
+ENGINES = ("auto", "hooks", "vmap", "loop")
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 5e-2)
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Every example's gradient within the dtype's tolerance of the reference (relative norm)."""
+    tol = _tolerance(ref.dtype)
+    got, ref = got.double().reshape(ref.shape[0], -1), ref.double().reshape(ref.shape[0], -1)
+    return bool(((got - ref).norm(dim=1) <= tol * ref.norm(dim=1) + 1e-30).all())
 
 
 class ProjectedFeatures:
-    """Projected features for one member's module and parameter selection.
+    """The feature map of one member's module and parameter selection.
 
     Args:
-        projection: a :class:`~hessfree.projections.Dense` or
+        projection: ``None`` (exact flat per-example gradients, in ``names``
+            order), a :class:`~hessfree.projections.Dense` or a
             :class:`~hessfree.projections.Factorized`.
         view: the member (its module and parameters).
         names: the selected parameter names (the flat-gradient order).
+        engine: ``"auto"``, ``"hooks"``, ``"vmap"`` or ``"loop"`` (see the module docstring).
+        probe: a batch of the first few training examples; the hook and vmap
+            engines are checked on it against the per-example loop.
+        checked: parameters a previous check (of the same module) sent to the
+            loop, to skip the check; updated in place by this one.
+
+    Raises:
+        EngineError: the forced engine cannot handle the model (the message names
+            the layers and an engine that works).
     """
 
-    def __init__(self, projection: Projection, view, names: list[str]):
-        self.projection, self.names = projection, list(names)
-        self.shapes = {n: tuple(view.params[n].shape) for n in names}
-        total = sum(view.params[n].numel() for n in names)
-        if isinstance(projection, Factorized):
-            self.units = plan_units(view.module, names, view.params, projection.dim)
-        elif isinstance(projection, Dense):
-            self.units = [Unit("dense", "", list(names), 1, total, k_rows=1, k_cols=projection.dim)]
-        else:
+    def __init__(self, projection: Projection | None, view, names: list[str], engine: str = "auto",
+                 probe: Batch | None = None, checked: dict | None = None):  # fmt: skip
+        if projection is not None and not isinstance(projection, (Dense, Factorized)):
             raise TypeError(f"projection must be hf.projections.Dense or Factorized, got {type(projection).__name__}")
-        self.dim = sum(u.k for u in self.units)
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.projection, self.names, self.engine = projection, list(names), engine
+        self.shapes = {n: tuple(view.params[n].shape) for n in names}
+        self.total = sum(view.params[n].numel() for n in names)
+        self._fallback: set[str] = set()
+        self._verified: set[str] = set()
+        if checked is not None and "fallback" in checked:
+            self._fallback, self._verified = set(checked["fallback"]), set(checked["verified"])
+        self._replan(view.module)
+        if probe is not None and (checked is None or "fallback" not in checked):
+            self._check(view, probe)
+            if checked is not None:
+                checked.update(fallback=set(self._fallback), verified=set(self._verified))
+        self._refuse_or_announce(view)
+
+    # ---- planning -----------------------------------------------------------------
+    def _replan(self, module: nn.Module) -> None:
+        dim = self.projection.dim if isinstance(self.projection, Factorized) else None
+        self.plan: Plan = make_plan(module, self.names, dim, self._fallback, self._verified)
+        if isinstance(self.projection, Factorized):
+            self.units = self.plan.units
+            self.dim = sum(u.k for u in self.units)
+        elif isinstance(self.projection, Dense):
+            self.units = [Unit("dense", "", list(self.names), 1, self.total, k_rows=1, k_cols=self.projection.dim)]
+            self.dim = self.projection.dim
+        else:
+            self.units = [Unit("dense", "", list(self.names), 1, self.total, k_rows=1, k_cols=self.total)]
+            self.dim = self.total
+
+    @property
+    def fallback(self) -> list[str]:
+        """Parameters whose per-example gradients come from the per-example loop."""
+        if self.engine in ("vmap", "loop"):
+            return []
+        return list(self.plan.fallback)
+
+    @property
+    def legacy_layout(self) -> bool:
+        """True when the feature layout is the one earlier versions wrote to stores."""
+        return not isinstance(self.projection, Factorized) or self.plan.legacy
+
+    def _layers_of(self, names) -> list[str]:
+        return sorted({m for n in names for m in self.plan.owners.get(n, [n])})
+
+    def _refuse_or_announce(self, view) -> None:
+        rest = self.fallback
+        if not rest:
+            return
+        subs = dict(view.module.named_modules())
+        layers = self._layers_of(rest)
+        shown = ", ".join(f"{m!r} ({type(subs[m]).__name__})" if m in subs else repr(m) for m in layers[:6])
+        more = f" and {len(layers) - 6} more" if len(layers) > 6 else ""
+        if self.engine == "hooks":
+            raise EngineError(
+                f"engine='hooks' has no per-example rule for the parameters of {shown}{more}; "
+                "use engine='auto' (hooks plus a per-example loop for those layers) or engine='loop'"
+            )
+        warnings.warn(
+            f"hessfree: no batched per-example rule for {len(rest)} parameter tensor(s) of {shown}{more}; their "
+            "gradients are computed by one backward pass per example (about batch_size times the cost of "
+            "the hook engine for those layers)",
+            stacklevel=4,
+        )
+
+    # ---- the check against the per-example loop --------------------------------------
+    def _check(self, view, probe: Batch) -> None:
+        if self.engine == "loop":
+            return
+        ref = per_example_grads_loop(view, self.names, probe)
+        if self.engine == "vmap":
+            try:
+                got = per_example_grads(view, self.names, probe)
+            except Exception as e:  # vmap's own refusals (data-dependent control flow, in-place writes, ...)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EngineError(f"engine='vmap' cannot run this model: {first}; use engine='auto' or 'loop'") from e
+            bad = [n for n in self.names if not _close(got[n], ref[n])]
+            if bad:
+                raise EngineError(
+                    f"engine='vmap' disagrees with the per-example loop on {bad[:4]}; use engine='auto' or 'loop'"
+                )
+            return
+        module = view.module
+        subs = dict(module.named_modules())
+        for m in subs:  # unknown elementwise layers: try their rule, keep it only if it matches
+            if layer_kind(subs[m]) == "affine":
+                self._verified.add(m)
+        for _ in range(4):  # each round moves failing parameters to the loop and plans again
+            self._replan(module)
+            try:
+                got, bad = self._hooked_grads(view, probe)
+            except Exception as e:  # the batched pass itself failed
+                if self.engine == "hooks":
+                    raise EngineError(
+                        f"engine='hooks' cannot run this model ({type(e).__name__}: {e}); use engine='auto' or 'loop'"
+                    ) from e
+                self._fallback |= set(self.names)
+                break
+            bad |= {n for n, g in got.items() if not _close(g, ref[n])}
+            if not bad:
+                return
+            self._fallback |= bad
+        self._replan(module)
+
+    # ---- per-example gradients ----------------------------------------------------------
+    def per_example_grads(self, view, batch: Batch) -> dict[str, torch.Tensor]:
+        """Exact per-example gradients ``{name: (B, *shape)}`` by this map's engine."""
+        if self.engine == "vmap":
+            _check_vmappable(batch)
+            view.task.check_batch(batch)
+            return per_example_grads(view, self.names, batch)
+        if self.engine == "loop":
+            return per_example_grads_loop(view, self.names, batch)
+        grads, bad = self._hooked_grads(view, batch)
+        if bad:
+            raise EngineError(
+                f"the hook engine cannot split the gradients of {sorted(bad)[:4]} by example in this batch "
+                "(a layer's tensors have no row per example); use engine='loop'"
+            )
+        for n, g in per_example_grads_loop(view, self.plan.fallback, batch).items() if self.plan.fallback else ():
+            grads[n] = g.to(next(iter(grads.values())).dtype) if grads else g
+        return grads
+
+    def _hooked_grads(self, view, batch: Batch) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """Per-example gradients of every parameter with a rule (zeros for a layer the
+        loss does not reach) and the names whose layer calls could not be split by example."""
+        view.task.check_batch(batch)
+        b = batch_size_of(batch)
+        subs = dict(view.module.named_modules())
+        plan = self.plan
+        dtype = view.params[self.names[0]].dtype
+        dtype = dtype if dtype == torch.float64 else torch.float32
+        out: dict[str, torch.Tensor] = {}
+        bad: set[str] = set()
+        if plan.hooked:
+            cap = capture(view, batch, plan.hooked, self.names)
+            by_unit = {m: u for u in plan.units for m, _ in u.uses}
+            for call in cap.calls:
+                mod = subs[call.module]
+                try:
+                    if call.module in by_unit:
+                        u = by_unit[call.module]
+                        kind = dict(u.uses)[call.module]
+                        if call.grad is not None:
+                            self._add_matrix(out, u, kind, mod, call, b, dtype)
+                    if call.module in plan.vector and call.grad is not None:
+                        kind, sel = plan.vector[call.module]
+                        for n, g in vector_grads(kind, mod, call, b, sel).items():
+                            out[n] = out[n] + g.to(dtype) if n in out else g.to(dtype)
+                except Unattributable:
+                    u = by_unit.get(call.module)
+                    bad |= set(u.names if u is not None else []) | set(plan.vector.get(call.module, ("", {}))[1].values())
+        for n in self.names:
+            if n not in out and n not in plan.fallback:
+                out[n] = torch.zeros(b, *self.shapes[n], dtype=dtype, device=view.params[n].device)
+        return {n: g for n, g in out.items() if n not in bad}, bad
+
+    @staticmethod
+    def _add_matrix(out, u: Unit, kind: str, mod, call, b: int, dtype) -> None:
+        if kind == "embedding":  # rows of the one-hot are added by index: no (B, T, V) one-hot is formed
+            idx = batch_major(call.a, b, "input", call.module).reshape(b, -1)
+            d = batch_major(call.grad, b, "output", call.module).reshape(b, idx.shape[1], -1).to(dtype)
+            g = torch.zeros(b * u.rows, u.cols, dtype=dtype, device=d.device)
+            rows = (idx + torch.arange(b, device=idx.device)[:, None] * u.rows).reshape(-1)
+            keep = torch.ones_like(rows, dtype=torch.bool) if mod.padding_idx is None else (idx != mod.padding_idx).reshape(-1)
+            g.index_add_(0, rows[keep], d.reshape(-1, d.shape[-1])[keep])
+            g = g.view(b, u.rows, u.cols)
+        else:
+            r, c = row_col(kind, mod, call, b, None, None, u.bias is not None, dtype)
+            g = torch.bmm(r.transpose(1, 2), c)
+        w_cols = g.shape[2] - (u.bias is not None)
+        w = g[:, :, :w_cols]
+        if kind == "transposed_linear":
+            w = w.transpose(1, 2)
+        w = w.reshape(b, *mod.weight.shape)
+        out[u.weight] = out[u.weight] + w if u.weight in out else w.clone()
+        if u.bias is not None:
+            bias = g[:, :, -1]
+            out[u.bias] = out[u.bias] + bias if u.bias in out else bias.clone()
 
     # ---- matrices ------------------------------------------------------------------
     def _dense(self, unit: Unit) -> Dense | None:
@@ -65,17 +271,25 @@ class ProjectedFeatures:
         )
 
     # ---- full gradients -> features ---------------------------------------------------
+    def _flat(self, grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+        b = next(iter(grads.values())).shape[0]
+        return torch.cat([grads[n].reshape(b, -1) for n in names], dim=1)
+
     def project_grads(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Project full gradients ``{name: (B, *param.shape)}`` -> ``(B, dim)`` fp32."""
+        """Map full gradients ``{name: (B, *param.shape)}`` -> ``(B, dim)`` (fp32 with a
+        projection; the gradients' own dtype, flat in ``names`` order, without)."""
+        if self.projection is None:
+            return self._flat(grads, self.names)
         b = next(iter(grads.values())).shape[0]
         parts = []
         for u in self.units:
             if u.kind == "dense":
-                flat = torch.cat([grads[n].reshape(b, -1).float() for n in u.names], dim=1)
+                flat = self._flat(grads, u.names).float()
                 dense = self._dense(u)
                 parts.append(flat if dense is None else dense.project(flat, key="fallback"))
                 continue
-            g = grads[u.weight].float().reshape(b, u.rows, -1)
+            g = grads[u.weight].float()
+            g = (g.transpose(1, 2) if u.kind == "transposed_linear" else g).reshape(b, u.rows, -1)
             if u.bias is not None:
                 g = torch.cat([g, grads[u.bias].float().reshape(b, u.rows, 1)], dim=2)
             p_rows, p_cols = self._factors(u, g.device)
@@ -87,7 +301,9 @@ class ProjectedFeatures:
         return torch.cat(parts, dim=1)
 
     def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
-        """Project flat gradients ``(D,)`` -> ``(dim,)`` or ``(B, D)`` -> ``(B, dim)``."""
+        """Map flat gradients ``(D,)`` -> ``(dim,)`` or ``(B, D)`` -> ``(B, dim)``."""
+        if self.projection is None:
+            return flat
         single = flat.dim() == 1
         rows = flat.reshape(1, -1) if single else flat
         grads, start = {}, 0
@@ -102,170 +318,127 @@ class ProjectedFeatures:
 
     # ---- per-example features of a batch ---------------------------------------------
     def features(self, view, batch: Batch) -> torch.Tensor:
-        """Projected per-example gradients of ``batch``, ``(B, dim)`` fp32.
+        """Per-example features of ``batch``, ``(B, dim)``: fp32 with a projection,
+        the model's dtype (fp32 for half precision) without."""
+        if not isinstance(self.projection, Factorized) or self.engine in ("vmap", "loop"):
+            grads = self.per_example_grads(view, batch)
+            if self.projection is None:
+                return self._flat({n: g if g.dtype == torch.float64 else g.float() for n, g in grads.items()}, self.names)
+            return self.project_grads(grads)
+        return self._factorized(view, batch)
 
-        Each layer's block is written in place into one preallocated output
-        (no per-layer temporaries of the output's size).
-        """
+    def _factorized(self, view, batch: Batch) -> torch.Tensor:
+        """Each layer's block written in place into one preallocated output; no
+        per-example gradient of a matrix layer is formed."""
+        view.task.check_batch(batch)
         b = batch_size_of(batch)
-        out = torch.empty(b, self.dim, device=view.params[self.names[0]].device)
+        plan = self.plan
+        out = torch.zeros(b, self.dim, device=view.params[self.names[0]].device)
         starts = [0]
         for u in self.units:
             starts.append(starts[-1] + u.k)
-        layers = [i for i, u in enumerate(self.units) if u.kind != "dense"]
-        if layers:
-            self._hooked(view, batch, layers, out, starts)
-        for i, u in enumerate(self.units):
-            if u.kind == "dense":
-                flat = flat_per_example_grads(view, u.names, batch).float()
-                dense = self._dense(u)
-                out[:, starts[i] : starts[i + 1]] = flat if dense is None else dense.project(flat, key="fallback")
+        index = {id(u): i for i, u in enumerate(self.units)}
+        subs = dict(view.module.named_modules())
+        by_unit = {m: u for u in self.units for m, _ in u.uses}
+        rest: dict[str, torch.Tensor] = {}
+        if plan.hooked:
+            for call in capture(view, batch, plan.hooked, self.names).calls:
+                if call.grad is None:
+                    continue
+                mod = subs[call.module]
+                u = by_unit.get(call.module)
+                if u is not None:
+                    i = index[id(u)]
+                    p_rows, p_cols = self._factors(u, call.grad.device)
+                    r, c = row_col(dict(u.uses)[call.module], mod, call, b, p_rows, p_cols, u.bias is not None)
+                    block = out[:, starts[i] : starts[i + 1]].view(b, u.k_rows, u.k_cols)  # strided view
+                    block.baddbmm_(r.transpose(1, 2), c)
+                if call.module in plan.vector:
+                    kind, sel = plan.vector[call.module]
+                    for n, g in vector_grads(kind, mod, call, b, sel).items():
+                        rest[n] = rest[n] + g.float() if n in rest else g.float()
+        dense = [u for u in self.units if u.kind == "dense"]
+        if dense:
+            if plan.fallback:
+                rest.update({n: g.float() for n, g in per_example_grads_loop(view, plan.fallback, batch).items()})
+            u = dense[0]
+            i = index[id(u)]
+            flat = torch.cat([rest[n].reshape(b, -1) if n in rest else out.new_zeros(b, view.params[n].numel())
+                              for n in u.names], dim=1)  # fmt: skip
+            proj = self._dense(u)
+            out[:, starts[i] : starts[i + 1]] = flat if proj is None else proj.project(flat, key="fallback")
         return out
-
-    def _capture(self, view, batch: Batch, layers: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """One forward + backward pass: ``(unit, layer input, output-gradient)`` per layer call."""
-        _check_vmappable(batch)
-        subs = dict(view.module.named_modules())
-        calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        handles = []
-        for i in layers:
-
-            def capture(mod, inp, output, i=i):
-                calls.append((i, inp[0].detach(), output))
-                return output.clone()  # later in-place ops must not touch the captured output
-
-            handles.append(subs[self.units[i].module].register_forward_hook(capture, prepend=True))
-        selected = {
-            n: view.params[n].detach().requires_grad_(True) for i in layers for n in self.units[i].names
-        }
-        try:
-            with torch.enable_grad():
-                loss = view.task.per_example_loss(view.functional(selected), batch).sum()
-                outs = [o for _, _, o in calls]
-                d_outs = torch.autograd.grad(loss, outs, allow_unused=True) if outs else []
-        finally:
-            for h in handles:
-                h.remove()
-        return [(i, a, d.detach()) for (i, a, _), d in zip(calls, d_outs) if d is not None]
-
-    def _hooked(self, view, batch: Batch, layers: list[int], out: torch.Tensor, starts: list[int]) -> None:
-        subs = dict(view.module.named_modules())
-        b = out.shape[0]
-        written: set[int] = set()
-        for i, a, d in self._capture(view, batch, layers):
-            u = self.units[i]
-            r, c = self._row_col(u, subs[u.module], a, d)
-            block = out[:, starts[i] : starts[i + 1]].view(b, u.k_rows, u.k_cols)  # strided view, written in place
-            if i in written:  # the layer ran more than once (shared weights): gradients add up
-                block.baddbmm_(r.transpose(1, 2), c)
-            else:
-                torch.bmm(r.transpose(1, 2), c, out=block)
-                written.add(i)
-        for i in layers:
-            if i not in written:  # the layer did not affect the loss
-                out[:, starts[i] : starts[i + 1]] = 0.0
 
     @property
     def exact(self) -> bool:
-        """True when nothing is projected (``Factorized(None)`` or layers within their share)."""
+        """True when nothing is projected (no projection, or ``Factorized(None)`` /
+        layers within their share)."""
+        if self.projection is None:
+            return True
         return all(u.k == u.numel for u in self.units) and not isinstance(self.projection, Dense)
 
     def sqnorms(self, view, batch: Batch) -> torch.Tensor:
-        """Exact squared per-example gradient norms ``(B,)`` without forming the
-        gradients (exact engines only): per layer call ``||sum_t r_t c_t^T||^2 =
-        sum_{t,s} (r_t . r_s)(c_t . c_s)``, or the formed block when that is smaller."""
+        """Exact squared per-example gradient norms ``(B,)`` (exact maps only); for
+        single-call matrix layers without forming the gradients:
+        ``||sum_t r_t c_t^T||^2 = sum_{t,s} (r_t . r_s)(c_t . c_s)``."""
         if not self.exact:
-            raise ValueError("sqnorms without features needs an exact engine (Factorized(None))")
-        b = batch_size_of(batch)
-        total = torch.zeros(b, dtype=torch.float64)
-        layers = [i for i, u in enumerate(self.units) if u.kind != "dense"]
-        subs = dict(view.module.named_modules())
-        calls = self._capture(view, batch, layers) if layers else []
-        counts: dict[int, int] = {}
-        for i, _, _ in calls:
-            counts[i] = counts.get(i, 0) + 1
-        if any(c > 1 for c in counts.values()):  # shared layers: the calls' gradients add up first
+            raise ValueError("sqnorms without features needs an exact feature map (no projection or Factorized(None))")
+        if self.engine in ("vmap", "loop") or not self.plan.hooked:
             f = self.features(view, batch)
             return torch.einsum("bd,bd->b", f, f).double().cpu()
-        for i, a, d in calls:
-            u, mod = self.units[i], subs[self.units[i].module]
-            if u.kind == "embedding":
-                idx = a.reshape(b, -1)
-                dd = d.reshape(b, idx.shape[1], -1).float()
-                same = (idx.unsqueeze(2) == idx.unsqueeze(1)).float()
-                if mod.padding_idx is not None:
-                    keep = (idx != mod.padding_idx).float()
-                    same = same * keep.unsqueeze(2) * keep.unsqueeze(1)
-                total += (same * (dd @ dd.transpose(1, 2))).sum((1, 2)).double().cpu()
+        b = batch_size_of(batch)
+        dtype = torch.float64 if view.params[self.names[0]].dtype == torch.float64 else torch.float32
+        subs = dict(view.module.named_modules())
+        calls = capture(view, batch, self.plan.hooked, self.names).calls
+        by_unit = {m: u for u in self.plan.units for m, _ in u.uses}
+        per_unit: dict[int, int] = {}
+        for c in calls:
+            if c.module in by_unit:
+                per_unit[id(by_unit[c.module])] = per_unit.get(id(by_unit[c.module]), 0) + 1
+        if any(v > 1 for v in per_unit.values()):  # shared layers: the calls' gradients add up first
+            f = self.features(view, batch)
+            return torch.einsum("bd,bd->b", f.double(), f.double()).cpu()
+        total = torch.zeros(b, dtype=torch.float64)
+        rest: dict[str, torch.Tensor] = {}
+        for call in calls:
+            if call.grad is None:
                 continue
-            r, c = self._row_col(u, mod, a, d)
-            t = r.shape[1]
-            if t == 1:
-                sq = r.pow(2).sum((1, 2)) * c.pow(2).sum((1, 2))
-            elif t * t <= u.numel:
-                sq = ((r @ r.transpose(1, 2)) * (c @ c.transpose(1, 2))).sum((1, 2))
-            else:
-                sq = torch.bmm(r.transpose(1, 2), c).pow(2).sum((1, 2))
-            total += sq.double().cpu()
-        for u in self.units:
-            if u.kind == "dense":
-                flat = flat_per_example_grads(view, u.names, batch).float()
-                total += torch.einsum("bd,bd->b", flat, flat).double().cpu()
+            mod = subs[call.module]
+            u = by_unit.get(call.module)
+            if u is not None:
+                kind = dict(u.uses)[call.module]
+                if kind == "embedding":  # (r_t . r_s) is 1 where the tokens are equal: no one-hot is formed
+                    idx = batch_major(call.a, b, "input", call.module).reshape(b, -1)
+                    dd = batch_major(call.grad, b, "output", call.module).reshape(b, idx.shape[1], -1).double()
+                    same = (idx.unsqueeze(2) == idx.unsqueeze(1)).double()
+                    if mod.padding_idx is not None:
+                        keep = (idx != mod.padding_idx).double()
+                        same = same * keep.unsqueeze(2) * keep.unsqueeze(1)
+                    total += (same * (dd @ dd.transpose(1, 2))).sum((1, 2)).cpu()
+                    continue
+                r, c = row_col(kind, mod, call, b, None, None, u.bias is not None, dtype)
+                t = r.shape[1]
+                if t == 1:
+                    sq = r.pow(2).sum((1, 2)) * c.pow(2).sum((1, 2))
+                elif t * t <= u.numel:
+                    sq = ((r @ r.transpose(1, 2)) * (c @ c.transpose(1, 2))).sum((1, 2))
+                else:
+                    sq = torch.bmm(r.transpose(1, 2), c).pow(2).sum((1, 2))
+                total += sq.double().cpu()
+            if call.module in self.plan.vector:
+                kind, sel = self.plan.vector[call.module]
+                for n, g in vector_grads(kind, mod, call, b, sel).items():
+                    rest[n] = rest[n] + g if n in rest else g
+        if self.plan.fallback:
+            rest.update(per_example_grads_loop(view, self.plan.fallback, batch))
+        for g in rest.values():
+            total += g.reshape(b, -1).double().pow(2).sum(1).cpu()
         return total
 
-    def _row_col(self, u: Unit, mod: nn.Module, a: torch.Tensor, d: torch.Tensor):
-        """Projected row and column vectors ``(B, T, k_rows)``, ``(B, T, k_cols)`` of one call."""
-        b = d.shape[0]
-        p_rows, p_cols = self._factors(u, d.device)
-        if u.kind == "embedding":
-            idx = a.reshape(b, -1)
-            d = d.reshape(b, idx.shape[1], -1).float()
-            r = p_rows[idx] if p_rows is not None else F.one_hot(idx, u.rows).float()
-            if mod.padding_idx is not None:
-                r = r * (idx != mod.padding_idx).unsqueeze(-1).to(r.dtype)
-            return r, (d if p_cols is None else d @ p_cols)
-        if u.kind == "linear":
-            a = a.reshape(b, -1, a.shape[-1]).float()
-            d = d.reshape(b, -1, d.shape[-1]).float()
-        else:
-            d = d.reshape(b, d.shape[1], -1).transpose(1, 2).float()
-            if p_cols is not None:  # P_cols^T patches == a convolution with k_cols filters (no unfold)
-                r = d if p_rows is None else d @ p_rows
-                return r, _projected_patches(mod, a.float(), p_cols, u.bias is not None)
-            a = _unfold(mod, a.float())  # (B, L, C_in * kernel) patches
-        r = d if p_rows is None else d @ p_rows
-        n_in = a.shape[-1]
-        if p_cols is None:
-            c = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if u.bias is not None else a
-        else:
-            c = a @ p_cols[:n_in]
-            if u.bias is not None:
-                c = c + p_cols[n_in]
-        return r, c
 
+def probe_of(batch: Batch, size: int = 4) -> Batch:
+    """The first ``size`` examples of ``batch`` (cloned, so no larger tensor is kept)."""
+    from ..data import map_batch
 
-def _projected_patches(mod: nn.Module, a: torch.Tensor, p_cols: torch.Tensor, bias: bool) -> torch.Tensor:
-    """``unfold(a) @ p_cols`` computed as a convolution whose filters are the columns
-    of ``p_cols`` (same stride, padding, dilation), ``(B, L, k_cols)``."""
-    n_in = mod.in_channels * math.prod(mod.kernel_size)
-    filters = p_cols[:n_in].T.reshape(p_cols.shape[1], mod.in_channels, *mod.kernel_size)
-    conv = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
-    c = conv(a, filters, stride=mod.stride, padding=mod.padding, dilation=mod.dilation)
-    c = c.flatten(2).transpose(1, 2)
-    return c + p_cols[n_in] if bias else c
-
-
-def _unfold(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Input patches of a convolution, ``(B, L, C_in * prod(kernel))`` in weight order."""
-    if isinstance(mod, nn.Conv1d):
-        patches = F.unfold(
-            a.unsqueeze(2),
-            kernel_size=(1, mod.kernel_size[0]),
-            dilation=(1, mod.dilation[0]),
-            padding=(0, mod.padding[0]),
-            stride=(1, mod.stride[0]),
-        )
-    else:
-        patches = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-    return patches.transpose(1, 2)
-
+    n = min(size, batch_size_of(batch))
+    return map_batch(slice_batch(batch, 0, n), lambda t: t.clone())
