@@ -156,7 +156,7 @@ class StoreMixin:
         self.n_train = store.n
         self._store = store
         self._sqnorms = store.sqnorms()
-        self._fitted = True
+        self._mark_fitted()
         return self
 
     # ---- top-k ---------------------------------------------------------------------------

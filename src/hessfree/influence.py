@@ -21,7 +21,7 @@ from ._progress import progress_bar
 from ._scale import StoreMixin, _collectively
 from .data import DataSource, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
-from .errors import NotFittedError
+from .errors import ModelChangedError, NotFittedError
 from .gradients.functional import flatten
 from .gradients.projected import ProjectedFeatures, probe_of
 from .gradients.selection import ParamSpec, select_parameters
@@ -281,8 +281,12 @@ class Influence(StoreMixin):
         else:
             self._fill_memory()
         self.n_train = self.source.n
-        self._fitted = True
+        self._mark_fitted()
         return self
+
+    def _mark_fitted(self) -> None:
+        self._fingerprint = _fingerprint(self._modules())
+        self._fitted = True
 
     def _setup_members(self) -> None:
         """Expand members by projection seeds; resolve parameter names and feature sizes."""
@@ -339,14 +343,35 @@ class Influence(StoreMixin):
     def _check_fitted(self) -> None:
         if not self._fitted:
             raise NotFittedError("call est.fit(train) before asking for scores")
+        changed = _changed(self._fingerprint, self._modules())
+        if changed:
+            raise ModelChangedError(
+                f"the model changed after fit() (parameter or buffer {changed!r} differs): the stored "
+                "per-example gradients describe the old model; call est.fit(train) again"
+            )
 
-    @staticmethod
-    def _reduce(rows: np.ndarray, reduce: str | None) -> np.ndarray:
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        """The modules whose parameters the features depend on: the model and any member models."""
+        mods = {"model": self.task.model}
+        for i, spec in enumerate(self._specs):
+            if spec.module is not None:
+                mods[f"member{i}"] = spec.module
+        return mods
+
+    @property
+    def _n_user_members(self) -> int:
+        """Members as the user gave them (projection seeds are not members: their
+        rows already carry weight ``w_m / n_seeds``, so they sum to a seed average)."""
+        return max(1, len(self._specs) // max(1, len(self._projections)))
+
+    def _reduce(self, rows: np.ndarray, reduce: str | None) -> np.ndarray:
+        """Sum over members, or the mean over the user's members (``reduce="mean"``)."""
         if reduce not in _REDUCE:
             raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
         if reduce is None:
             return rows
-        return rows.sum(0) if reduce == "sum" else rows.mean(0)
+        total = rows.sum(0)
+        return total / self._n_user_members if reduce == "mean" else total
 
     # ---- queries ----------------------------------------------------------------------
     def influence(self, target: Target, reduce: str | None = "sum") -> np.ndarray:
@@ -399,7 +424,7 @@ class Influence(StoreMixin):
                 else:
                     out[:, offset : offset + feats.shape[0]] += block
         out = all_reduce_sum(out)
-        return out / n_members if reduce == "mean" else out
+        return out / self._n_user_members if reduce == "mean" else out
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
         """Map per-example test features ``(B, D)`` to query space (identity, or
@@ -431,6 +456,29 @@ class Influence(StoreMixin):
         self._check_fitted()
         target.validate(self.task)
         return np.array([target.value(view) for _, view in self._views()])
+
+
+def _fingerprint(modules: dict[str, torch.nn.Module]) -> dict[str, tuple]:
+    """Per tensor (parameters and floating buffers): storage, version counter, sum and
+    norm in fp64: one cheap pass that notices in-place edits, ``.data`` writes and
+    replaced tensors."""
+    out = {}
+    for key, mod in modules.items():
+        tensors = {**dict(mod.named_parameters()), **{k: v for k, v in mod.named_buffers() if v.is_floating_point()}}
+        for name, t in tensors.items():
+            t = t.detach()
+            out[f"{key}:{name}"] = (t.data_ptr(), tuple(t.shape), float(torch.sum(t, dtype=torch.float64)),
+                                    float(torch.linalg.vector_norm(t, dtype=torch.float64)))  # fmt: skip
+    return out
+
+
+def _changed(old: dict[str, tuple], modules: dict[str, torch.nn.Module]) -> str | None:
+    """The first tensor whose fingerprint differs from ``old`` (``None``: unchanged)."""
+    now = _fingerprint(modules)
+    for k in sorted(set(old) | set(now)):
+        if old.get(k) != now.get(k):
+            return k.split(":", 1)[1]
+    return None
 
 
 def _as_projections(projection) -> list:

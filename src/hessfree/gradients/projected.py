@@ -89,7 +89,10 @@ class ProjectedFeatures:
             self._check(view, probe)
             if checked is not None:
                 checked.update(fallback=set(self._fallback), verified=set(self._verified))
-        self._refuse_or_announce(view)
+        if checked is None or not checked.get("announced"):
+            self._refuse_or_announce(view)
+            if checked is not None:
+                checked["announced"] = True
 
     # ---- planning -----------------------------------------------------------------
     def _replan(self, module: nn.Module) -> None:
