@@ -352,10 +352,9 @@ class AdamPreconditioned(Influence):
     def _features(self, view, names: list[str], batch) -> torch.Tensor:
         if not getattr(self, "_adam_now", False):
             return super()._features(view, names, batch)
-        from .gradients.functional import per_example_grads
-
-        grads = per_example_grads(view, names, batch)
-        return self._engine(view, names).project_grads(adam_direction(grads, self.states[view.member_index]))
+        engine = self._engine(view, names)
+        grads = engine.per_example_grads(view, batch)
+        return engine.project_grads(adam_direction(grads, self.states[view.member_index]))
 
 
 # ---- stages 2-4: features, targets, scores -------------------------------------------------------
