@@ -64,12 +64,18 @@ class Plan:
     vector: dict[str, tuple[str, dict[str, str]]]  # layer -> (kind, {local name: full name})
     fallback: list[str]
     owners: dict[str, list[str]]  # full parameter name -> layers that own it
+    broadcast: list[str] = field(default_factory=list)  # free parameters of leading dimension 1
 
     @property
     def hooked(self) -> list[str]:
         """Every layer the hook pass records."""
         layers = [m for u in self.units for m, _ in u.uses] + list(self.vector)
         return list(dict.fromkeys(layers))
+
+    @property
+    def batched(self) -> bool:
+        """True when the batched pass has work (a hooked layer or a broadcast parameter)."""
+        return bool(self.hooked or self.broadcast)
 
     @property
     def legacy(self) -> bool:
@@ -79,7 +85,7 @@ class Plan:
 
 def make_plan(
     module: nn.Module, names: list[str], dim: int | None, fallback: set[str] | frozenset = frozenset(),
-    verified: set[str] | frozenset = frozenset(),
+    verified: set[str] | frozenset = frozenset(), free: bool = False,
 ) -> Plan:
     """Assign every name in ``names`` to a rule (see the module docstring).
 
@@ -88,6 +94,11 @@ def make_plan(
         fallback: parameters forced onto the fallback engine (a rule failed its check).
         verified: layers of unknown classes whose elementwise affine rule passed a
             check against a per-example loop (others of unknown class fall back).
+        free: let parameters of leading dimension 1 that no layer rule covers (a
+            class token, learned position embeddings added to every example) take
+            the broadcast rule: each example gets its own copy of the tensor in the
+            batched pass, and its gradient is that copy's. Only sound when checked
+            against the loop, so off unless the caller checks.
     """
     selected = set(names)
     owners: dict[str, list[str]] = {}
@@ -133,7 +144,9 @@ def make_plan(
     order = {n: i for i, n in enumerate(names)}
     units.sort(key=lambda u: order[u.names[0]])
     _allocate(units, dim)
-    return Plan(units, vector, [n for n in rest if n not in in_vector], owners)
+    left = [n for n in rest if n not in in_vector]
+    broadcast = [n for n in left if free and n not in fallback and params[n].dim() >= 1 and params[n].shape[0] == 1]
+    return Plan(units, vector, [n for n in left if n not in broadcast], owners, broadcast)
 
 
 def owners_elsewhere(owners: dict[str, list[str]], name: str, layer: str) -> list[str]:

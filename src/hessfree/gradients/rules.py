@@ -109,17 +109,21 @@ class Capture:
 
     batch_size: int
     calls: list[Call] = field(default_factory=list)
+    broadcast: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, *shape) per-example gradients
 
 
 def _expand(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.expand(b, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == 1 and b > 1 else t
 
 
-def capture(view, batch: Batch, modules: list[str], names: list[str], expand: bool = True) -> Capture:
+def capture(view, batch: Batch, modules: list[str], names: list[str], broadcast: list[str] = (),
+            expand: bool = True) -> Capture:  # fmt: skip
     """Run the member's batched forward and backward once, recording every call of
     the layers ``modules`` and the gradient of the summed per-example loss with
     respect to each call's output (no parameter gradient is formed; the
-    parameters ``names`` are marked as requiring one so the outputs are in the graph)."""
+    parameters ``names`` are marked as requiring one so the outputs are in the graph).
+    Each parameter in ``broadcast`` (leading dimension 1) is replaced by one copy per
+    example, whose gradients are the per-example gradients."""
     b = batch_size_of(batch)
     subs = dict(view.module.named_modules())
     cap = Capture(b)
@@ -140,8 +144,10 @@ def capture(view, batch: Batch, modules: list[str], names: list[str], expand: bo
     try:
         with torch.enable_grad():
             selected = {n: view.params[n].detach().requires_grad_(True) for n in names}
-            loss = view.task.per_example_loss(view.functional(selected), batch).sum()
-            outs = [c.output for c in cap.calls]
+            copies = {n: view.params[n].detach().expand(b, *view.params[n].shape[1:]).clone().requires_grad_(True)
+                      for n in broadcast}  # fmt: skip
+            loss = view.task.per_example_loss(view.functional({**selected, **copies}), batch).sum()
+            outs = [c.output for c in cap.calls] + list(copies.values())
             live = [o.requires_grad for o in outs]
             wanted = [o for o, ok in zip(outs, live) if ok]
             got = iter(torch.autograd.grad(loss, wanted, allow_unused=True) if wanted and loss.requires_grad else [])
@@ -152,6 +158,9 @@ def capture(view, batch: Batch, modules: list[str], names: list[str], expand: bo
     for c, g in zip(cap.calls, grads):
         c.output = c.output.detach()
         c.grad = None if g is None else g.detach()
+    for (n, copy), g in zip(copies.items(), grads[len(cap.calls):]):
+        g = torch.zeros_like(copy) if g is None else g.detach()
+        cap.broadcast[n] = g.reshape(b, *view.params[n].shape)
     return cap
 
 
