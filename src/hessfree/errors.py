@@ -24,4 +24,16 @@ class ModelChangedError(HessfreeError, RuntimeError):
     stored features no longer describe it. Call ``fit`` again."""
 
 
-__all__ = ["EngineError", "HessfreeError", "ModelChangedError", "NotFittedError"]
+class DataError(HessfreeError, ValueError):
+    """The training or target data cannot be used as given (a column of strings,
+    rows of different lengths, a loader that does not yield examples 0..n-1 in
+    order); the message names the column or example and what to do."""
+
+
+class LabelError(DataError):
+    """A label does not fit the task (a class outside the model's outputs, a
+    fractional class, a missing value, a label of the wrong shape); the message
+    names the example index and the value."""
+
+
+__all__ = ["DataError", "EngineError", "HessfreeError", "LabelError", "ModelChangedError", "NotFittedError"]

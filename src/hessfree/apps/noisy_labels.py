@@ -12,7 +12,11 @@ a larger number is worse, and the report says so):
   member), summed over members with their weights (TracIn-CP over
   checkpoints), minus its median over the examples with the same given label
   (so a class that is hard as a whole does not crowd out the flips hidden in
-  an easy one).
+  an easy one). A class with fewer than ``MIN_CENTRED_CLASS`` (5) examples
+  is not centred: the median of so few is set by the examples themselves (a
+  class of one would be centred to exactly 0, a mislabelled singleton ranked
+  in the middle), so their raw score is kept, and the report lists them in
+  ``uncentred_classes``.
 * ``method="self_weights"``: parameter-space self-influence
   ``||grad_theta l(z_i; theta_m)||^2`` of the selected parameters, aggregated
   over members as the mean of the logarithm (the default before this study
@@ -87,6 +91,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import DataSource
 from ..influence import Influence
 from ..members import as_members
 from ..output_space import member_probabilities, output_self_influence
@@ -97,6 +102,10 @@ from ._common import percentile_ranks, split_xy
 
 METHODS = ("auto", "self", "self_weights", "utility", "class_utility", "combined")
 SUGGESTIONS = ("members", "prediction", "influence")
+# The smallest class whose self-influence is centred on its median. With 5 examples the median is
+# the third largest score, so up to two flips in the class cannot set it; with 2 the median is the
+# mean of both (a flip keeps half its lead) and with 1 it is the example itself (centred to 0).
+MIN_CENTRED_CLASS = 5
 
 
 @dataclass
@@ -127,6 +136,12 @@ class NoisyLabelReport:
         members: names of the members.
         diagnostics: for ``"auto"`` with validation data, the top-10%
             overlaps (shares in [0, 1]) that decided the method.
+        uncentred_classes: the given labels whose examples kept their raw
+            score because the class has fewer than ``MIN_CENTRED_CLASS``
+            training examples (only where the score is class-centred:
+            ``"self"``, ``"combined"`` and ``"auto"`` without validation data).
+            Their raw score is at least what centring would give, so they rank
+            higher than they would in a large class: worth a look either way.
     """
 
     index: np.ndarray
@@ -138,6 +153,7 @@ class NoisyLabelReport:
     method: str
     members: list[str] = field(default_factory=list)
     diagnostics: dict[str, float] = field(default_factory=dict)
+    uncentred_classes: list[int] = field(default_factory=list)
 
     _COLUMNS = ("index", "score", "uncertainty", "given_label", "suggested_label", "predicted_label")
 
@@ -147,7 +163,10 @@ class NoisyLabelReport:
     def top(self, k: int) -> NoisyLabelReport:
         """The ``k`` most suspicious rows."""
         cols = {c: getattr(self, c)[:k] for c in self._COLUMNS}
-        return NoisyLabelReport(**cols, method=self.method, members=self.members, diagnostics=self.diagnostics)
+        return NoisyLabelReport(
+            **cols, method=self.method, members=self.members, diagnostics=self.diagnostics,
+            uncentred_classes=self.uncentred_classes,
+        )  # fmt: skip
 
     def flagged(self, fraction: float | None = None) -> np.ndarray:
         """Training indices of the ``fraction`` most suspicious examples, ``(k,)``.
@@ -190,8 +209,29 @@ class NoisyLabelReport:
     def to_dict(self) -> dict[str, Any]:
         """Columns as lists (JSON-friendly)."""
         d = {c: getattr(self, c).tolist() for c in self._COLUMNS}
-        d.update(method=self.method, members=list(self.members), diagnostics=dict(self.diagnostics))
+        d.update(
+            method=self.method, members=list(self.members), diagnostics=dict(self.diagnostics),
+            uncentred_classes=list(self.uncentred_classes),
+        )  # fmt: skip
         return d
+
+    def summary(self) -> str:
+        """A few lines: the method, the estimated share of wrong labels, the
+        most suspicious examples and the classes left uncentred."""
+        lines = [
+            f"{len(self)} training examples ranked by suspicion (method {self.method}; higher = more likely "
+            "mislabelled)",
+            f"estimated share of wrong labels: {self.estimated_noise_share():.1%}",
+        ]
+        top = self.top(5)
+        rows = ", ".join(f"{i} (label {g} -> {s})" for i, g, s in zip(top.index, top.given_label, top.suggested_label))
+        lines.append(f"most suspicious: {rows}")
+        if self.uncentred_classes:
+            which = ", ".join(f"class {c}" for c in self.uncentred_classes)
+            lines.append(
+                f"not centred (fewer than {MIN_CENTRED_CLASS} training examples, raw self-influence kept): {which}"
+            )
+        return "\n".join(lines)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One dict per row, most suspicious first."""
@@ -210,12 +250,21 @@ def _z(a: np.ndarray) -> np.ndarray:
     return (a - a.mean()) / sd if sd > 0 else a - a.mean()
 
 
+def _small_classes(y: np.ndarray) -> list[int]:
+    """The labels given to fewer than ``MIN_CENTRED_CLASS`` examples (not centred)."""
+    classes, counts = np.unique(y, return_counts=True)
+    return [int(c) for c, k in zip(classes, counts) if k < MIN_CENTRED_CLASS]
+
+
 def _class_centred(score: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``score`` minus its median over the examples with the same label."""
+    """``score`` minus its median over the examples with the same label, for the
+    classes with at least ``MIN_CENTRED_CLASS`` examples (the others as they are)."""
     out = score.astype(float).copy()
+    small = set(_small_classes(y))
     for c in np.unique(y):
-        m = y == c
-        out[m] -= np.median(score[m])
+        if int(c) not in small:
+            m = y == c
+            out[m] -= np.median(score[m])
     return out
 
 
@@ -343,17 +392,24 @@ def find_noisy_labels(
 
     Returns:
         A :class:`NoisyLabelReport`, most suspicious first.
+
+    Raises:
+        hessfree.errors.LabelError: a training or validation label outside the
+            model's classes, fractional, or of another shape than ``(n,)`` /
+            ``(n, 1)`` (``task.check_data``, before any scoring).
     """
     if suggest not in SUGGESTIONS:
         raise ValueError(f"suggest must be one of {SUGGESTIONS}, got {suggest!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     x, y = split_xy(train, "train")
-    y = y.long()
+    task.check_data(DataSource((x, y), name="train"))  # labels in the model's classes, before any long work
+    y = task.labels((x, y)).long()
     valt = None
     if val is not None:
         xv, yv = split_xy(val, "val")
-        valt = (xv, yv.long())
+        task.check_data(DataSource((xv, yv), name="val"))
+        valt = (xv, task.labels((xv, yv)).long())
     k = int(n_classes if n_classes is not None else int(y.max()) + 1)
     if valt is not None:
         k = max(k, int(valt[1].max()) + 1)
@@ -383,6 +439,7 @@ def find_noisy_labels(
     else:
         suggested = predicted
     order = np.argsort(-score, kind="stable")
+    centred = resolved in ("self", "combined", "auto -> self")
     return NoisyLabelReport(
         index=order,
         score=score[order],
@@ -393,6 +450,7 @@ def find_noisy_labels(
         method=resolved,
         diagnostics=diagnostics,
         members=[spec.name for spec in as_members(members).specs()],
+        uncentred_classes=_small_classes(y.numpy()) if centred else [],
     )
 
 
