@@ -27,6 +27,8 @@ from torch import nn
 import hessfree as hf
 
 IGNORE = -100
+LM_PAD = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE}
+CLS_PAD = {"input_ids": 0, "attention_mask": 0}
 EQUAL, REFUSE, EITHER = "equal", "refuse", "equal_or_refuse"
 
 
@@ -38,7 +40,8 @@ class Case:
     train: Any
     params: Any = None
     engines: dict[str, str] = field(default_factory=dict)
-    refusal_names: str | None = None  # a pattern the refusal message of a forced engine must contain
+    refusal_names: dict[str, str] = field(default_factory=dict)  # engine -> a module its refusal must name
+    pad: dict[str, int] | None = None  # dict cases: the padding value of each key (a collator pads each batch)
 
     def expectation(self, engine: str) -> str:
         return self.engines.get(engine, EQUAL)
@@ -62,7 +65,7 @@ def _tuple_examples(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor
     return [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))]
 
 
-def _pad_dict(rows: list[dict[str, torch.Tensor]], pad: dict[str, int]) -> dict[str, torch.Tensor]:
+def pad_dict(rows: list[dict[str, torch.Tensor]], pad: dict[str, int]) -> dict[str, torch.Tensor]:
     """Stack 1-D/0-D example tensors into one batch, right-padding 1-D ones with ``pad[key]``."""
     out = {}
     for key in rows[0]:
@@ -96,7 +99,7 @@ def _lm_case(model: nn.Module, vocab: int, seed: int, **kw) -> Case:
     rows = _lm_rows(vocab, [5, 3, 9, 4, 7, 6], seed)
     train = hf.llm.collate(rows, pad_id=0)
     assert (train["attention_mask"] == 0).any()
-    return Case(model, hf.LanguageModelTask(model), _dict_examples(rows), train, **kw)
+    return Case(model, hf.LanguageModelTask(model), _dict_examples(rows), train, pad=LM_PAD, **kw)
 
 
 def _classification_rows(vocab: int, lengths: list[int], n_classes: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -276,10 +279,10 @@ def bert_classifier() -> Case:
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     model = transformers.BertForSequenceClassification(config).eval()
     rows = _classification_rows(64, [5, 3, 8, 4, 6, 7], 3, seed=2)
-    train = _pad_dict(rows, {"input_ids": 0, "attention_mask": 0})
+    train = pad_dict(rows, CLS_PAD)
     # vmap cannot run BERT's attention-mask construction per example: a named refusal is required
     return Case(model, hf.ClassificationTask(model), _dict_examples(rows), train,
-                engines={"hooks": EITHER, "vmap": REFUSE})  # fmt: skip
+                engines={"hooks": EITHER, "vmap": REFUSE}, pad=CLS_PAD)  # fmt: skip
 
 
 def _llama(tie: bool, seed: int = 0):
@@ -322,9 +325,9 @@ def gpt2_classifier() -> Case:
                                      attn_pdrop=0.0)  # fmt: skip
     model = transformers.GPT2ForSequenceClassification(config).eval()
     rows = _classification_rows(64, [4, 7, 3, 9, 5, 6], 3, seed=5)  # token ids >= 1: only padding is 0
-    train = _pad_dict(rows, {"input_ids": 0, "attention_mask": 0})
+    train = pad_dict(rows, CLS_PAD)
     return Case(model, hf.ClassificationTask(model), _dict_examples(rows), train,
-                engines={"hooks": EITHER, "vmap": EITHER})  # fmt: skip
+                engines={"hooks": EITHER, "vmap": EITHER}, pad=CLS_PAD)  # fmt: skip
 
 
 def vit_classifier() -> Case:
@@ -366,9 +369,10 @@ def t5_seq2seq() -> Case:
         rows.append({"input_ids": src, "attention_mask": torch.ones(n_in, dtype=torch.long),
                      "decoder_input_ids": torch.cat([torch.zeros(1, dtype=torch.long), tgt[:-1]]),
                      "labels": tgt})  # fmt: skip
-    train = _pad_dict(rows, {"input_ids": 0, "attention_mask": 0, "decoder_input_ids": 0, "labels": IGNORE})
+    pad = {"input_ids": 0, "attention_mask": 0, "decoder_input_ids": 0, "labels": IGNORE}
     task = hf.Task(model, loss_fn=seq2seq_loss)
-    return Case(model, task, _dict_examples(rows), train, engines={"hooks": EITHER, "vmap": EITHER})
+    return Case(model, task, _dict_examples(rows), pad_dict(rows, pad), engines={"hooks": EITHER, "vmap": EITHER},
+                pad=pad)  # fmt: skip
 
 
 def resnet_cnn() -> Case:
@@ -392,7 +396,7 @@ def _recurrent(cell: type[nn.Module], seed: int, vmap: str) -> Case:
     g = _seeded(seed)
     x, y = torch.randn(6, 4, 3, generator=g), torch.randint(0, 3, (6,), generator=g)
     # no per-example rule for recurrent layers: forcing the hook engine must name the module
-    return _tensor_case(Recurrent(cell), x, y, engines={"hooks": REFUSE, "vmap": vmap}, refusal_names="rnn")
+    return _tensor_case(Recurrent(cell), x, y, engines={"hooks": REFUSE, "vmap": vmap}, refusal_names={"hooks": "rnn"})
 
 
 def gru() -> Case:
