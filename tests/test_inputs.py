@@ -317,12 +317,31 @@ def test_fractional_labels_refused_and_column_labels_accepted():
         hf.apps.find_noisy_labels(task, (x, y + 0.7))
 
 
-def test_labels_of_a_loader_are_checked_with_their_global_index():
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])
+def test_labels_of_a_loader_are_checked_with_their_index(engine):
     x, y = _data(n=40)
     y[37] = 5
     task = hf.ClassificationTask(mlp(dtype=torch.float32))
+    # a TensorDataset's labels are read at once, without loading items
     with pytest.raises(LabelError, match=r"example 37 has label 5"):
         task.check_data(hf.DataSource(DataLoader(TensorDataset(x, y), batch_size=8)))
+    # any other loader: the batch is checked before its gradients (37 = 4 * 8 + 5)
+    with pytest.raises(LabelError, match=r"example 5 of the batch has label 5"):
+        hf.Influence(task, batch_size=8, engine=engine).fit(DataLoader(_Items(x, y), batch_size=8))
+    y[37], y[2] = 0, 7
+    with pytest.raises(LabelError, match=r"example 2 has label 7"):
+        task.check_data(hf.DataSource(DataLoader(_Items(x, y), batch_size=8)))
 
 
 def test_regression_labels_must_be_finite_and_match_the_output_width():

@@ -36,7 +36,9 @@ from torch.utils.data import (
     RandomSampler,
     SequentialSampler,
     SubsetRandomSampler,
+    TensorDataset,
     WeightedRandomSampler,
+    default_collate,
 )
 
 from .errors import DataError
@@ -323,6 +325,18 @@ class DataSource:
     def in_memory(self) -> bool:
         """Whether the data is held as tensors (then :meth:`tensors` is free)."""
         return self._tensors is not None
+
+    def tensors_without_loading(self) -> Batch | None:
+        """All of the data as one batch when that needs no item to be loaded:
+        tensor data, or a loader over a ``TensorDataset`` with the default
+        collate function (its batches are slices of the dataset's tensors);
+        ``None`` otherwise."""
+        if self._tensors is not None:
+            return self._tensors
+        loader = self._loader
+        if isinstance(loader.dataset, TensorDataset) and loader.collate_fn is default_collate:
+            return tuple(loader.dataset.tensors)
+        return None
 
     def __iter__(self) -> Iterator[Batch]:
         if self._tensors is not None:

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Batch, batch_size_of, map_batch
+from .data import Batch, batch_size_of, map_batch, slice_batch
 from .errors import HessfreeError, LabelError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -135,14 +135,15 @@ class Task:
             source: a :class:`hessfree.DataSource`.
         """
 
-    def _label_chunks(self, source) -> Iterator[tuple[int, Any]]:
-        """``(offset, labels)`` over ``source``: all at once for tensor data, batch
-        by batch (one pass over the loader) otherwise."""
-        if source.in_memory:
-            yield 0, self.labels(source.tensors())
-            return
-        for offset, batch in source.batches():
-            yield offset, self.labels(batch)
+    def _labels_to_check(self, source, first: Batch | None = None) -> Any:
+        """All labels of ``source`` when they can be read
+        without loading items (tensor data, a loader over a ``TensorDataset``),
+        else those of its first batch (``first``, if already loaded); the rest
+        are checked batch by batch (:meth:`check_batch` and the loss)."""
+        every = source.tensors_without_loading()
+        if every is not None:
+            return self.labels(every)
+        return self.labels(first if first is not None else next(iter(source)))
 
     def check_batch(self, batch: Batch) -> None:
         """Validate a whole batch before per-example gradients are taken
@@ -295,8 +296,8 @@ def _check_class_values(labels: torch.Tensor, n_out: int, offset: int | None) ->
     where = f"example {i} of the batch" if offset is None else f"example {offset + i}"
     if isinstance(v, float) and not v.is_integer():  # also NaN and infinity
         raise LabelError(
-            f"{where} has label {_fmt(v) if math.isfinite(v) else v}; class labels must be "
-            f"integers (0 to {hi - 1}); fractional labels would be truncated. Soft targets need hf.Task with "
+            f"{where} has label {_fmt(v) if math.isfinite(v) else v}; class labels must be integers "
+            f"0 to {hi - 1} (a fractional label would be truncated to a class). Soft targets need hf.Task with "
             "your own loss_fn"
         )
     if n_out == 1:
@@ -356,19 +357,24 @@ class ClassificationTask(Task):
         return 1 if _is_binary_logit(out) else int(out.shape[1])
 
     def check_data(self, source) -> None:
-        """Check every label of ``source`` once, before any gradient.
+        """Check the labels of ``source`` once, before any gradient.
 
         The number of classes comes from the model's outputs on the first
         example. Labels must have shape ``(N,)`` or ``(N, 1)`` and be integers
         in ``[0, C)`` (``0`` or ``1`` for a model with one output). Tensor data
-        is checked at once; a loader is iterated once.
+        and a loader over a ``TensorDataset`` are checked at once, whole; for
+        any other loader the first batch is checked here (reading every item
+        twice would double the loading, and a resumed store would reload
+        finished batches) and every later batch before its gradients, by
+        :meth:`check_batch` and the loss.
 
         Raises:
             hessfree.errors.LabelError: naming the first bad example and its label.
         """
-        self._n_out = self.n_outputs(source.first_example())
-        for offset, labels in self._label_chunks(source):
-            _check_class_values(_class_labels(labels, self), self._n_out, offset)
+        first = next(iter(source))
+        self._n_out = self.n_outputs(slice_batch(first, 0, 1))
+        labels = self._labels_to_check(source, first)
+        _check_class_values(_class_labels(labels, self), self._n_out, 0)
 
     def check_batch(self, batch: Batch) -> None:
         """Check the labels of ``batch`` (see :meth:`check_data`); the error
@@ -426,14 +432,14 @@ class RegressionTask(Task):
             raise LabelError(f"{where} has a label that is not finite ({value}); fix or drop the example")
 
     def check_data(self, source) -> None:
-        """Check that every label of ``source`` is finite (tensor data at once,
-        a loader in one pass).
+        """Check that the labels of ``source`` are finite (all of them for tensor
+        data and a ``TensorDataset`` loader, else the first batch here and the
+        others in :meth:`check_batch`, as for :class:`ClassificationTask`).
 
         Raises:
             hessfree.errors.LabelError: naming the first example with a NaN or infinite label.
         """
-        for offset, labels in self._label_chunks(source):
-            self._check_finite(labels, offset)
+        self._check_finite(self._labels_to_check(source), 0)
 
     def check_batch(self, batch: Batch) -> None:
         self._check_finite(self.labels(batch), None)
