@@ -254,6 +254,12 @@ def test_pandas_frame_and_series_equal_tensors():
     task = hf.ClassificationTask(mlp(dtype=torch.float32))
     want = hf.Influence(task).fit((x, y)).self_influence()
     np.testing.assert_array_equal(hf.Influence(task).fit((df[cols], df["label"])).self_influence(), want)
+    # integer and bool feature columns, nullable integer labels
+    xi = torch.randint(-3, 4, (12, 5))
+    ints = pd.DataFrame(xi.numpy(), columns=cols).astype({"f4": bool})
+    want = hf.Influence(task).fit((torch.cat([xi[:, :4], (xi[:, 4:] != 0)], 1).float(), y)).self_influence()
+    got = hf.Influence(task).fit((ints, pd.Series(y.numpy(), dtype="Int64"))).self_influence()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_pandas_string_labels_are_refused_and_encode_labels_encodes_them():

@@ -6,7 +6,9 @@ source here is iterated in a fixed order, and shuffling loaders are refused.
 Accepted forms:
 
 * a tuple/list of tensors, numpy arrays or pandas objects ``(X, y)`` or
-  ``(X, y, sample_weight)``, e.g. ``(df[feature_columns], df["label"])``;
+  ``(X, y, sample_weight)``, e.g. ``(df[feature_columns], df["label"])``
+  (a DataFrame becomes a float64 feature matrix, a Series keeps its dtype;
+  text columns are refused: encode labels with :func:`encode_labels`);
 * a dict of tensors or arrays (for example ``input_ids``, ``attention_mask``,
   ``labels``);
 * a Hugging Face ``datasets.Dataset``: its numeric columns become a dict of
@@ -93,7 +95,8 @@ def encode_labels(values: Any) -> tuple[torch.Tensor, list]:
 
 
 def _from_pandas(value: Any, what: str) -> torch.Tensor:
-    """A pandas DataFrame ``(n, k)`` / Series ``(n,)`` with numeric columns as a tensor."""
+    """A pandas DataFrame as a float64 feature matrix ``(n, k)``; a Series ``(n,)``
+    in its own dtype (labels stay integers)."""
     series = type(value).__name__ == "Series"
     frame = value.to_frame() if series else value
     for col, s in frame.items():
@@ -107,10 +110,10 @@ def _from_pandas(value: Any, what: str) -> torch.Tensor:
         missing = s.isna().to_numpy()
         if missing.any():
             raise DataError(f"{what}: column {col!r} has a missing value at row {int(np.argmax(missing))}; fill or drop it")
-    arr = frame.to_numpy()
-    if arr.dtype == object:  # mixed (nullable / bool) column dtypes
-        common = np.result_type(*(getattr(d, "numpy_dtype", d) for d in frame.dtypes))
-        arr = frame.to_numpy(dtype=common)
+    if series:  # labels (or weights) keep their dtype
+        arr = frame.to_numpy(dtype=getattr(value.dtype, "numpy_dtype", value.dtype))
+    else:  # a feature matrix: float64 (exact for integers below 2**53), cast to the model's dtype by the task
+        arr = frame.to_numpy(dtype=np.float64)
     t = _numpy_tensor(arr)
     return t[:, 0] if series else t
 
