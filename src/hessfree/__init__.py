@@ -22,7 +22,7 @@ from . import (
     training,
 )
 from .data import DataSource
-from .errors import EngineError, HessfreeError, ModelChangedError, NotFittedError
+from .errors import DataError, EngineError, HessfreeError, LabelError, ModelChangedError, NotFittedError
 from .influence import Influence
 from .llm import LanguageModelTask
 from .task import ClassificationTask, RegressionTask, Task
@@ -31,10 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassificationTask",
+    "DataError",
     "DataSource",
     "EngineError",
     "HessfreeError",
     "Influence",
+    "LabelError",
     "LanguageModelTask",
     "ModelChangedError",
     "NotFittedError",
