@@ -25,12 +25,37 @@ the fly by a Dataset) into a k = 1024 fp16 store; and the
 GFLOP/s of scoring ``n_store x 1000`` from the store against ``torch.mm`` on the
 same shapes in memory.
 
+A GPT-2-shaped causal LM (``transformers.GPT2LMHeadModel`` from a ``GPT2Config``
+with random weights: 6 layers, n_embd 384, 6 heads, sequence length 128, vocab
+50257 by default, input and output embeddings tied as GPT-2 has them;
+``hf.LanguageModelTask``, every one of the 128 random tokens a target,
+``params="all"``), at batch ``--lm-batch`` (default 8):
+
+* ``train_step``: forward + backward + AdamW step of the batch-mean task loss
+  (train mode, GPT-2's default dropout);
+* ``hf_fact_4096``: ``fit`` + ``self_influence`` with ``Factorized(4096)``,
+  ``engine="auto"`` (every GPT-2 parameter has a hook rule);
+* ``hf_exact_auto``: the same with ``projection=None`` (exact per-example gradients,
+  ~30M floats each at vocab 50257), on a quarter of the examples at half the batch;
+* ``lm_check`` (not timed): on 3 examples, ``est.features`` with ``Factorized(4096)``
+  against ``est.feature_map(0).project_flat`` of a plain per-example autograd loop
+  over ``est.param_names(0)``; the largest relative error per example must be <= 1e-3.
+
+The estimator's one-time check of its engine against a per-example loop (on the
+first 4 examples, inside ``fit``) is timed apart (``check_seconds``);
+``steady_examples_per_s`` leaves it out, as ``train_step`` leaves out its
+warm-up step. It is negligible on the CNN, but about 0.4 s on the MLP (some 45%
+of a 4000-example fit) and 9 s or more on the transformer (a third or more of a
+32-example fit), so both rates are reported.
+
 Every case runs in its own process, so its peak RSS (``ru_maxrss``, including
 the ~0.3 GB of the Python + torch import) is its own. Peers are optional (the
 ``bench`` extra); a missing peer is reported as skipped.
 
-    python benchmarks/throughput.py            # full run (n = 4000, store 100k/200k)
-    python benchmarks/throughput.py --quick    # small sizes, a minute or two
+    python benchmarks/throughput.py                      # full run (n = 4000, store 100k/200k, LM 32)
+    python benchmarks/throughput.py --quick              # small sizes (LM vocab 8192), a few minutes
+    python benchmarks/throughput.py --only transformer   # only some rows (comma-separated groups,
+                                                         # models or cases; printed, written with --out)
 """
 
 from __future__ import annotations
@@ -50,6 +75,8 @@ import torch
 from torch import nn
 
 BATCH = 256
+LM = {"vocab": 50257, "batch": 8, "seq": 128}  # the GPT-2-shaped transformer (set from the command line)
+LM_CHECK_EXAMPLES = 3
 
 
 # ---- models and data ---------------------------------------------------------------------------
@@ -70,6 +97,13 @@ class CNN(nn.Module):
 
 def make_model(name: str) -> nn.Module:
     torch.manual_seed(0)
+    if name == "gpt2":
+        import transformers
+
+        cfg = transformers.GPT2Config(
+            vocab_size=LM["vocab"], n_positions=LM["seq"], n_embd=384, n_layer=6, n_head=6, bos_token_id=0, eos_token_id=0
+        )
+        return transformers.GPT2LMHeadModel(cfg)  # tie_word_embeddings=True: lm_head.weight is wte.weight
     if name == "mlp_big":
         return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     if name == "mlp_small":
@@ -81,8 +115,25 @@ def make_model(name: str) -> nn.Module:
 
 def make_data(model_name: str, n: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
+    if model_name == "gpt2":  # random tokens, every one a target (labels = input_ids)
+        ids = torch.randint(0, LM["vocab"], (n, LM["seq"]), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     x = torch.randn(n, 1, 28, 28, generator=gen) if model_name == "cnn" else torch.randn(n, 784, generator=gen)
     return x, torch.randint(0, 10, (n,), generator=gen)
+
+
+def make_task(model_name: str, model: nn.Module):
+    import hessfree as hf
+
+    return hf.LanguageModelTask(model) if model_name == "gpt2" else hf.ClassificationTask(model)
+
+
+def batch_size(model_name: str) -> int:
+    return LM["batch"] if model_name == "gpt2" else BATCH
+
+
+def _rows_of(data, s: int, e: int):
+    return {k: v[s:e] for k, v in data.items()} if isinstance(data, dict) else tuple(t[s:e] for t in data)
 
 
 PEER_BUDGET = 120.0  # seconds a peer's per-example path may run; its rate is measured on the batches done
@@ -109,27 +160,129 @@ def peak_rss_mb() -> float:
 
 
 def case_train_step(model_name, n, tmp):
+    if model_name == "gpt2":
+        return _lm_train_step(n)
     model = make_model(model_name)
     x, y = make_data(model_name, n)
     loss_fn = nn.CrossEntropyLoss()
     loss_fn(model(x[:BATCH]), y[:BATCH]).backward()  # warm-up: the steady-state rate is the limit
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for s in range(0, n, BATCH):
         model.zero_grad(set_to_none=True)
         loss_fn(model(x[s : s + BATCH]), y[s : s + BATCH]).backward()
-    return time.perf_counter() - t
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c}
 
 
-def _hf_fit(model_name, n, projection, members=None, tmp=None):
+def _lm_train_step(n):
+    """Forward + backward + AdamW step of the batch-mean task loss, ``LM["batch"]`` examples a step."""
+    model = make_model("gpt2").train()
+    task = make_task("gpt2", model)
+    data = make_data("gpt2", n)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b = LM["batch"]
+
+    def step(s):
+        opt.zero_grad(set_to_none=True)
+        task.per_example_loss(model, _rows_of(data, s, s + b)).mean().backward()
+        opt.step()
+
+    step(0)  # warm-up (AdamW state allocated): the steady-state rate is the limit
+    t, c = time.perf_counter(), time.process_time()
+    for s in range(0, n, b):
+        step(s)
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c}
+
+
+class _CheckTimer:
+    """Time spent in the estimator's one-time engine check (``ProjectedFeatures._check``,
+    a per-example loop on the first examples), by wrapping it in this process only."""
+
+    def __init__(self):
+        self.seconds, self.cpu_seconds = 0.0, 0.0
+
+    def __enter__(self):
+        from hessfree.gradients import projected
+
+        self._cls = projected.ProjectedFeatures
+        self._orig = getattr(self._cls, "_check", None)
+        if self._orig is None:
+            self.seconds = None
+            return self
+        orig = self._orig
+
+        def timed(obj, *a, **k):
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return orig(obj, *a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.cpu_seconds += time.process_time() - c
+
+        self._cls._check = timed
+        return self
+
+    def __exit__(self, *exc):
+        if self._orig is not None:
+            self._cls._check = self._orig
+
+
+def _hf_fit(model_name, n, projection, members=None, tmp=None, batch=None, engine="auto"):
     import hessfree as hf
 
     model = make_model(model_name)
     data = make_data(model_name, n)
-    est = hf.Influence(hf.ClassificationTask(model), members, batch_size=BATCH, projection=projection, max_cache_bytes=0, progress=False)
-    t = time.perf_counter()
+    params = "all" if model_name == "gpt2" else None
+    est = hf.Influence(
+        make_task(model_name, model), members, params=params, batch_size=batch or batch_size(model_name),
+        projection=projection, max_cache_bytes=0, progress=False, engine=engine,
+    )  # fmt: skip
+    with _CheckTimer() as check:
+        t, c = time.perf_counter(), time.process_time()
+        est.fit(data)
+        est.self_influence()
+        secs, cpu = time.perf_counter() - t, time.process_time() - c
+    res = {"seconds": secs, "examples_per_s": n / secs, "cpu_seconds": cpu, "check_seconds": check.seconds}
+    if check.seconds is not None:
+        res["check_cpu_seconds"] = check.cpu_seconds
+        res["steady_examples_per_s"] = n / (secs - check.seconds)
+        res["steady_cpu_examples_per_s"] = n / (cpu - check.cpu_seconds)
+    fmap = est.feature_map(0)
+    res.update(feature_dim=est.feature_dim[0], n_params=fmap.total, units=len(fmap.units), fallback=fmap.fallback)
+    return res
+
+
+def case_hf_exact_auto(model_name, n, tmp):
+    """Exact per-example gradients (``projection=None``, ``engine="auto"``); on the
+    transformer at half its batch size (each example's gradient is the model's size)."""
+    b = max(1, LM["batch"] // 2) if model_name == "gpt2" else None
+    res = _hf_fit(model_name, n, None, batch=b)
+    res["batch"] = b or batch_size(model_name)
+    return res
+
+
+def case_lm_check(model_name, n, tmp):
+    """``est.features`` (Factorized(4096), hooks) against the projection of a plain
+    per-example autograd loop over ``est.param_names(0)``; not timed."""
+    import hessfree as hf
+
+    model = make_model(model_name).eval()
+    task = make_task(model_name, model)
+    data = make_data(model_name, n, seed=1)
+    est = hf.Influence(task, params="all", projection=hf.projections.Factorized(4096), batch_size=n, progress=False)
     est.fit(data)
-    est.self_influence()
-    return time.perf_counter() - t
+    feats = est.features(data)
+    names = est.param_names(0)
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(n):
+        loss = task.per_example_loss(model, _rows_of(data, i, i + 1)).sum()
+        grads = torch.autograd.grad(loss, [params[k] for k in names])
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    ref = est.feature_map(0).project_flat(torch.stack(rows).float())
+    rel = ((feats - ref).norm(dim=1) / ref.norm(dim=1)).tolist()
+    tied = model.lm_head.weight is model.transformer.wte.weight if model_name == "gpt2" else None
+    return {"max_rel_err": max(rel), "rel_err": rel, "feature_dim": feats.shape[1], "n_params": sum(params[k].numel() for k in names),
+            "tied_embeddings": tied, "check": "ok" if max(rel) <= 1e-3 else "FAIL"}  # fmt: skip
 
 
 def case_hf_dense_512(model_name, n, tmp):
@@ -376,7 +529,7 @@ def run_one(case: str, model_name: str, n: int, threads: int) -> None:
 
 def spawn(case: str, model_name: str, n: int, threads: int, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--one", case, "--model", model_name, "--n", str(n), "--threads", str(threads),
-           "--peer-budget", str(PEER_BUDGET)]
+           "--peer-budget", str(PEER_BUDGET), "--vocab", str(LM["vocab"]), "--lm-batch", str(LM["batch"])]
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -387,28 +540,23 @@ def spawn(case: str, model_name: str, n: int, threads: int, timeout: float) -> d
         return {"status": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
     res = json.loads(lines[-1][7:])
     res["wall_s"] = time.perf_counter() - t
+    if "cpu_seconds" in res and "cpu_examples_per_s" not in res:
+        res["cpu_examples_per_s"] = n / res["cpu_seconds"]
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (a minute or two)")
-    ap.add_argument("--n", type=int, default=None, help="examples per throughput case (default 4000; quick 512)")
-    ap.add_argument("--store-n", type=int, default=None, help="store sizes N and 2N (default 100000; quick 10000)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per case (1: robust on a shared machine)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per case before it is reported as a timeout")
-    ap.add_argument("--out", default="benchmarks/results/throughput.json")
-    ap.add_argument("--peer-budget", type=float, default=120, help="seconds per peer case; rate from the batches done")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="mlp_big", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    global PEER_BUDGET
-    PEER_BUDGET = args.peer_budget
-    if args.one:
-        run_one(args.one, args.model, args.n, args.threads)
-        return
-    n = args.n or (512 if args.quick else 4000)
-    store_n = args.store_n or (10_000 if args.quick else 100_000)
+GROUPS = {  # --only: a row is kept when a token names its group, its model or its case
+    "mlp": lambda m, c: m == "mlp_big" and c not in ("store", "scoring"),
+    "cnn": lambda m, c: m == "cnn",
+    "small": lambda m, c: m == "mlp_small",
+    "store": lambda m, c: c in ("store", "scoring"),
+    "transformer": lambda m, c: m == "gpt2",
+    "peers": lambda m, c: c in PEERS,
+}
+PEERS = ("captum_tracincp", "trak_featurize", "dattri_tracin", "selfinf_captum")
+
+
+def make_plan(n: int, store_n: int, lm_n: int) -> list[tuple[str, str, int]]:
     plan = [
         (model, case, n)
         for model in ("mlp_big", "cnn")
@@ -419,34 +567,119 @@ def main() -> None:
                                             "hf_dense_512", "hf_dense_512_nocache")]
     plan += [("mlp_small", "selfinf_hf", n), ("mlp_small", "selfinf_captum", n)]
     plan += [("mlp_big", "store", store_n), ("mlp_big", "store", 2 * store_n), ("mlp_big", "scoring", 2 * store_n)]
+    plan += [("gpt2", "lm_check", LM_CHECK_EXAMPLES), ("gpt2", "train_step", lm_n), ("gpt2", "hf_fact_4096", lm_n),
+             ("gpt2", "hf_exact_auto", max(1, lm_n // 4))]
+    return plan
+
+
+def select(plan, only: str | None):
+    if not only:
+        return plan
+    tokens = [t.strip() for t in only.split(",") if t.strip()]
+    unknown = [t for t in tokens if t not in GROUPS and t != "gpt2" and not any(t in (m, c) for m, c, _ in plan)]
+    if unknown:
+        sys.exit(f"--only: unknown {unknown}; groups {sorted(GROUPS)}, or a model / case name")
+    return [(m, c, k) for m, c, k in plan if any(t in (m, c) or (t in GROUPS and GROUPS[t](m, c)) for t in tokens)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    ap.add_argument("--n", type=int, default=None, help="examples per MLP / CNN case (default 4000; quick 512)")
+    ap.add_argument("--store-n", type=int, default=None, help="store sizes N and 2N (default 100000; quick 10000)")
+    ap.add_argument("--lm-n", type=int, default=None, help="transformer examples (default 32; quick 8); exact: a quarter")
+    ap.add_argument("--lm-batch", type=int, default=None, help="transformer batch size (default 8; quick 4); exact: half")
+    ap.add_argument("--vocab", type=int, default=None, help="transformer vocabulary (default 50257, GPT-2's; quick 8192)")
+    ap.add_argument("--only", default=None, help="comma-separated groups (" + ", ".join(GROUPS) + "), models or cases")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per case (1: robust on a shared machine)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per case before it is reported as a timeout")
+    ap.add_argument("--out", default=None, help="JSON results (default benchmarks/results/throughput.json; with "
+                    "--only: none unless given); a .txt of the printed table is written next to it")  # fmt: skip
+    ap.add_argument("--peer-budget", type=float, default=120, help="seconds per peer case; rate from the batches done")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="mlp_big", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    global PEER_BUDGET
+    PEER_BUDGET = args.peer_budget
+    LM["vocab"] = args.vocab or (8192 if args.quick else 50257)
+    LM["batch"] = args.lm_batch or (4 if args.quick else 8)
+    if args.one:
+        run_one(args.one, args.model, args.n, args.threads)
+        return
+    n = args.n or (512 if args.quick else 4000)
+    store_n = args.store_n or (10_000 if args.quick else 100_000)
+    lm_n = args.lm_n or (8 if args.quick else 32)
+    plan = select(make_plan(n, store_n, lm_n), args.only)
+    out = args.out or (None if args.only else "benchmarks/results/throughput.json")
+    lines = [f"threads {args.threads}; batch {BATCH} (MLP / CNN), {LM['batch']} (gpt2: vocab {LM['vocab']}, "
+             f"sequence {LM['seq']}; exact at {max(1, LM['batch'] // 2)})", ""]  # fmt: skip
+    print(lines[0] + "\n", flush=True)
     rows = []
+    t0 = time.perf_counter()
+    state0 = source_state()
     for model, case, size in plan:
         res = spawn(case, model, size, args.threads, args.timeout)
         if "seconds" in res and "examples_per_s" not in res:
             res["examples_per_s"] = size / res["seconds"]
         rows.append({"model": model, "case": case, "n": size, **res})
-        print(_row(rows[-1]), flush=True)
+        lines.append(_row(rows[-1]))
+        print(lines[-1], flush=True)
     summary = _summary(rows)
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
-    out = Path(args.out)
+    if args.only:  # only the ratios of the rows that ran
+        summary = {k: v for k, v in summary.items() if v is not None and v != [None, None, None]}
+    lines += [""] + [f"{k}: {v}" for k, v in summary.items()]
+    state1 = source_state()
+    lines += ["", f"total wall {time.perf_counter() - t0:.0f} s; source {state0['commit']}"
+              + (f" + uncommitted {state0['src_uncommitted']}" if state0["src_uncommitted"] else "")
+              + ("" if state1 == state0 else f"; CHANGED during the run to {state1}")]  # fmt: skip
+    print("\n".join(lines[len(rows) + 2 :]))
+    if out is None:
+        return
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": args.threads, "batch": BATCH, "torch": torch.__version__, "cpus": os.cpu_count()}
+    meta = {"threads": args.threads, "batch": BATCH, "lm": dict(LM), "lm_n": lm_n, "torch": torch.__version__,
+            "cpus": os.cpu_count(), "only": args.only, "argv": sys.argv[1:], "source_start": state0,
+            "source_end": state1}  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
-    print(f"\nwrote {out}")
+    out.with_suffix(".txt").write_text("\n".join(lines) + f"\n\nwrote {out}\n")
+    print(f"\nwrote {out} and {out.with_suffix('.txt')}")
+
+
+def source_state() -> dict:
+    """The commit and the uncommitted files under src/ (others may commit while a run is under way)."""
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "src_uncommitted": (git("status", "--porcelain", "--", "../src") or "").splitlines()}
+
+
+def _rate(v: float) -> str:
+    return f"{v:>10.0f}" if v >= 100 else f"{v:>10.2f}"
 
 
 def _row(r: dict) -> str:
-    eps = f"{r['examples_per_s']:>10.0f}" if "examples_per_s" in r else f"{'-':>10}"
+    eps = _rate(r["examples_per_s"]) if "examples_per_s" in r else f"{'-':>10}"
     secs = f"{r['seconds']:>8.2f}" if "seconds" in r else f"{'-':>8}"
     rss = f"{r.get('peak_rss_mb', 0):>8.0f}"
     extra = f" store {r['gflops_store']:.1f} / mm {r['gflops_mm']:.1f} GFLOP/s" if "gflops_store" in r else ""
+    if r.get("check_seconds") and r["model"] == "gpt2":
+        extra += f"; steady {r['steady_examples_per_s']:.2f} ex/s (engine check {r['check_seconds']:.1f} s)"
+    if "batch" in r:
+        extra += f"; batch {r['batch']}"
+    if "max_rel_err" in r:
+        extra += (f"; Factorized({r['feature_dim']}) features vs per-example loop of {r['n_params']:,} params: "
+                  f"max rel err {r['max_rel_err']:.2e} -> {r['check']}")  # fmt: skip
     return f"{r['model']:<10} {r['case']:<16} {r['n']:>7} {eps} ex/s {secs} s {rss} MB  {r['status']}{extra}"
 
 
 def _summary(rows: list[dict]) -> dict:
     def get(model, case, key="examples_per_s"):
         for r in rows:
-            if r["model"] == model and r["case"] == case and key in r:
+            if r["model"] == model and r["case"] == case and r.get("status") == "ok" and key in r:
                 return r[key]
         return None
 
@@ -454,11 +687,18 @@ def _summary(rows: list[dict]) -> dict:
         return None if a is None or b is None else round(a / b, 3)
 
     out = {}
+    floors = {"mlp_big": 0.7, "cnn": 0.55}
     for model in ("mlp_big", "cnn"):
         step = get(model, "train_step")
         peers = [get(model, c) for c in ("captum_tracincp", "trak_featurize", "dattri_tracin")]
         best_peer = max([p for p in peers if p is not None], default=None)
-        out[f"{model}: fact_4096 / train_step (floor >= 0.3)"] = ratio(get(model, "hf_fact_4096"), step)
+        out[f"{model}: fact_4096 / train_step (floor >= {floors[model]})"] = ratio(get(model, "hf_fact_4096"), step)
+        out[f"{model}: fact_4096 / train_step, CPU time (cross-check)"] = ratio(
+            get(model, "hf_fact_4096", "cpu_examples_per_s"), get(model, "train_step", "cpu_examples_per_s")
+        )
+        out[f"{model}: fact_4096 / train_step, steady state (without the one-time engine check)"] = ratio(
+            get(model, "hf_fact_4096", "steady_examples_per_s"), step
+        )
         out[f"{model}: fact_1024 / train_step"] = ratio(get(model, "hf_fact_1024"), step)
         out[f"{model}: fact_4096 / fastest peer"] = ratio(get(model, "hf_fact_4096"), best_peer)
         out[f"{model}: exact_hooks / captum (floor >= 1)"] = ratio(get(model, "hf_exact_hooks"), get(model, "captum_tracincp"))
@@ -475,6 +715,18 @@ def _summary(rows: list[dict]) -> dict:
         out["store peak RSS MB (N, 2N) (floor < 1536)"] = [round(a["peak_rss_mb"]), round(b["peak_rss_mb"])]
         out["store peak RSS 2N / N - 1 (floor < 0.10)"] = round(b["peak_rss_mb"] / a["peak_rss_mb"] - 1, 3)
     out["scoring GFLOP/s store / mm (floor >= 0.5)"] = ratio(get("mlp_big", "scoring", "gflops_store"), get("mlp_big", "scoring", "gflops_mm"))
+    step = get("gpt2", "train_step")
+    out["gpt2: fact_4096 / train_step, steady state (floor >= 0.5)"] = ratio(get("gpt2", "hf_fact_4096", "steady_examples_per_s"), step)
+    out["gpt2: fact_4096 / train_step, steady state, CPU time (cross-check)"] = ratio(
+        get("gpt2", "hf_fact_4096", "steady_cpu_examples_per_s"), get("gpt2", "train_step", "cpu_examples_per_s")
+    )
+    out["gpt2: fact_4096 / train_step, whole fit incl. the one-time engine check"] = ratio(get("gpt2", "hf_fact_4096"), step)
+    out["gpt2: exact_auto (half batch) / train_step, steady state"] = ratio(get("gpt2", "hf_exact_auto", "steady_examples_per_s"), step)
+    out["gpt2: exact_auto (half batch) / train_step, whole fit"] = ratio(get("gpt2", "hf_exact_auto"), step)
+    out["gpt2: peak MB train_step, fact_4096, exact_auto"] = [
+        None if v is None else round(v) for v in (get("gpt2", c, "peak_rss_mb") for c in ("train_step", "hf_fact_4096", "hf_exact_auto"))
+    ]
+    out["gpt2: Factorized features vs per-example loop, max rel err (floor <= 1e-3)"] = get("gpt2", "lm_check", "max_rel_err")
     return out
 
 
