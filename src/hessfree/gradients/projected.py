@@ -48,17 +48,19 @@ def _close(got: torch.Tensor, ref: torch.Tensor, total: torch.Tensor) -> bool:
     """Every example's gradient of one parameter within the dtype's tolerance of the
     reference: relative to its own norm, with a floor of a few hundred rounding
     errors of the example's whole gradient (``total``, ``(B,)``), so a parameter
-    whose true gradient is zero (a key bias under softmax) passes on rounding noise."""
+    whose true gradient is zero (a key bias under softmax) passes on rounding noise.
+    Norms in the gradients' own dtype (no fp64 copy of large gradients)."""
     tol = _tolerance(ref.dtype)
     floor = 100 * torch.finfo(ref.dtype).eps * total
-    got, ref = got.double().reshape(ref.shape[0], -1), ref.double().reshape(ref.shape[0], -1)
-    return bool(((got - ref).norm(dim=1) <= tol * ref.norm(dim=1) + floor + 1e-30).all())
+    b = ref.shape[0]
+    err = torch.linalg.vector_norm((got.to(ref.dtype) - ref).reshape(b, -1), dim=1)
+    return bool((err <= tol * torch.linalg.vector_norm(ref.reshape(b, -1), dim=1) + floor + 1e-30).all())
 
 
 def _norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example norm of the whole gradient ``(B,)`` in fp64."""
+    """Per-example norm of the whole gradient ``(B,)``."""
     b = next(iter(grads.values())).shape[0]
-    return sum(g.double().reshape(b, -1).pow(2).sum(1) for g in grads.values()).sqrt()
+    return sum(torch.linalg.vector_norm(g.reshape(b, -1), dim=1).pow(2) for g in grads.values()).sqrt()
 
 
 class ProjectedFeatures:
@@ -92,6 +94,7 @@ class ProjectedFeatures:
         self.total = sum(view.params[n].numel() for n in names)
         self._fallback: set[str] = set()
         self._verified: set[str] = set()
+        self._clone: set[str] = set()  # layers whose output is changed in place later (see rules.capture)
         self._checks = probe is not None or (checked is not None and "fallback" in checked)
         if checked is not None and "fallback" in checked:
             self._fallback, self._verified = set(checked["fallback"]), set(checked["verified"])
@@ -228,7 +231,7 @@ class ProjectedFeatures:
         out: dict[str, torch.Tensor] = {}
         bad: set[str] = set()
         if plan.batched:
-            cap = capture(view, batch, plan.hooked, self.names, plan.broadcast)
+            cap = capture(view, batch, plan.hooked, self.names, plan.broadcast, self._clone)
             out.update({n: g.to(dtype) for n, g in cap.broadcast.items()})
             by_unit = {m: u for u in plan.units for m, _ in u.uses}
             for call in cap.calls:
@@ -361,7 +364,7 @@ class ProjectedFeatures:
         by_unit = {m: u for u in self.units for m, _ in u.uses}
         rest: dict[str, torch.Tensor] = {}
         if plan.batched:
-            cap = capture(view, batch, plan.hooked, self.names, plan.broadcast)
+            cap = capture(view, batch, plan.hooked, self.names, plan.broadcast, self._clone)
             rest.update({n: g.float() for n, g in cap.broadcast.items()})
             for call in cap.calls:
                 if call.grad is None:
@@ -410,7 +413,7 @@ class ProjectedFeatures:
         b = batch_size_of(batch)
         dtype = torch.float64 if view.params[self.names[0]].dtype == torch.float64 else torch.float32
         subs = dict(view.module.named_modules())
-        cap = capture(view, batch, self.plan.hooked, self.names, self.plan.broadcast)
+        cap = capture(view, batch, self.plan.hooked, self.names, self.plan.broadcast, self._clone)
         calls = cap.calls
         by_unit = {m: u for u in self.plan.units for m, _ in u.uses}
         per_unit: dict[int, int] = {}
@@ -458,8 +461,9 @@ class ProjectedFeatures:
         return total
 
 
-def probe_of(batch: Batch, size: int = 4) -> Batch:
-    """The first ``size`` examples of ``batch`` (cloned, so no larger tensor is kept)."""
+def probe_of(batch: Batch, size: int = 2) -> Batch:
+    """The first ``size`` examples of ``batch`` (cloned, so no larger tensor is kept):
+    two examples suffice to catch a rule that mixes examples up."""
     from ..data import map_batch
 
     n = min(size, batch_size_of(batch))

@@ -117,25 +117,49 @@ def _expand(t: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def capture(view, batch: Batch, modules: list[str], names: list[str], broadcast: list[str] = (),
-            expand: bool = True) -> Capture:  # fmt: skip
+            clone: set[str] | None = None) -> Capture:  # fmt: skip
     """Run the member's batched forward and backward once, recording every call of
     the layers ``modules`` and the gradient of the summed per-example loss with
     respect to each call's output (no parameter gradient is formed; the
     parameters ``names`` are marked as requiring one so the outputs are in the graph).
     Each parameter in ``broadcast`` (leading dimension 1) is replaced by one copy per
-    example, whose gradients are the per-example gradients."""
+    example, whose gradients are the per-example gradients.
+
+    ``clone``: layers whose output a later in-place operation changes (an
+    ``inplace=True`` activation); their output is copied before it goes on. A layer
+    found changed in place is added to the set and the pass is run again.
+    """
+    clone = set() if clone is None else clone
+    while True:
+        try:
+            return _capture_once(view, batch, modules, names, broadcast, clone)
+        except _ChangedInPlace as e:
+            clone |= e.layers
+
+
+class _ChangedInPlace(Exception):
+    def __init__(self, layers: set[str]):
+        self.layers = layers
+
+
+def _capture_once(view, batch, modules, names, broadcast, clone) -> Capture:
     b = batch_size_of(batch)
     subs = dict(view.module.named_modules())
     cap = Capture(b)
+    versions: list[int | None] = []
     handles = []
 
     def hook(mod, args, kwargs, output, name):
         if replaying() or not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             return None
-        out = _expand(output, b) if expand else output  # a shared batch-1 output: one copy per example
+        out = _expand(output, b)  # a shared batch-1 output: one copy per example
         detached = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
         cap.calls.append(Call(name, detached, dict(kwargs), out))
-        return out.clone()  # later in-place ops must not touch the recorded output
+        if out is not output or name in clone:
+            versions.append(None)
+            return out.clone()  # later in-place ops must not touch the recorded output
+        versions.append(out._version)
+        return None
 
     for name in modules:
         handles.append(subs[name].register_forward_hook(
@@ -147,6 +171,9 @@ def capture(view, batch: Batch, modules: list[str], names: list[str], broadcast:
             copies = {n: view.params[n].detach().expand(b, *view.params[n].shape[1:]).clone().requires_grad_(True)
                       for n in broadcast}  # fmt: skip
             loss = view.task.per_example_loss(view.functional({**selected, **copies}), batch).sum()
+            changed = {c.module for c, v in zip(cap.calls, versions) if v is not None and c.output._version != v}
+            if changed:
+                raise _ChangedInPlace(changed)
             outs = [c.output for c in cap.calls] + list(copies.values())
             live = [o.requires_grad for o in outs]
             wanted = [o for o, ok in zip(outs, live) if ok]
