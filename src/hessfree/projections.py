@@ -15,9 +15,9 @@ relative spread of about ``sqrt(2 / k)``.
   ``G = sum_t r_t c_t^T`` (output-gradient times input, summed over sequence or
   spatial positions ``t``), ``P_rows^T G P_cols = sum_t (P_rows^T r_t)(P_cols^T c_t)^T``
   is computed from forward inputs and backward output-gradients captured by
-  hooks, so the full per-example gradient is never formed. Parameters of other
-  modules fall back to per-example gradients (``torch.func.vmap``) and a
-  :class:`Dense` projection.
+  hooks, so the full per-example gradient is never formed. The other parameters
+  get exact per-example gradients from their own rules (or a per-example loop;
+  see :mod:`hessfree.gradients`) and a :class:`Dense` projection.
 
 Passing a list of projections (for example ``[Factorized(1024, seed=s) for s in
 range(4)]``) to ``hf.Influence(projection=...)`` makes each seed an ensemble
@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 _KINDS = ("rademacher", "gaussian")
 
@@ -179,115 +177,6 @@ class Factorized(Projection):
         if cache_key not in self._factors:
             self._factors[cache_key] = random_matrix(size, k, self.kind, self.seed, key).to(device)
         return self._factors[cache_key]
-
-
-# ---- planning: which parameters go where, and how many dimensions each gets -----------------
-
-
-@dataclass
-class Unit:
-    """One block of the projected feature vector.
-
-    ``kind`` is ``"linear"``, ``"conv"``, ``"embedding"`` (factorized) or
-    ``"dense"`` (vmap fallback). ``rows x cols`` is the gradient matrix shape
-    (for linear/conv the bias is an extra column); ``k_rows * k_cols`` numbers
-    are kept (``k_rows = rows`` means no projection on that side).
-    """
-
-    kind: str
-    module: str
-    names: list[str]
-    rows: int
-    cols: int
-    weight: str | None = None
-    bias: str | None = None
-    k_rows: int = 0
-    k_cols: int = 0
-
-    @property
-    def numel(self) -> int:
-        return self.rows * self.cols
-
-    @property
-    def k(self) -> int:
-        return self.k_rows * self.k_cols
-
-
-def _conv_ok(m: nn.Module) -> bool:
-    return (
-        isinstance(m, (nn.Conv1d, nn.Conv2d))
-        and m.groups == 1
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-    )
-
-
-def _layer_unit(name: str, m: nn.Module, selected: set[str]) -> Unit | None:
-    prefix = f"{name}." if name else ""
-    w, b = f"{prefix}weight", f"{prefix}bias"
-    own = {f"{prefix}{n}" for n, _ in m.named_parameters(recurse=False)}
-    chosen = own & selected
-    if w not in chosen or not chosen <= {w, b}:
-        return None
-    has_bias = b in chosen
-    if isinstance(m, nn.Linear):
-        return Unit("linear", name, [], m.out_features, m.in_features + has_bias, w, b if has_bias else None)
-    if _conv_ok(m):
-        cols = m.in_channels * math.prod(m.kernel_size) + has_bias
-        return Unit("conv", name, [], m.out_channels, cols, w, b if has_bias else None)
-    if isinstance(m, nn.Embedding) and not has_bias:
-        return Unit("embedding", name, [], m.num_embeddings, m.embedding_dim, w, None)
-    return None
-
-
-def plan_units(module: nn.Module, names: list[str], params: dict[str, torch.Tensor], dim: int | None) -> list[Unit]:
-    """Split ``names`` into factorized layer units and one dense fallback unit and
-    give each a share of ``dim`` (water-filling; see :class:`Factorized`).
-
-    Units are ordered by the position of their first parameter in ``names``.
-    """
-    selected = set(names)
-    units: list[Unit] = []
-    covered: set[str] = set()
-    for mname, m in module.named_modules():
-        unit = _layer_unit(mname, m, selected)
-        if unit is not None:
-            unit.names = [n for n in names if n in (unit.weight, unit.bias)]
-            units.append(unit)
-            covered.update(unit.names)
-    rest = [n for n in names if n not in covered]
-    if rest:
-        units.append(Unit("dense", "", rest, 1, sum(params[n].numel() for n in rest)))
-    order = {n: i for i, n in enumerate(names)}
-    units.sort(key=lambda u: order[u.names[0]])
-    _allocate(units, dim)
-    return units
-
-
-def _allocate(units: list[Unit], dim: int | None) -> None:
-    if dim is None:  # exact: nothing projected
-        for u in units:
-            u.k_rows, u.k_cols = u.rows, u.cols
-        return
-    left, todo = dim, sorted(units, key=lambda u: u.numel)
-    if dim < len(units):
-        raise ValueError(
-            f"projection dim={dim} is smaller than the {len(units)} layers selected; "
-            f"use dim >= {len(units)} or select fewer parameters with params=..."
-        )
-    for i, u in enumerate(todo):
-        share = left // (len(todo) - i)
-        if u.numel <= share:
-            u.k_rows, u.k_cols = u.rows, u.cols
-        elif u.kind == "dense":
-            u.k_rows, u.k_cols = 1, share
-        else:
-            k_r = min(u.rows, max(1, math.isqrt(share)))
-            k_c = min(u.cols, max(1, share // k_r))
-            if k_c == u.cols:  # the column side is kept whole: give the rows the rest
-                k_r = min(u.rows, max(1, share // k_c))
-            u.k_rows, u.k_cols = k_r, k_c
-        left -= u.k
 
 
 def expand_members(specs: list, projections: list[Projection]) -> tuple[list, list[Projection | None]]:
