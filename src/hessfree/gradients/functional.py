@@ -1,7 +1,8 @@
-"""Per-example gradients with torch.func: ``vmap(grad(loss of one example))``.
+"""Per-example gradients with torch.func (``vmap(grad(loss of one example))``) and
+by a plain loop (one backward pass per example, the reference).
 
-Each example is run as a batch of one inside ``vmap``, so models written for
-batched inputs work unchanged. The model must not mix examples within a batch:
+Each example is run as a batch of one, so models written for batched inputs
+work unchanged. The model must not mix examples within a batch:
 hessfree evaluates every member in eval mode (BatchNorm uses its running
 statistics, dropout layers are off) and restores the mode afterwards.
 """
@@ -86,30 +87,3 @@ def flat_per_example_grads(view: MemberView, names: list[str], batch: Batch) -> 
 def flatten(grads: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     """One gradient (not per example) flattened in ``names`` order, ``(D,)``."""
     return torch.cat([grads[n].reshape(-1) for n in names])
-
-
-def per_example_gradients(task, batch: Batch, params=None) -> dict[str, torch.Tensor]:
-    """Per-example gradients of ``task.model`` at its current parameters.
-
-    A convenience for inspection and tests: the model is evaluated in eval mode
-    (restored afterwards) and ``params`` selects parameters as in
-    :class:`hessfree.Influence`.
-
-    Returns:
-        ``{name: (B, *param.shape)}``, in loss units per parameter unit.
-    """
-    from ..members import MemberSpec, MemberView
-    from .selection import select_parameters
-
-    model = task.model
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
-        example = {k: v[:1] for k, v in batch.items()} if isinstance(batch, Mapping) else tuple(v[:1] for v in batch)
-        view = MemberView(MemberSpec(name="model"), model, task, example, device)
-        names = select_parameters(model, params, view.call_order)
-        with view:
-            return per_example_grads(view, names, batch)
-    finally:
-        model.train(was)

@@ -468,3 +468,30 @@ def probe_of(batch: Batch, size: int = 2) -> Batch:
 
     n = min(size, batch_size_of(batch))
     return map_batch(slice_batch(batch, 0, n), lambda t: t.clone())
+
+
+def per_example_gradients(task, batch: Batch, params=None, engine: str = "auto") -> dict[str, torch.Tensor]:
+    """Per-example gradients of ``task.model`` at its current parameters.
+
+    A convenience for inspection and tests: the model is evaluated in eval mode
+    (restored afterwards), ``params`` selects parameters as in
+    :class:`hessfree.Influence` and ``engine`` is one of :data:`ENGINES`.
+
+    Returns:
+        ``{name: (B, *param.shape)}``, in loss units per parameter unit.
+    """
+    from ..members import MemberSpec, MemberView
+    from .selection import select_parameters
+
+    model = task.model
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        example = slice_batch(batch, 0, 1)
+        view = MemberView(MemberSpec(name="model"), model, task, example, device)
+        names = select_parameters(model, params, view.call_order)
+        with view:
+            return ProjectedFeatures(None, view, names, engine, probe_of(batch)).per_example_grads(view, batch)
+    finally:
+        model.train(was)
