@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import atomic_write_json
 from ._progress import progress_bar
 
 TrainFn = Callable[[np.ndarray], Any]
@@ -118,12 +118,6 @@ def _masks_digest(masks: np.ndarray) -> str:
     return hashlib.sha256(np.packbits(masks, axis=1).tobytes() + str(masks.shape).encode()).hexdigest()
 
 
-def _write_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
 def retrain_subsets(
     train_fn: TrainFn,
     measure: MeasureFn,
@@ -163,7 +157,7 @@ def retrain_subsets(
                 raise ValueError(f"measure returned {value.size} values for subset {j} but {len(done[0])} before")
             done.append(value.tolist())
             if path is not None:
-                _write_atomic(path, {**meta, "outputs": done, "complete": len(done) == masks.shape[0]})
+                atomic_write_json(path, {**meta, "outputs": done, "complete": len(done) == masks.shape[0]}, indent=None)
             bar.update(1)
     finally:
         bar.close()

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ._io import atomic_save, atomic_write_json, atomic_write_text, check_settings
 from ._progress import progress_bar
 from .influence import Influence
 from .llm import LanguageModelTask, collate, encode
@@ -205,12 +206,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ---- stage 1: warm-up ------------------------------------------------------------------------
 
 
@@ -273,7 +268,7 @@ def warmup(
                 bar.update(1)
             lr = float(np.mean(epoch_lrs))
             state = {"adapter": adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "lr": lr}
-            _atomic_save(state, path)
+            atomic_save(path, state)
             lrs.append(lr)
     finally:
         bar.close()
@@ -463,12 +458,9 @@ def select(
     cfg_path = workdir / "config.json"
     cfg = asdict(config)
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"{str(workdir)!r} was used with other settings {diff} (stored, now); use a new folder")
+        check_settings(workdir, json.loads(cfg_path.read_text()), cfg, fix="use a new folder")
     else:
-        cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True))
+        atomic_write_text(cfg_path, json.dumps(cfg, indent=1, sort_keys=True))
     for i, r in enumerate(targets):
         if not isinstance(r.get("task"), str):
             raise ValueError(f"target row {i} has no string 'task' field; every target row needs prompt, response and task")
@@ -518,14 +510,8 @@ def select(
         "timings": timings,
         "feature_dim": est.feature_dim,
     }
-    _atomic_json(workdir / "selection.json", summary)
+    atomic_write_json(workdir / "selection.json", summary, indent=1)
     return result
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # ---- files in, files out (the ``hessfree select`` command) ------------------------------------------
@@ -570,9 +556,7 @@ def select_files(
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else out.with_name(out.name + ".work")
     result = select(lm, tokenizer, pool_rows, target_rows, workdir, config, progress)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        for i in result.indices:
-            f.write(json.dumps({**pool_rows[int(i)], "hessfree_index": int(i), "hessfree_score": float(result.scores[i])}) + "\n")
-    os.replace(tmp, out)
+    lines = (json.dumps({**pool_rows[int(i)], "hessfree_index": int(i), "hessfree_score": float(result.scores[i])}) + "\n"
+             for i in result.indices)  # fmt: skip
+    atomic_write_text(out, "".join(lines))
     return result
