@@ -476,7 +476,10 @@ def case_store(model_name, n, tmp):
     )
     t = time.perf_counter()
     est.fit(loader)
-    return time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    # what the store's integrity costs: hashing every batch's data, crc32 of every written and read batch
+    integrity = est._store.integrity_seconds
+    return {"seconds": seconds, "integrity_seconds": integrity, "integrity_share": integrity / seconds}
 
 
 def case_scoring(model_name, n, tmp):
@@ -488,11 +491,13 @@ def case_scoring(model_name, n, tmp):
     path = Path(tmp) / "scoring_store"
     store = GradientStore.open(path, {"n": n, "dims": [k], "dtype": "float16"})
     gen = torch.Generator().manual_seed(0)
+    records = []
     for s in range(0, n, 8192):
         e = min(s + 8192, n)
-        store.write(0, s, torch.randn(e - s, k, generator=gen), np.zeros(e - s))
-    store.record(0, 0, [(0, n)])
+        records.append(store.write(0, s, torch.randn(e - s, k, generator=gen), np.zeros(e - s)))
+    store.record(0, 0, records)
     store.mark_complete()
+    store.release()
     queries = torch.randn(q, k, generator=gen)
     out = np.empty((q, n), dtype=np.float32, order="F")
     flops = 2.0 * q * k * n
@@ -668,6 +673,8 @@ def _row(r: dict) -> str:
     extra = f" store {r['gflops_store']:.1f} / mm {r['gflops_mm']:.1f} GFLOP/s" if "gflops_store" in r else ""
     if r.get("check_seconds") and r["model"] == "gpt2":
         extra += f"; steady {r['steady_examples_per_s']:.2f} ex/s (engine check {r['check_seconds']:.1f} s)"
+    if "integrity_share" in r:
+        extra += f"; data hashes + checksums {r['integrity_seconds']:.2f} s = {100 * r['integrity_share']:.1f}% of the fit"
     if "batch" in r:
         extra += f"; batch {r['batch']}"
     if "max_rel_err" in r:
@@ -714,6 +721,9 @@ def _summary(rows: list[dict]) -> dict:
         a, b = stores
         out["store peak RSS MB (N, 2N) (floor < 1536)"] = [round(a["peak_rss_mb"]), round(b["peak_rss_mb"])]
         out["store peak RSS 2N / N - 1 (floor < 0.10)"] = round(b["peak_rss_mb"] / a["peak_rss_mb"] - 1, 3)
+    shares = [round(r["integrity_share"], 4) for r in stores if "integrity_share" in r]
+    if shares:
+        out["store hashes + checksums / fit time (floor <= 0.05)"] = shares
     out["scoring GFLOP/s store / mm (floor >= 0.5)"] = ratio(get("mlp_big", "scoring", "gflops_store"), get("mlp_big", "scoring", "gflops_mm"))
     step = get("gpt2", "train_step")
     out["gpt2: fact_4096 / train_step, steady state (floor >= 0.5)"] = ratio(get("gpt2", "hf_fact_4096", "steady_examples_per_s"), step)

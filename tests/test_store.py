@@ -241,13 +241,17 @@ def test_resumed_store_loads_only_the_unfinished_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(hf.Influence, "_features", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         hf.Influence(task, batch_size=8, store=tmp_path / "s").fit(loader)
-    monkeypatch.setattr(hf.Influence, "_features", real)
     ds.loaded.clear()
+    seen = []
+    monkeypatch.setattr(hf.Influence, "_features", lambda self, v, n, b: seen.append(len(b[0])) or real(self, v, n, b))
     resumed = hf.Influence(task, batch_size=8, store=tmp_path / "s").fit(loader)
-    # batch 0 is read for the first example, a spread sample for the store's data fingerprint;
-    # batch 1 (finished before the crash) is not loaded again
+    monkeypatch.setattr(hf.Influence, "_features", real)
+    # gradients only for the unfinished batches; batch 1 (finished before the crash) is read once more,
+    # without gradients, to check its data against the hash it was written with (batch 0 is read for
+    # the first example and the label check, a spread sample for the data fingerprint)
+    assert sum(seen) == 200 - 16
     sample = {int(i) for i in np.linspace(0, 199, num=64)}
     assert set(range(16, 200)) <= set(ds.loaded)
-    assert {i for i in ds.loaded if 8 <= i < 16} <= sample
+    assert sorted(i for i in ds.loaded if 8 <= i < 16 and i not in sample) == [i for i in range(8, 16) if i not in sample]
     ref = hf.Influence(task, batch_size=8).fit((x, y))
     np.testing.assert_allclose(resumed.influence(target), ref.influence(target), rtol=1e-5, atol=1e-7)

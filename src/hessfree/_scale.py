@@ -6,17 +6,28 @@ Kept apart from :mod:`hessfree.influence` so the estimator reads as the math;
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from .data import DataSource, batch_size_of, slice_batch, to_device
-from .distributed import RankFailedError, all_gather, barrier, rank_and_world
+from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
+from .distributed import RankFailedError, all_gather, rank_and_world
 from .scoring import merge_top_k, top_k_blocked
-from .store import DTYPES, GradientStore, StoreMismatchError, fingerprint_data, fingerprint_tensors
+from .store import (
+    DTYPES,
+    GradientStore,
+    StoreCorruptError,
+    StoreMismatchError,
+    fingerprint_data,
+    fingerprint_tensors,
+    rounded_losses,
+)
 
 
 class TopK(NamedTuple):
@@ -81,6 +92,9 @@ class StoreMixin:
             "projection": [p.describe() if p is not None else None for p in self._member_projections],
             "dims": self._dims,
             "dtype": self.store_dtype,
+            "estimator": f"{type(self).__module__}.{type(self).__qualname__}",
+            "loss": _describe_loss(self.task),
+            "probe_loss": self._probe_losses(),
         }
         layouts = [self._engines[m].legacy_layout for m in range(len(self._specs))]
         if not all(layouts):  # tied or transposed layers: a layout earlier versions never wrote
@@ -89,55 +103,126 @@ class StoreMixin:
             config.update(n=self.source.n, data=fingerprint_data(self.source))
         return config
 
+    def _probe_losses(self) -> list[float]:
+        """The (sample-weighted) training losses of the stored examples at the model, in
+        eval mode, rounded: they change with the loss function, whatever its form."""
+        from .task import _eval_mode
+
+        model = self.task.model
+        with torch.no_grad(), _eval_mode(model):
+            losses = self.task.per_example_loss(model, self._probe)
+        return rounded_losses(losses.detach().double().cpu().numpy())
+
     def _fill_store(self) -> None:
         rank, world = rank_and_world()
+        source = self.source
         config = self._store_config(with_data=True)
+        tiling = _tiling(source)
+        t = time.perf_counter()
+        # tensors are hashed whole up front (no loading); a loader's batches as they are loaded
+        hashes = _hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash}
+        hash_s = time.perf_counter() - t
+        probe = to_device(self._probe, torch.device("cpu"))
 
         def create() -> GradientStore:
-            store = GradientStore.open(self._store_path, config)
-            if not (self._store_path / "example.pt").exists():
-                tmp = self._store_path / ".example.pt.tmp"
-                torch.save(to_device(self._probe, torch.device("cpu")), tmp)  # the first few examples, cloned
-                os.replace(tmp, self._store_path / "example.pt")
+            store = GradientStore.open(self._store_path, config, example=probe)
+            if not store.complete:
+                store.retain(tiling)  # batches cut otherwise by an earlier run are written again
             return store
 
         # rank 0 creates (or checks) the store first; every rank then checks it against its
         # own model and data. A failure on any rank is raised on every rank (no rank hangs).
         store = _collectively(create if rank == 0 else None)
-        if rank != 0:
-            store = _collectively(lambda: GradientStore.open(self._store_path, config, create=False))
-        else:
-            _collectively(None)
-        self._store = store
-        if not store.complete:
-            # a failure on any rank (bad example, out of memory, ...) is raised on every rank
-            _collectively(lambda: self._write_store(store, rank), "could not write its share of the store", RankFailedError)
-            if rank == 0:
-                store.mark_complete()
-            barrier()
-        self._sqnorms = store.sqnorms()
+        try:
+            if rank != 0:
+                store = _collectively(lambda: GradientStore.open(self._store_path, config, create=False))
+            else:
+                _collectively(None)
+            store.add_integrity_time(hash_s)
+            # the same data on every rank: all of it for tensors, the first batch for a loader
+            _same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()]), store.path)
+            self._store = store
+            if store.complete:
+                _collectively(lambda: self._check_stored_data(store, hashes), "found training data that differ from the store's")
+            else:
+                # a failure on any rank (bad example, out of memory, ...) is raised on every rank
+                _collectively(lambda: self._write_store(store, rank, tiling, hashes),
+                              "could not write its share of the store", RankFailedError)  # fmt: skip
+                _collectively(store.mark_complete if rank == 0 else None, "could not complete the store")
+                store.refresh()
+                if source.in_memory and store.data_hash != combine_hashes([(o, c, h) for (o, c), h in hashes.items()]):
+                    raise StoreMismatchError(f"the store at {str(store.path)!r} was completed with other training data "
+                                             "than this rank's (another process wrote to it?)")  # fmt: skip
+            self._sqnorms = store.sqnorms()
+        finally:
+            if store is not None:
+                store.release()
 
-    def _write_store(self, store: GradientStore, rank: int) -> None:
-        n = self.source.n
-        todo = [n - store.rows_done(m) for m in range(len(self._specs))]
+    def _check_stored_data(self, store: GradientStore, hashes: dict[tuple[int, int], str]) -> None:
+        """Hash the training data at the store's batches and compare each batch with the
+        hash recorded when it was written: every rank all of tensor data, or its
+        share of a loader's batches (loaded once, no gradients)."""
+        rank, world = rank_and_world()
+        recs = store.records(0)
+        ranges = [r[:2] for r in recs]
+        if combine_hashes([r[:3] for r in recs]) != store.data_hash:
+            raise StoreCorruptError(f"the progress files of the store at {str(store.path)!r} do not match its meta.json; "
+                                    "delete the folder and run est.fit(train) again")  # fmt: skip
+        t = time.perf_counter()
+        if self.source.in_memory:
+            got = hashes if set(hashes) == set(ranges) else _hashes_at(self.source, ranges)
+        else:
+            own = [r for b, r in enumerate(ranges) if b % world == rank]
+            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(self.source, own)}
+        store.add_integrity_time(time.perf_counter() - t)
+        differ = [r[:2] for r in recs if r[:2] in got and got[r[:2]] != r[2]]
+        if differ:
+            raise _data_differ(store, differ)
+
+    def _write_store(self, store: GradientStore, rank: int, tiling: list[tuple[int, int]], hashes: dict) -> None:
+        n, n_members = self.source.n, len(self._specs)
+        _, world = rank_and_world()
+        recs = [{r[:2]: r for r in store.records(m)} for m in range(n_members)]
+        known = dict(hashes)
+        # the data of written batches this rank would not load again: hashed and compared first
+        own = [r for b, r in enumerate(tiling) if b % world == rank]
+        written = [r for r in own if all(r in recs[m] for m in range(n_members))]
+        t = time.perf_counter()
+        if self.source.in_memory:
+            got = {r: known[r] for r in written}
+        else:
+            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(self.source, written)}
+        store.add_integrity_time(time.perf_counter() - t)
+        differ = [r for r in written if any(recs[m][r][2] != got.get(r) for m in range(n_members))]
+        if differ:
+            raise _data_differ(store, differ)
+        todo = [n - sum(c for _, c in recs[m]) for m in range(n_members)]
         bar = self._bar(sum(todo), "per-example gradients -> store")
         try:
             for m, view in self._views():
-                done = store.done(m)
-                if len(done) and store.rows_done(m) == n:
+                if not todo[m]:
                     continue
-                mine = sorted(_own_ranges(store, m, rank))
-                bs = self.source.fixed_batch_size
-                finished = {b for b in range(-(-n // bs)) if (b * bs, min(bs, n - b * bs)) in done} if bs else set()
+                mine = _own_records(store, m, rank)
+                finished = {b for b, r in enumerate(tiling) if r in recs[m]}
                 for offset, batch in self._own_batches(self.source, finished):
                     count = batch_size_of(batch)
-                    if (offset, count) in done:
+                    if (offset, count) in recs[m]:
                         continue
+                    t = time.perf_counter()
+                    h = known.get((offset, count)) if self.source.in_memory else batch_hash(batch)
+                    store.add_integrity_time(time.perf_counter() - t)
+                    seen = [recs[k][(offset, count)][2] for k in range(n_members) if (offset, count) in recs[k]]
+                    if (offset, count) in known:
+                        seen.append(known[(offset, count)])
+                    if h is None or any(s != h for s in seen):
+                        raise _data_differ(store, [(offset, count)])
+                    known[(offset, count)] = h
                     (_, feats), = self._featurize(view, self._names[m], _One(offset, batch), "training", bar)
                     sq = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
-                    store.write(m, offset, feats, sq)  # data flushed first ...
-                    mine.append((offset, count))
+                    rec = store.write(m, offset, feats, sq, h)  # data flushed first ...
+                    mine.append(rec)
                     store.record(m, rank, mine)  # ... then the progress marker
+                    recs[m][(offset, count)] = rec
                     del feats
         finally:
             bar.close()
@@ -146,11 +231,19 @@ class StoreMixin:
         if self._store_path is None:
             raise ValueError("fit() needs the training data; only an estimator with store=path can reopen a store without it")
         store = GradientStore.open_existing(self._store_path)
-        self._probe = to_device(torch.load(self._store_path / "example.pt", weights_only=True), self.device)
+        try:
+            probe = torch.load(self._store_path / "example.pt", weights_only=True)
+        except FileNotFoundError:
+            raise StoreCorruptError(f"{str(self._store_path / 'example.pt')!r} is missing; delete the folder and run "
+                                    "est.fit(train) again") from None  # fmt: skip
+        except Exception as e:  # a damaged pickle raises many kinds of error
+            raise StoreCorruptError(f"{str(self._store_path / 'example.pt')!r} cannot be read ({type(e).__name__}: "
+                                    f"{e}); delete the folder and run est.fit(train) again") from None  # fmt: skip
+        self._probe = to_device(probe, self.device)
         self._example = slice_batch(self._probe, 0, 1)
         self._setup_members()
         now = self._store_config(with_data=False)
-        old = {k: v for k, v in store.config.items() if k in now}
+        old = {k: v for k, v in store.config.items() if k not in ("n", "data", "format")}
         GradientStore._compare(self._store_path, old, now)
         self.source = None
         self.n_train = store.n
@@ -239,14 +332,108 @@ class _One:
         yield self.offset, self.batch
 
 
-def _own_ranges(store: GradientStore, m: int, rank: int) -> set[tuple[int, int]]:
-    import json
-
+def _own_records(store: GradientStore, m: int, rank: int) -> list[tuple]:
+    """The batches recorded in rank ``rank``'s progress file of member ``m``."""
     f = store.path / "progress" / f"m{m}.r{rank}.json"
     if not f.exists():
-        return set()
-    with open(f) as fh:
-        return {(int(o), int(c)) for o, c in json.load(fh)}
+        return []
+    return [tuple(r) for r in json.loads(f.read_text())]
+
+
+def _tiling(source: DataSource) -> list[tuple[int, int]]:
+    """``(offset, count)`` of every batch of ``source``, in order (a loader's batch
+    sampler is read for the sizes; no item is loaded)."""
+    n, bs = source.n, source.fixed_batch_size
+    if bs is not None:
+        return [(s, min(bs, n - s)) for s in range(0, n, bs)]
+    out, offset = [], 0
+    for idx in source._loader.batch_sampler:
+        out.append((offset, len(idx)))
+        offset += len(idx)
+    return out
+
+
+def _batches_at(source: DataSource, ranges: list[tuple[int, int]]):
+    """``(offset, batch)`` for the row ranges ``ranges`` of ``source``: slices of tensors,
+    or a loader's items at exactly those ranges (same dataset, collate function and
+    workers). A loader with a custom batch sampler is iterated and must yield them."""
+    ranges = sorted(ranges)
+    if not ranges:
+        return
+    if source.in_memory:
+        for o, c in ranges:
+            yield o, slice_batch(source._tensors, o, o + c)
+        return
+    loader = source._loader
+    if source.fixed_batch_size is not None:
+        index_lists = [list(range(o, o + c)) for o, c in ranges]
+        sub = DataLoader(loader.dataset, batch_sampler=index_lists, collate_fn=loader.collate_fn,
+                         num_workers=loader.num_workers, pin_memory=loader.pin_memory)  # fmt: skip
+        for (o, _), batch in zip(ranges, sub):
+            yield o, tuple(batch) if isinstance(batch, list) else batch
+        return
+    want = set(ranges)
+    for offset, batch in source.batches():
+        if (offset, batch_size_of(batch)) in want:
+            want.discard((offset, batch_size_of(batch)))
+            yield offset, batch
+    if want:
+        o, c = min(want)
+        raise StoreMismatchError(
+            f"the store was written in batches this loader does not yield (rows {o}-{o + c - 1}); pass the loader "
+            "the store was written with, or call est.fit() without data to reuse the store"
+        )
+
+
+def _hashes_at(source: DataSource, ranges: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    return {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(source, ranges)}
+
+
+def _data_differ(store: GradientStore, ranges: list[tuple[int, int]]) -> StoreMismatchError:
+    o, c = min(ranges)
+    more = f" (and {len(ranges) - 1} more batches)" if len(ranges) > 1 else ""
+    return StoreMismatchError(
+        f"the training data differ from the data the store at {str(store.path)!r} was written with: rows "
+        f"{o}-{o + c - 1}{more} hold another input, label or sample weight (or a Dataset with random transforms "
+        "gives other values each time); use a new store path for these data, or delete the old store"
+    )
+
+
+def _same_on_every_rank(digest: str, path: Path) -> None:
+    """Raise on every rank when the ranks' data hashes differ (under torch.distributed)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    got = all_gather(digest)
+    bad = [r for r, d in enumerate(got) if d != got[0]]
+    if bad:
+        if rank == 0:
+            raise StoreMismatchError(f"another rank (rank {bad[0]}) was given different training data than rank 0 "
+                                     f"for the store at {str(path)!r}; give every rank the same data")  # fmt: skip
+        raise StoreMismatchError(f"rank {rank} was given different training data than rank 0 for the store at "
+                                 f"{str(path)!r}; give every rank the same data")  # fmt: skip
+
+
+def _describe_loss(task) -> dict[str, Any]:
+    """The task's class and options (and an ``nn.Module`` loss's class, options and
+    tensors): the part of the loss a store checks by name."""
+
+    def simple(v):
+        if isinstance(v, (str, int, float, bool, type(None))):
+            return v
+        if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool, type(None))) for x in v):
+            return list(v)
+        return type(v).__name__
+
+    options = {k: simple(v) for k, v in sorted(vars(task).items()) if not k.startswith("_") and k not in ("model", "loss_fn")}
+    fn = getattr(task, "loss_fn", None)
+    if isinstance(fn, torch.nn.Module):
+        options["loss_fn"] = {
+            "class": f"{type(fn).__module__}.{type(fn).__qualname__}",
+            "options": {k: simple(v) for k, v in sorted(vars(fn).items()) if not k.startswith("_") and k != "training"},
+            "tensors": fingerprint_tensors({**dict(fn.named_parameters()), **dict(fn.named_buffers())}),
+        }
+    return {"task": f"{type(task).__module__}.{type(task).__qualname__}", "options": options}
 
 
 __all__ = ["StoreMismatchError", "TopK"]

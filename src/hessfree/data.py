@@ -24,6 +24,7 @@ recognised by type name.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Union
@@ -241,6 +242,51 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return map_batch(batch, lambda t: t[start:stop])
+
+
+def _update_hash(h, item: Any) -> None:
+    if isinstance(item, torch.Tensor):
+        t = item.detach()
+        h.update(f"T{tuple(t.shape)}{t.dtype}|".encode())
+        t = t.to("cpu").contiguous().reshape(-1)
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the bytes as they are: no copy on the CPU
+    elif isinstance(item, np.ndarray):
+        _update_hash(h, torch.from_numpy(np.ascontiguousarray(item)))
+    elif isinstance(item, Mapping):
+        h.update(f"D{len(item)}|".encode())
+        for k in sorted(item, key=str):
+            h.update(f"K{k!r}|".encode())
+            _update_hash(h, item[k])
+    elif isinstance(item, (list, tuple)):
+        h.update(f"L{len(item)}|".encode())
+        for v in item:
+            _update_hash(h, v)
+    else:
+        h.update(f"V{item!r}|".encode())
+
+
+def batch_hash(batch: Any) -> str:
+    """A blake2b hash of everything in ``batch``: each tensor's dtype, shape and
+    bytes (inputs, labels, sample weights), dict keys and the position of each
+    item; any other value by its ``repr``. Equal batches give equal hashes on any
+    machine; any changed value, label or weight gives another one.
+
+    Returns:
+        32 hexadecimal digits.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    _update_hash(h, batch)
+    return h.hexdigest()
+
+
+def combine_hashes(parts: list[tuple[int, int, str]]) -> str:
+    """One hash of ``(offset, count, batch_hash)`` parts, taken in offset order:
+    the hash of a whole data set cut into those batches."""
+    h = hashlib.blake2b(digest_size=16)
+    for o, c, part in sorted(parts):
+        h.update(f"{o}:{c}:{part};".encode())
+    return h.hexdigest()
 
 
 class DataSource:

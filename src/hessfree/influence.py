@@ -19,7 +19,7 @@ import torch
 
 from ._progress import progress_bar
 from ._scale import StoreMixin, _collectively
-from .data import DataSource, slice_batch, to_device
+from .data import DataSource, batch_hash, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
 from .errors import ModelChangedError, NotFittedError
 from .gradients.functional import flatten
@@ -272,7 +272,9 @@ class Influence(StoreMixin):
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
         if self.hessian is not None:
             self.hessian.reset()
-        self._probe = to_device(probe_of(next(iter(self.source))), self.device)
+        first = next(iter(self.source))
+        self._first_batch_hash = batch_hash(first) if self._store_path is not None else None  # checked across ranks
+        self._probe = to_device(probe_of(first), self.device)
         self._example = slice_batch(self._probe, 0, 1)
         self.task.check_data(self.source)
         self._setup_members()
