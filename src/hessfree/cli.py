@@ -1,12 +1,162 @@
-"""The ``hessfree`` command line."""
+"""The ``hessfree`` command line.
+
+Every flag is checked when the command line is read, before any data is loaded
+or model trained: a value of the wrong type or outside its range stops the
+command with one line on stderr that names the flag, the value and the allowed
+range, and exit code 2. Flag combinations and the data are checked next, still
+before any training (same format, exit code 2). A missing optional package
+gives one line naming the extra to install (exit code 1). Ctrl-C stops a
+command with one line saying whether a rerun resumes (exit code 130).
+"""
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hessian-free influence functions for PyTorch models.")
+try:  # typer >= 0.22 ships its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as _click_errors
+
+BuiltinData = Literal["digits", "mnist5k", "adult", "compas", "german"]
+EXIT_USAGE, EXIT_MISSING_EXTRA, EXIT_INTERRUPTED = 2, 1, 130
+NOT_RESUMABLE = "interrupted before the results were written; rerun the same command to start over (it does not resume)"
+RESUMABLE = "interrupted; rerun the same command to resume"
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+    return text.replace(": Value error, ", ": ")  # how typer words a refused choice
+
+
+def _error(msg: str) -> None:
+    typer.secho(f"error: {_one_line(msg)}", fg=typer.colors.RED, err=True)
+
+
+class _Group(TyperGroup):
+    """Reports a bad command line in one line (``error: ...``) instead of a usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_errors.ClickException as e:
+            hint = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
+            _error(e.format_message() + hint)
+            sys.exit(e.exit_code)
+        except _click_errors.Abort:
+            _error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(
+    cls=_Group, add_completion=False, no_args_is_help=True, help="Hessian-free influence functions for PyTorch models."
+)
+
+
+# ---- flag types: parse and range-check in one step ------------------------------------------------
+
+
+class Number:
+    """Parser of a number in a range; its error names the value, the range and an example."""
+
+    def __init__(self, kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False, example: str = "", meaning: str = ""):  # fmt: skip
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.example, self.meaning = example, meaning
+
+    def _num(self, v: float) -> str:
+        return str(int(v)) if self.kind is int else f"{v:g}"
+
+    def allowed(self) -> str:
+        kind = "an integer" if self.kind is int else "a number"
+        if self.lo is not None and self.hi is not None:
+            lo, hi = "<" if self.lo_open else "<=", "<" if self.hi_open else "<="
+            return f"{kind} with {self._num(self.lo)} {lo} x {hi} {self._num(self.hi)}"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {self._num(self.lo)}"
+        if self.hi is not None:
+            return f"{kind} {'<' if self.hi_open else '<='} {self._num(self.hi)}"
+        return kind
+
+    def _fail(self, what: str):
+        extra = f" ({self.meaning})" if self.meaning else ""
+        example = f", e.g. {self.example}" if self.example else ""
+        raise typer.BadParameter(f"{what}; allowed: {self.allowed()}{extra}{example}")
+
+    def __call__(self, value: Any):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = self.kind(str(value).strip())
+            except ValueError:
+                self._fail(f"{str(value)!r} is not {'an integer' if self.kind is int else 'a number'}")
+        v = self.kind(value)
+        if self.kind is float and not math.isfinite(v):
+            self._fail(f"{value} is not a finite number")
+        low = self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
+        high = self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
+        if low or high:
+            self._fail(f"{self._num(v)} is out of range")
+        return v
+
+
+def fractions_parser(value: Any) -> list[float] | None:
+    """Comma-separated shares, each in (0, 1), none repeated."""
+    if value is None or isinstance(value, list):
+        return value
+    items = [s.strip() for s in str(value).split(",") if s.strip()]
+    try:
+        out = [float(s) for s in items]
+    except ValueError:
+        raise typer.BadParameter(f"{str(value)!r} is not a comma-separated list of numbers; allowed: shares with "
+                                 "0 < x < 1, e.g. --fractions 0.01,0.05,0.1") from None  # fmt: skip
+    bad = [s for s, f in zip(items, out) if not (math.isfinite(f) and 0 < f < 1)]
+    if not out or bad:
+        raise typer.BadParameter(f"{str(value)!r} has {', '.join(bad) if bad else 'no value'} out of range; allowed: "
+                                 "each share with 0 < x < 1, e.g. --fractions 0.01,0.05,0.1")  # fmt: skip
+    if len(set(out)) != len(out):
+        raise typer.BadParameter(f"{str(value)!r} repeats a share; give each share once")
+    return out
+
+
+SEED = Number(int, 0, 2**32 - 1, example="--seed 0")
+EPOCHS = Number(int, 1, 10_000, example="--epochs 10", meaning="training epochs")
+SHARE_OPEN = Number(float, 0, 1, lo_open=True, hi_open=True, example="0.05")
+
+
+@contextmanager
+def _guard(interrupted: str = NOT_RESUMABLE) -> Iterator[None]:
+    """One-line errors for bad data, missing extras and Ctrl-C."""
+    from .errors import HessfreeError
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"\n{interrupted}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except ImportError as e:
+        _error(str(e))
+        raise typer.Exit(EXIT_MISSING_EXTRA) from None
+    except (HessfreeError, ValueError, FileNotFoundError) as e:
+        _error(str(e))
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _run(body: Callable[[], Any], interrupted: str = NOT_RESUMABLE) -> Any:
+    with _guard(interrupted):
+        return body()
 
 
 @app.callback()
@@ -14,149 +164,222 @@ def _root() -> None:
     """Hessian-free influence functions: positive scores mean a training example helps the target."""
 
 
+# ---- demo -------------------------------------------------------------------------------------------
+
+DEMO_ROWS, DEMO_VAL, DEMO_MIN_TEST = 1797, 300, 100
+
+
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("hessfree-out/demo"), help="Folder for the JSON result and the PNG grid."),
-    seed: int = typer.Option(0, help="Seed of the split, the label flips, the model and the dropout members."),
-    noise: float = typer.Option(0.10, help="Share of training labels flipped."),
-    epochs: int = typer.Option(20, help="Training epochs (one checkpoint per epoch)."),
+    out: Path = typer.Option(Path("hessfree-out/demo"), help="Folder for demo.json and the PNG grid (the PNG needs the plots extra)."),
+    seed: int = typer.Option(0, parser=SEED, help="Seed of the split, the label flips, the model and the dropout members."),
+    noise: float = typer.Option(0.10, parser=Number(float, 0, 0.9, lo_open=True, hi_open=True, example="--noise 0.1",
+                                meaning="share of training labels flipped; at 0.9 a label is as likely wrong as right"),
+                                help="Share of training labels flipped, 0 < x < 0.9."),  # fmt: skip
+    epochs: int = typer.Option(20, parser=EPOCHS, help="Training epochs (one checkpoint per epoch)."),
+    n_train: int = typer.Option(1000, "--n-train", parser=Number(int, 100, DEMO_ROWS - DEMO_VAL - DEMO_MIN_TEST,
+                                example="--n-train 1000", meaning=f"digits has {DEMO_ROWS} rows; {DEMO_VAL} are kept for validation, at least {DEMO_MIN_TEST} for the test"),
+                                help="Training rows drawn from digits (the rest: 300 validation, the others test)."),  # fmt: skip
+    retrain_seeds: int = typer.Option(5, "--retrain-seeds", parser=Number(int, 1, 50, example="--retrain-seeds 5"),
+                                      help="Training seeds averaged in each retraining row."),  # fmt: skip
 ) -> None:
     """Find flipped labels in scikit-learn digits, then remove / relabel and retrain."""
-    from .demo import run_demo
 
-    run_demo(out=out, seed=seed, noise=noise, epochs=epochs)
+    def body():
+        from .apps.commands import prepare_out
+        from .demo import run_demo
+
+        if int(round(noise * n_train)) < 1:
+            raise ValueError(f"--noise {noise:g} flips no label of the {n_train} training rows; use --noise >= {0.5 / n_train:.2g}")
+        run_demo(out=prepare_out(out), seed=seed, noise=noise, epochs=epochs, n_train=n_train, retrain_seeds=retrain_seeds,
+                 progress=True, args={"out": str(out), "seed": seed, "noise": noise, "epochs": epochs, "n_train": n_train,
+                                      "retrain_seeds": retrain_seeds})  # fmt: skip
+
+    _run(body)
 
 
-# ---- applications -------------------------------------------------------------------
-_DATA = typer.Option(None, "--data", help="Built-in data set: digits, mnist5k, adult, compas, german.")
-_CSV = typer.Option(None, "--csv", help="Your CSV file instead of --data.")
-_LABEL = typer.Option(None, "--label", help="CSV column with the labels.")
+# ---- applications -------------------------------------------------------------------------------------
+_DATA = typer.Option(None, "--data", help="Built-in data set: digits, mnist5k, adult, compas, german.")  # fmt: skip
+_CSV = typer.Option(None, "--csv", help="Your CSV file instead of --data (a header line, then one row per example).")
+_LABEL = typer.Option(None, "--label", help="CSV column with the class labels (text or integers).")
 _GROUP = typer.Option(None, "--group", help="CSV column with the group (sensitive attribute).")
 _FEATURES = typer.Option(None, "--features", help="Comma-separated CSV feature columns (default: all others).")
-_NTRAIN = typer.Option(None, "--n-train", help="Subsample the training split of a built-in data set.")
+_MODEL = typer.Option("mlp", help="lr (logistic / softmax regression) or mlp (one hidden layer of 64).")
+_SEED = typer.Option(0, parser=SEED, help="Seed of the split, the flips and the model.")
 _OUT_NOISY_LABELS = Path("hessfree-out/noisy-labels")
 _OUT_DEFEND = Path("hessfree-out/defend")
 _OUT_FAIRNESS = Path("hessfree-out/fairness")
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+def _n_train_option(help: str):
+    return typer.Option(None, "--n-train", parser=Number(int, 10, example="--n-train 500"), help=help)
 
 
 @app.command("noisy-labels")
 def noisy_labels(
-    data: str = _DATA,
+    data: BuiltinData | None = _DATA,
     csv: Path = _CSV,
     label: str = _LABEL,
     features: str = _FEATURES,
-    out: Path = typer.Option(_OUT_NOISY_LABELS, help="Folder for noisy_labels.json and PNG plots."),
-    model: str = typer.Option("mlp", help="lr or mlp."),
-    epochs: int = typer.Option(10, help="Training epochs (one checkpoint per epoch)."),
-    noise: float = typer.Option(0.0, help="Flip this share of training labels first (to check detection)."),
-    method: str = typer.Option("auto", help="auto (self, or class_utility when the noise looks systematic), self, self_weights, utility, class_utility or combined."),
-    top: float | None = typer.Option(None, help="Share of the training data flagged as suspects (default: the estimated share of wrong labels, where the suggested label differs from the given one)."),
-    suggest: str = typer.Option("members", help="Suggested label: members (averaged over the epoch checkpoints), prediction (final model) or influence."),
-    seed: int = typer.Option(0, help="Seed of the split, the flips and the model."),
-    n_train: int = _NTRAIN,
+    out: Path = typer.Option(_OUT_NOISY_LABELS, help="Folder for noisy_labels.json and noisy_labels.png."),
+    model: Literal["lr", "mlp"] = _MODEL,
+    epochs: int = typer.Option(10, parser=EPOCHS, help="Training epochs (one checkpoint per epoch)."),
+    folds: int = typer.Option(1, parser=Number(int, 1, 100, example="--folds 5", meaning="1: one model on every row"),
+                              help="1 (default): one model trained on every row scores every row; K >= 2: K-fold "
+                                   "cross-fitting, each row scored by a model trained on the other folds (K times the "
+                                   "training; see docs/applications.md for the comparison)."),  # fmt: skip
+    noise: float = typer.Option(0.0, parser=Number(float, 0, 1, hi_open=True, example="--noise 0.1",
+                                meaning="share of rows whose label is flipped first, to check detection; 0: none"),
+                                help="Flip this share of the labels first, to check detection (0: none)."),  # fmt: skip
+    method: Literal["auto", "self", "self_weights"] = typer.Option("auto", help="auto (= self here: the labels of the file are not trusted, so the methods that "
+                                    "need trusted validation data are left to the Python API), self or self_weights."),  # fmt: skip
+    top: float = typer.Option(None, parser=Number(float, 0, 1, lo_open=True, example="--top 0.1",
+                              meaning="share of the rows flagged"),
+                              help="Share of the rows flagged as suspects (default: the estimated share of wrong labels, "
+                                   "where the suggested label differs from the given one)."),  # fmt: skip
+    suggest: Literal["members", "prediction", "influence"] = typer.Option("members", help="Suggested label: members (averaged over the epoch checkpoints), prediction (final "
+                                     "model) or influence."),  # fmt: skip
+    show: int = typer.Option(20, parser=Number(int, 0, 10_000, example="--show 20"), help="Rows printed in the table of suspects."),
+    seed: int = _SEED,
+    n_train: int = _n_train_option("Score a seeded subsample of this many rows of a built-in data set (default: all)."),
 ) -> None:
-    """Rank training examples by how likely their label is wrong (self-influence TracIn-CP)."""
-    from .apps.cli_commands import run_noisy_labels
+    """Rank every row by how likely its label is wrong (self-influence TracIn-CP); table, JSON and PNG."""
+    args = dict(data=data, csv=csv, label=label, features=features, out=out, model=model, epochs=epochs, folds=folds,
+                noise=noise, method=method, top=top, suggest=suggest, show=show, seed=seed, n_train=n_train)  # fmt: skip
 
-    try:
-        run_noisy_labels(data, csv, label, features, out, model, epochs, noise, method, top, seed, n_train, suggest)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        _fail(e)
+    def body():
+        from .apps.cli_commands import run_noisy_labels
+
+        run_noisy_labels(args)
+
+    _run(body)
 
 
 @app.command("defend")
 def defend_command(
-    data: str = _DATA,
+    data: BuiltinData | None = _DATA,
     csv: Path = _CSV,
     label: str = _LABEL,
     features: str = _FEATURES,
-    out: Path = typer.Option(_OUT_DEFEND, help="Folder for defend.json and a PNG bar chart."),
-    model: str = typer.Option("lr", help="lr (LinearMinimal attack) or mlp (PGD attack)."),
-    epochs: int = typer.Option(20, help="Training epochs."),
-    action: str = typer.Option("remove", help="remove, relabel or reweight."),
-    fraction: float = typer.Option(0.05, help="Share of the training data acted on."),
-    draws: int = typer.Option(1, help="Number of attack draws (attacked held-out subsets)."),
-    seed: int = typer.Option(0, help="Seed of the split and the model."),
-    n_train: int = _NTRAIN,
+    out: Path = typer.Option(_OUT_DEFEND, help="Folder for defend.json and defend.png."),
+    model: Literal["lr", "mlp"] = typer.Option("lr", help="lr (LinearMinimal attack) or mlp (PGD attack)."),
+    epochs: int = typer.Option(20, parser=EPOCHS, help="Training epochs."),
+    action: Literal["remove", "relabel", "reweight"] = typer.Option("remove", help="remove, relabel or reweight."),
+    fraction: float = typer.Option(0.05, parser=Number(float, 0, 1, lo_open=True, hi_open=True, example="--fraction 0.05",
+                                   meaning="share of the training rows acted on"), help="Share of the training rows acted on."),  # fmt: skip
+    draws: int = typer.Option(1, parser=Number(int, 1, 100, example="--draws 5"), help="Attack draws (attacked held-out subsets); results are averaged."),
+    eps: float = typer.Option(None, parser=Number(float, 0, lo_open=True, example="--eps 0.25",
+                              meaning="L-inf radius in standardised feature units"),
+                              help="Strength of the PGD attack of --model mlp: L-inf radius in standardised feature units (default 0.25)."),  # fmt: skip
+    overshoot: float = typer.Option(None, parser=Number(float, 0, lo_open=True, example="--overshoot 0.3",
+                                    meaning="share by which a point is pushed past the decision boundary"),
+                                    help="Strength of the LinearMinimal attack of --model lr: how far past the decision "
+                                         "boundary each point is pushed, as a share of its distance (default 0.3)."),  # fmt: skip
+    seed: int = _SEED,
+    n_train: int = _n_train_option("Subsample the training split of a built-in data set to this many rows."),
 ) -> None:
-    """Remove / relabel / reweight the training examples that weaken the model under attack, retrain, compare."""
-    from .apps.cli_commands import run_defend
+    """Remove / relabel / reweight the training rows that weaken the model under attack, retrain, compare."""
+    args = dict(data=data, csv=csv, label=label, features=features, out=out, model=model, epochs=epochs, action=action,
+                fraction=fraction, draws=draws, eps=eps, overshoot=overshoot, seed=seed, n_train=n_train)  # fmt: skip
 
-    try:
-        run_defend(data, csv, label, features, out, model, epochs, action, fraction, draws, seed, n_train)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        _fail(e)
+    def body():
+        from .apps.cli_commands import run_defend
+
+        run_defend(args)
+
+    _run(body)
 
 
 @app.command("fairness")
 def fairness_command(
-    data: str = _DATA,
+    data: BuiltinData | None = _DATA,
     csv: Path = _CSV,
     label: str = _LABEL,
     group: str = _GROUP,
     features: str = _FEATURES,
-    out: Path = typer.Option(_OUT_FAIRNESS, help="Folder for fairness.json and the trade-off PNG."),
-    model: str = typer.Option("lr", help="lr or mlp."),
-    epochs: int = typer.Option(20, help="Training epochs."),
-    metric: str = typer.Option("dp", help="dp (demographic parity) or eo (equal opportunity)."),
-    action: str = typer.Option("remove", help="remove or reweight."),
-    fractions: str = typer.Option("0.01,0.02,0.05,0.1", help="Comma-separated shares of the training data."),
-    seed: int = typer.Option(0, help="Seed of the split and the model."),
-    n_train: int = _NTRAIN,
+    favourable: str = typer.Option(None, "--favourable", help="The favourable class of --label, as written in the CSV "
+                                   "(needed unless the classes are 0 / 1, where 1 is the default)."),  # fmt: skip
+    out: Path = typer.Option(_OUT_FAIRNESS, help="Folder for fairness.json and fairness.png."),
+    model: Literal["lr", "mlp"] = typer.Option("lr", help="lr or mlp."),
+    epochs: int = typer.Option(20, parser=EPOCHS, help="Training epochs."),
+    metric: Literal["dp", "eo"] = typer.Option("dp", help="dp (demographic parity) or eo (equal opportunity)."),
+    action: Literal["remove", "reweight"] = typer.Option("remove", help="remove or reweight."),
+    fractions: str = typer.Option("0.01,0.02,0.05,0.1", parser=fractions_parser, help="Comma-separated shares of the training rows, each 0 < x < 1."),
+    seed: int = _SEED,
+    n_train: int = _n_train_option("Subsample the training split of a built-in data set to this many rows."),
 ) -> None:
-    """Remove or reweight the examples that widen a group gap; trade-off curve against random removal."""
-    from .apps.cli_commands import run_fairness
+    """Remove or reweight the rows that widen a group gap; trade-off curve against random removal."""
+    args = dict(data=data, csv=csv, label=label, group=group, features=features, favourable=favourable, out=out,
+                model=model, epochs=epochs, metric=metric, action=action, fractions=fractions, seed=seed, n_train=n_train)  # fmt: skip
 
-    try:
-        run_fairness(data, csv, label, group, features, out, model, epochs, metric, action, fractions, seed, n_train)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        _fail(e)
+    def body():
+        from .apps.cli_commands import run_fairness
+
+        run_fairness(args)
+
+    _run(body)
 
 
 @app.command("select")
 def select_command(
-    pool: Path = typer.Option(..., "--pool", help="JSON lines with prompt and response fields (the candidates)."),
-    target: Path = typer.Option(..., "--target", help="JSON lines with prompt, response and task fields (validation examples)."),
+    pool: Path = typer.Option(..., "--pool", exists=True, dir_okay=False, help="JSON lines with prompt and response fields (the candidates)."),
+    target: Path = typer.Option(..., "--target", exists=True, dir_okay=False, help="JSON lines with prompt, response and task fields (validation examples)."),
     model: Path = typer.Option(..., "--model", help="Folder of a local Hugging Face causal LM (and its tokenizer)."),
-    out: Path = typer.Option(Path("selected.jsonl"), "--out", help="Selected pool rows, best first, with hessfree_index and hessfree_score."),
-    fraction: float = typer.Option(0.05, help="Share of the pool to select."),
+    out: Path = typer.Option(Path("selected.jsonl"), "--out", help="Selected pool rows, best first, with hessfree_index and hessfree_score; "
+                             "the arguments and scores summary go to <out stem>.summary.json."),  # fmt: skip
+    fraction: float = typer.Option(0.05, parser=Number(float, 0, 1, lo_open=True, example="--fraction 0.05",
+                                   meaning="share of the pool selected"), help="Share of the pool to select."),  # fmt: skip
     gguf_file: str = typer.Option(None, "--gguf-file", help="GGUF file name inside --model, for GGUF checkpoints."),
     workdir: Path = typer.Option(None, "--workdir", help="Checkpoints and gradient store (default <out>.work); a rerun resumes."),
-    warmup_fraction: float = typer.Option(0.05, help="Share of the pool the LoRA warm-up trains on."),
-    warmup_epochs: int = typer.Option(4, help="Warm-up epochs = checkpoints."),
-    lr: float = typer.Option(2e-4, help="Peak warm-up learning rate (AdamW, linear decay)."),
-    dim: int = typer.Option(8192, "--dim", help="Projected gradient dimension."),
-    similarity: str = typer.Option("cosine", help="cosine or dot."),
-    combine: str = typer.Option("balanced", help="Several target tasks: balanced (equal share per task) or max (rank by the best task, as LESS)."),
+    warmup_fraction: float = typer.Option(0.05, parser=Number(float, 0, 1, lo_open=True, example="--warmup-fraction 0.05",
+                                          meaning="share of the pool the warm-up trains on"),
+                                          help="Share of the pool the LoRA warm-up trains on."),  # fmt: skip
+    warmup_epochs: int = typer.Option(4, parser=Number(int, 1, 1000, example="--warmup-epochs 4"), help="Warm-up epochs = checkpoints."),
+    lr: float = typer.Option(2e-4, parser=Number(float, 0, 1, lo_open=True, example="--lr 2e-4"), help="Peak warm-up learning rate (AdamW, linear decay)."),
+    dim: int = typer.Option(8192, "--dim", parser=Number(int, 1, example="--dim 8192"), help="Projected gradient dimension."),
+    similarity: Literal["cosine", "dot"] = typer.Option("cosine", help="cosine or dot."),
+    combine: Literal["balanced", "max"] = typer.Option("balanced", help="Several target tasks: balanced (equal share per task) or max (rank by the best task, as LESS)."),  # fmt: skip
     optimizer_aware: bool = typer.Option(False, "--optimizer-aware", help="Score Adam update directions of pool examples (LESS)."),
-    batch_size: int = typer.Option(8, help="Examples per batch."),
-    max_length: int = typer.Option(256, help="Tokens per example (responses truncated)."),
-    seed: int = typer.Option(0, help="Seed of the warm-up subset, the adapter and the projection."),
+    batch_size: int = typer.Option(8, parser=Number(int, 1, example="--batch-size 8"), help="Examples per batch."),
+    max_length: int = typer.Option(256, parser=Number(int, 1, example="--max-length 256"), help="Tokens per example (responses truncated)."),
+    seed: int = typer.Option(0, parser=SEED, help="Seed of the warm-up subset, the adapter and the projection."),
 ) -> None:
     """Select the pool examples whose LoRA gradients best match the target tasks (TracIn-CP)."""
-    from .selection import SelectionConfig, select_files
+    args = dict(pool=str(pool), target=str(target), model=str(model), out=str(out), fraction=fraction, gguf_file=gguf_file,
+                workdir=None if workdir is None else str(workdir), warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
+                lr=lr, dim=dim, similarity=similarity, combine=combine, optimizer_aware=optimizer_aware,
+                batch_size=batch_size, max_length=max_length, seed=seed)  # fmt: skip
 
-    try:
+    def body():
+        from ._io import atomic_write_json
+        from .selection import SelectionConfig, select_files
+
+        if out.exists() and out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a folder; pass the path of the JSON-lines file to write")
         cfg = SelectionConfig(
             fraction=fraction, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, lr=lr,
             projection_dim=dim, similarity=similarity, combine=combine, optimizer_aware=optimizer_aware, batch_size=batch_size, max_length=max_length, seed=seed,
         )  # fmt: skip
         cfg.validate()
         result = select_files(pool, target, model, out, cfg, workdir, gguf_file, progress=True)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        _fail(e)
-    n = len(result.scores)
-    typer.echo(f"selected {len(result.indices)} of {n} pool examples ({fraction:.1%}) -> {out}")
-    for name, s in result.task_scores.items():
-        chosen = s[result.indices]
-        typer.echo(f"  task {name}: mean score selected {chosen.mean():.4g} vs pool {s.mean():.4g}")
-    t = result.timings
-    typer.echo(f"  time: warm-up {t['warmup_s']:.1f}s, features {t['featurize_s']:.1f}s, scores {t['score_s']:.1f}s")
+        n = len(result.scores)
+        typer.echo(f"selected {len(result.indices)} of {n} pool examples ({fraction:.1%}) -> {out}")
+        tasks = {}
+        for name, s in result.task_scores.items():
+            chosen = s[result.indices]
+            tasks[name] = {"mean_score_selected": float(chosen.mean()), "mean_score_pool": float(s.mean())}
+            typer.echo(f"  task {name}: mean score selected {chosen.mean():.4g} vs pool {s.mean():.4g}")
+        t = result.timings
+        typer.echo(f"  time: warm-up {t['warmup_s']:.1f}s, features {t['featurize_s']:.1f}s, scores {t['score_s']:.1f}s")
+        summary = out.with_name(out.stem + ".summary.json")
+        atomic_write_json(summary, {
+            "command": "select", "args": args, "n_pool": n, "n_selected": len(result.indices),
+            "score_meaning": "TracIn-CP: summed learning rate x similarity; positive = helps the task",
+            "tasks": tasks, "timings_s": dict(t),
+        })  # fmt: skip
+        typer.echo(f"  summary: {summary}")
+
+    _run(body, RESUMABLE)
 
 
 def main() -> None:

@@ -11,15 +11,16 @@ share of wrong labels) and retrain.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import curation, members, metrics, targets
+from ._io import atomic_write, atomic_write_json
 from ._progress import progress_bar
 from .apps import find_noisy_labels
 from .datasets import digits, flip_labels
@@ -51,6 +52,7 @@ def _score_methods(model, task, ckpts, lrs, train_xy, val_xy, seed, progress):
         "dropout x5": members.Dropout(n=5, p_max=0.1, seed=seed),
     }
     out: dict[str, tuple[np.ndarray, float]] = {}
+    bar = progress_bar(len(collections) + 2, "scoring (methods)", progress)
     t0 = time.perf_counter()
     out["training loss"] = (_per_example_loss(model, *train_xy), time.perf_counter() - t0)
     for label, coll in collections.items():
@@ -60,33 +62,33 @@ def _score_methods(model, task, ckpts, lrs, train_xy, val_xy, seed, progress):
         out[f"self-influence, {label}"] = (est.self_influence(), fit_s)
         t1 = time.perf_counter()
         out[f"utility IP, {label}"] = (-est.influence(utility), fit_s + time.perf_counter() - t1)
+        bar.update(1)
     ckpts_members = members.Checkpoints(ckpts, lrs=lrs)
     t0 = time.perf_counter()
     default = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, progress=progress)
     chose = default.method.removeprefix("auto -> ")
     out[f"hf.apps default (auto: {chose}), TracIn-CP"] = (default.suspicion(), time.perf_counter() - t0)
+    bar.update(1)
     t0 = time.perf_counter()
     report = find_noisy_labels(task, train_xy, val_xy, members=ckpts_members, method="class_utility", progress=progress)
     out["hf.apps class-wise utility, TracIn-CP"] = (report.suspicion(), time.perf_counter() - t0)
+    bar.update(1)
+    bar.close()
     return out, default
 
 
-def _plot_suspects(path: Path, x, given, predicted, flipped, order, k: int = 24) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot_suspects(plt, path: Path, x, rows, given, predicted, flipped, order, k: int = 24) -> None:
     cols = 8
-    rows = int(np.ceil(k / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55))
+    n_rows = int(np.ceil(k / cols))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 1.3, n_rows * 1.55))
     for ax, i in zip(axes.ravel(), order[:k]):
         ax.imshow(x[i].reshape(8, 8), cmap="gray_r")
-        ax.set_title(f"#{i} y={given[i]} m={predicted[i]}", fontsize=7, color="crimson" if flipped[i] else "black")
+        ax.set_title(f"#{rows[i]} y={given[i]} m={predicted[i]}", fontsize=7, color="crimson" if flipped[i] else "black")
         ax.axis("off")
-    fig.suptitle("Most suspicious training examples (y: given label, m: model's label; red: truly flipped)", fontsize=8)
+    fig.suptitle("Most suspicious training examples (#: digits row, y: given label, m: model's label; red: truly flipped)",
+                 fontsize=8)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -100,18 +102,37 @@ def run_demo(
     retrain_seeds: int = 5,
     progress: bool | None = None,
     verbose: bool = True,
+    args: dict[str, Any] | None = None,
 ) -> dict:
-    """Run the demo and return its results (also written to ``out/demo.json``)."""
+    """Run the demo and return its results (also written to ``out/demo.json``).
+
+    The PNG grid of suspects needs matplotlib (the ``plots`` extra); without it
+    the demo says so in one line, writes everything else and records
+    ``suspects_png: null``. ``args``: the command-line arguments, recorded in
+    the JSON.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(quiet=not verbose)
+    console = Console(quiet=not verbose, highlight=False)
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    if noise <= 0 or int(round(noise * n_train)) < 1:
+        raise ValueError(f"noise={noise} flips no label of {n_train}; the demo needs some flipped labels to find")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+        console.print("suspects.png will not be written: it needs matplotlib: pip install 'hessfree[plots]'")
 
     x_all, y_all = digits()
+    if n_train + n_val >= len(y_all):
+        raise ValueError(f"n_train + n_val = {n_train + n_val} leaves no test rows of the {len(y_all)} digits")
     tr, va, te = _split(len(y_all), seed, n_train, n_val)
     y_noisy, flipped = flip_labels(y_all[tr], noise, n_classes=10, seed=seed)
     x_tr, y_tr = torch.from_numpy(x_all[tr]), torch.from_numpy(y_noisy)
@@ -152,8 +173,9 @@ def run_demo(
     # curation with the default report: its estimated share of wrong labels, no oracle knowledge
     order = default.index
     predicted = predict(model, x_tr).numpy()
-    png = out / "suspects.png"
-    _plot_suspects(png, x_all[tr], y_noisy, predicted, flipped, order)
+    png = out / "suspects.png" if plt is not None else None
+    if plt is not None:
+        _plot_suspects(plt, png, x_all[tr], tr, y_noisy, predicted, flipped, order)
     share = default.estimated_noise_share()
     removed = default.flagged()
     _, relabelled = curation.relabel(-default.suspicion(), y_noisy, default.suggestions(), count=len(removed))
@@ -191,20 +213,32 @@ def run_demo(
     fixed = float(np.mean(relabelled[flipped] == y_all[tr][flipped]))
     console.print(
         f"{hit:.0%} of the flagged examples were truly flipped; relabelling restores the true label of "
-        f"{fixed:.0%} of all flips; suspects grid: {png}"
+        f"{fixed:.0%} of all flips" + (f"; suspects grid: {png}" if png else "")
     )
 
+    suggested = default.suggestions()
     report = {
+        "command": "demo",
+        "args": args if args is not None else {"out": str(out), "seed": seed, "noise": noise, "epochs": epochs,
+                                                "n_train": n_train, "retrain_seeds": retrain_seeds},
         "config": {"seed": seed, "noise": noise, "epochs": epochs, "n_train": len(tr), "n_val": len(va), "n_test": len(te)},
+        "labels": {"column": "digits digit", "classes": list(range(10)), "codes": {str(c): c for c in range(10)}},
+        "row_numbering": "index into hessfree.datasets.digits() (the loader's order)",
+        "training_rows": tr.tolist(),
+        "top_suspects": [
+            {"row": int(tr[i]), "given_label": int(y_noisy[i]), "true_label": int(y_all[tr][i]),
+             "suggested_label": int(suggested[i]), "flipped": bool(flipped[i])}
+            for i in order[:24]
+        ],
         "detection": rows,
         "estimated_noise_share": share,
         "flagged": int(len(removed)),
         "flagged_truly_flipped_share": float(hit),
         "flips_restored_by_relabelling": fixed,
         "test_accuracy_mean_std": retrained,
-        "suspects_png": str(png),
+        "suspects_png": str(png) if png else None,
         "seconds_total": time.perf_counter() - t_start,
     }
-    (out / "demo.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "demo.json", report)
     console.print(f"results: {out / 'demo.json'}  ({report['seconds_total']:.1f} s)")
     return report

@@ -1,163 +1,522 @@
-"""Bodies of the application commands (kept out of cli.py so it stays small)."""
+"""Bodies of the ``noisy-labels``, ``defend`` and ``fairness`` commands (cli.py parses and checks the flags).
+
+Each run checks its data and every flag combination before any training,
+prints its result as tables (rich), and writes one JSON file that records the
+arguments, the label (and group) mapping and the numbers printed, plus a PNG
+when matplotlib is installed (the ``plots`` extra; without it the run says so
+and goes on).
+"""
 
 from __future__ import annotations
 
 import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table as RichTable
 from tqdm.auto import tqdm
 
-from .. import members as hf_members
+from ..attacks import PGD, LinearMinimal
 from ..datasets import flip_labels
+from ..errors import DataError
+from ..members import Checkpoints
 from ..metrics import average_precision, recall_at_k, roc_auc
 from ..task import ClassificationTask
-from ..training import accuracy, predict, train
+from ..training import train
 from . import commands as C
+from ._retrain import fit_model
 from .defense import defend
 from .fairness import repair_fairness
 from .noisy_labels import find_noisy_labels
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+TRAIN_RECIPE = {"lr": 0.1, "momentum": 0.9, "batch_size": 128}
 
 
-def _echo(msg: str) -> None:
-    tqdm.write(msg)
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
 
 
-def run_noisy_labels(data, csv, label, features, out, arch, epochs, noise, method, top, seed, n_train, suggest="members") -> dict:
-    split = C.load(data, csv, label, None, features, seed, n_train)
-    x, y = split.tensors("train")
-    k = int(max(split.y.max(), split.yv.max(), split.yt.max())) + 1
-    flipped = None
-    if noise > 0:
-        noisy, flipped = flip_labels(split.y, noise, n_classes=k, seed=seed)
-        y = torch.from_numpy(noisy)
+def _note(msg: str) -> None:
+    """One line on stderr that does not break a progress bar."""
+    tqdm.write(msg, file=None)
+
+
+def _plots_or_note(png: str) -> Any:
+    """pyplot, or ``None`` after saying which extra writes ``png``."""
+    try:
+        return C.pyplot()
+    except ImportError as e:
+        _console().print(f"{png} not written: {e}")
+        return None
+
+
+# ---- noisy labels ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RowScores:
+    """Suspicion of every row (positions ``0..n-1`` of the data passed), most suspicious NOT first.
+
+    Attributes:
+        score, uncertainty, suggested, predicted: ``(n,)`` in position order
+            (suggested / predicted are class codes).
+        method: the scoring method used.
+        scheme: how the rows were scored, in words.
+        accuracy: agreement of the models' predictions with the given labels
+            (cross-fitting: each row predicted by the model that did not train on it).
+        notes: anything the user should know (small classes and the like).
+    """
+
+    score: np.ndarray
+    uncertainty: np.ndarray
+    suggested: np.ndarray
+    predicted: np.ndarray
+    method: str
+    scheme: str
+    accuracy: float
+    notes: list[str] = field(default_factory=list)
+
+
+def _train_with_checkpoints(arch: str, x: torch.Tensor, y: torch.Tensor, k: int, epochs: int, seed: int, progress: bool):
     torch.manual_seed(seed)
     model = C.make_model_factory(arch, x.shape[1], k)()
-    res = train(model, (x, y), epochs=epochs, lr=0.1, momentum=0.9, seed=seed, checkpoints=True, progress=True)
+    res = train(model, (x, y), epochs=epochs, seed=seed, checkpoints=True, progress=progress, **TRAIN_RECIPE)
+    return model, Checkpoints(res.checkpoints, res.lrs)
+
+
+def score_rows(x: np.ndarray, y: np.ndarray, k: int, *, arch: str = "mlp", epochs: int = 10, seed: int = 0,
+               folds: int = 5, method: str = "auto", suggest: str = "members", progress: bool = False) -> RowScores:  # fmt: skip
+    """Score every row for how likely its label is wrong.
+
+    ``folds >= 2``: cross-fitting. The rows are split into ``folds`` parts
+    (stratified by the given label, seeded); for each part a model is trained
+    on the other parts with a checkpoint per epoch, and the part's rows are
+    scored with :func:`hessfree.apps.find_noisy_labels` at those checkpoints,
+    so no row is scored by a model that trained on it. ``folds=1``: one model
+    trained on every row scores every row (in-sample self-influence).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    n = len(y)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    score, unc = np.zeros(n), np.zeros(n)
+    suggested, predicted = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    notes: list[str] = []
+    if folds <= 1:
+        model, ckpts = _train_with_checkpoints(arch, xt, yt, k, epochs, seed, progress)
+        rep = find_noisy_labels(ClassificationTask(model), (xt, yt), None, members=ckpts, method=method, suggest=suggest,
+                                n_classes=k, progress=progress)  # fmt: skip
+        score[rep.index], unc[rep.index] = rep.score, rep.uncertainty
+        suggested[rep.index], predicted[rep.index] = rep.suggested_label, rep.predicted_label
+        scheme = "one model trained on every row (in-sample self-influence over its epoch checkpoints)"
+        used = rep.method
+    else:
+        counts = np.bincount(y, minlength=k)
+        small = [c for c in range(k) if 0 < counts[c] < folds]
+        if small:
+            notes.append(
+                f"{len(small)} classes have fewer rows than --folds {folds} (codes {small[:10]}): a model that never "
+                "saw such a class cannot suggest it"
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            parts = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y))
+        used = method
+        for f, (tr, te) in enumerate(tqdm(parts, desc="folds", disable=not progress, leave=False)):
+            model, ckpts = _train_with_checkpoints(arch, xt[tr], yt[tr], k, epochs, seed + f, progress)
+            rep = find_noisy_labels(ClassificationTask(model), (xt[te], yt[te]), None, members=ckpts, method=method,
+                                    suggest=suggest, n_classes=k, progress=progress)  # fmt: skip
+            rows = te[rep.index]
+            score[rows], unc[rows] = rep.score, rep.uncertainty
+            suggested[rows], predicted[rows] = rep.suggested_label, rep.predicted_label
+            used = rep.method
+        scheme = (
+            f"{folds}-fold cross-fitting: each row scored (self-influence over the epoch checkpoints) by a model "
+            "trained on the other folds, never on the row itself"
+        )
+    return RowScores(score, unc, suggested, predicted, used, scheme, float(np.mean(predicted == y)), notes)
+
+
+def _record(i: int, rows: np.ndarray, labels: C.Labels, y: np.ndarray, s: RowScores) -> dict[str, Any]:
+    return {
+        "row": int(rows[i]), "given_label": labels.name(y[i]), "suggested_label": labels.name(s.suggested[i]),
+        "predicted_label": labels.name(s.predicted[i]), "score": float(s.score[i]), "uncertainty": float(s.uncertainty[i]),
+        "suggested_equals_given": bool(s.suggested[i] == y[i]),
+    }  # fmt: skip
+
+
+def run_noisy_labels(args: dict[str, Any]) -> dict:
+    a = args
+    C.check_source(a["data"], a["csv"], a["label"], None, a["features"], a["n_train"], "noisy-labels")
+    out = C.prepare_out(a["out"])
+    table, used = C.load_table(a["data"], a["csv"], a["label"], a["features"], a["seed"], a["n_train"])
+    n, k = len(used), len(table.labels.classes)
+    if a["folds"] > n:
+        raise C.CommandError(f"--folds {a['folds']} is more than the {n} rows; use 2 <= --folds <= {n} (or 1: no cross-fitting)")
+    x = table.standardised(used)[used]
+    y = table.y[used].copy()
+    rows = table.rows[used]
+    flipped = None
+    if a["noise"] > 0:
+        m = int(round(a["noise"] * n))
+        if m < 1:
+            raise C.CommandError(f"--noise {a['noise']:g} flips no row of {n} (round({a['noise']:g} x {n}) = 0); use --noise >= {0.5 / n:.2g}")
+        y, flipped = flip_labels(y, a["noise"], n_classes=k, seed=a["seed"])
+    plt = _plots_or_note("noisy_labels.png")
     t0 = time.perf_counter()
-    report = find_noisy_labels(
-        ClassificationTask(model), (x, y), val=split.tensors("val") if method not in ("self", "self_weights") else None,
-        members=hf_members.Checkpoints(res.checkpoints, res.lrs), method=method, suggest=suggest, progress=True,
-    )  # fmt: skip
+    s = score_rows(x, y, k, arch=a["model"], epochs=a["epochs"], seed=a["seed"], folds=a["folds"], method=a["method"],
+                   suggest=a["suggest"], progress=True)  # fmt: skip
     seconds = time.perf_counter() - t0
-    n_flag = len(report.flagged(top))
-    payload = {
-        "data": split.name, "model": arch, "epochs": epochs, "method": report.method, "diagnostics": report.diagnostics, "seed": seed,
-        "n_train": len(report), "seconds_scoring": seconds, "estimated_noise_share": report.estimated_noise_share(),
-        "test_accuracy": accuracy(model, *split.tensors("test")),
-        "flagged": report.top(n_flag).to_records(),
+    order = np.argsort(-s.score, kind="stable")
+    share = float(np.mean(s.suggested != y))
+    top = a["top"]
+    n_flag = int(round((share if top is None else top) * n))
+    cutoff = float(s.score[order[n_flag - 1]]) if n_flag else None
+    records = [_record(i, rows, table.labels, y, s) for i in order]
+    payload: dict[str, Any] = {
+        "command": "noisy-labels", "args": _jsonable(a), "data": table.name, "row_numbering": table.row_meaning,
+        "labels": table.labels.to_dict(), "n_rows_scored": n, "n_rows_in_source": len(table),
+        "scheme": s.scheme, "method": s.method, "model": a["model"], "epochs": a["epochs"],
+        "score_meaning": "suspicion: higher = more likely mislabelled (see docs/applications.md)",
+        "uncertainty_meaning": "standard deviation over the epoch checkpoints of the row's percentile rank, in [0, 0.5]",
+        "agreement_with_given_labels": s.accuracy, "estimated_noise_share": share,
+        "flag_rule": f"--top {top:g}" if top is not None else "the estimated share of wrong labels (suggested label differs from the given one)",
+        "n_flagged": n_flag, "cutoff_score": cutoff, "seconds_scoring": seconds, "notes": s.notes,
+        "flagged": records[:n_flag],
+        "table": {key: [r[key] for r in records] for key in records[0]} if records else {},
     }  # fmt: skip
     if flipped is not None:
-        s = report.suspicion()
+        sc = s.score
         payload["detection"] = {
-            "noise": noise, "roc_auc": roc_auc(s, flipped), "average_precision": average_precision(s, flipped),
-            "recall_top10": recall_at_k(s, flipped, fraction=0.1), "recall_top20": recall_at_k(s, flipped, fraction=0.2),
-            "suggestion_correct_on_flips": float(np.mean(report.suggestions()[flipped] == split.y[flipped])),
-            "prediction_correct_on_flips": float(np.mean(predict(model, x[flipped]).numpy() == split.y[flipped])),
+            "noise": a["noise"], "flipped_rows": rows[flipped].tolist(),
+            "roc_auc": roc_auc(sc, flipped), "average_precision": average_precision(sc, flipped),
+            "recall_top10": recall_at_k(sc, flipped, fraction=0.1), "recall_top20": recall_at_k(sc, flipped, fraction=0.2),
+            "suggestion_restores_label_on_flips": float(np.mean(s.suggested[flipped] == table.y[used][flipped])),
         }  # fmt: skip
-        _echo(
-            f"flips: ROC-AUC {payload['detection']['roc_auc']:.3f}, AP {payload['detection']['average_precision']:.3f}, "
-            f"top 10% recall {payload['detection']['recall_top10']:.3f}; suggested label right on "
-            f"{payload['detection']['suggestion_correct_on_flips']:.0%} of the flips"
-        )
-    path = C.write_json(out, "noisy_labels.json", {**payload, "table": report.to_dict()})
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    s = report.suspicion()
-    if flipped is not None:
-        ax.hist([s[~flipped], s[flipped]], bins=50, stacked=True, label=["clean", "flipped"])
-        ax.legend()
-    else:
-        ax.hist(s, bins=50)
-    ax.set_xlabel(f"suspicion ({method})")
-    ax.set_ylabel("training examples")
-    C.save_figure(fig, out, "noisy_labels.png")
-    plt.close(fig)
-    how = f"--top {top:g}" if top is not None else f"the estimated share of wrong labels, {report.estimated_noise_share():.1%}"
-    _echo(f"wrote {path} and {out / 'noisy_labels.png'}; {n_flag} suspects flagged ({how})")
+    path = C.write_json(out, "noisy_labels.json", payload)
+    png = None
+    if plt is not None:
+        png = _noisy_histogram(plt, out, s.score, flipped, cutoff, n_flag, s.method)
+    _print_noisy(payload, records, a["show"], path, png)
     return payload
 
 
-def run_defend(data, csv, label, features, out, arch, epochs, action, fraction, draws, seed, n_train) -> dict:
-    split = C.load(data, csv, label, None, features, seed, n_train)
-    k = int(max(split.y.max(), split.yt.max())) + 1
-    if k != 2 and arch == "lr":
-        raise ValueError("defend with --model lr uses the binary LinearMinimal attack; use --model mlp for more classes")
-    make = C.make_model_factory(arch, split.x.shape[1], k)
-    tk = {"epochs": epochs, "lr": 0.05, "momentum": 0.9, "batch_size": 128}
-    rows = []
-    for draw in tqdm(range(draws), desc="attack draws"):
+def _noisy_histogram(plt, out: Path, score: np.ndarray, flipped, cutoff, n_flag: int, method: str) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    if flipped is not None:
+        ax.hist([score[~flipped], score[flipped]], bins=50, stacked=True, label=["kept", "flipped by --noise"])
+    else:
+        ax.hist(score, bins=50, label="rows")
+    if cutoff is not None:
+        ax.axvline(cutoff, color="crimson", linestyle="--", label=f"cut-off: {n_flag} flagged (score >= {cutoff:.3g})")
+    ax.legend(fontsize=7)
+    ax.set_xlabel(f"suspicion ({method}; higher = more likely mislabelled)")
+    ax.set_ylabel("rows")
+    path = C.save_figure(fig, out, "noisy_labels.png")
+    plt.close(fig)
+    return path
+
+
+def _print_noisy(p: dict, records: list[dict], show: int, path: Path, png: Path | None) -> None:
+    con = _console()
+    con.print(f"{p['n_rows_scored']} rows of {p['data']} scored ({p['scheme']}); method {p['method']}")
+    if show:
+        t = RichTable(title=f"Most suspicious rows (row: {p['row_numbering']})", title_justify="left")
+        for col in ("rank", "row", "given label", "suggested label", "score", "uncertainty"):
+            t.add_column(col, justify="right" if col in ("rank", "row", "score", "uncertainty") else "left")
+        for i, r in enumerate(records[:show]):
+            mark = "  (= given)" if r["suggested_equals_given"] else ""
+            cut = i == p["n_flagged"] - 1 and p["n_flagged"] < len(records)
+            t.add_row(str(i + 1), str(r["row"]), str(r["given_label"]), f"{r['suggested_label']}{mark}",
+                      f"{r['score']:.4g}", f"{r['uncertainty']:.3f}", end_section=cut)  # fmt: skip
+        con.print(t)
+        if p["n_flagged"] < min(show, len(records)):
+            con.print(f"(rows below the line are not flagged: the cut-off is rank {p['n_flagged']})")
+    con.print(
+        f"estimated share of wrong labels: {p['estimated_noise_share']:.1%} (rows whose suggested label differs from "
+        f"the given one); flagged: {p['n_flagged']} rows ({p['flag_rule']})"
+        + (f", cut-off score {p['cutoff_score']:.4g}" if p["cutoff_score"] is not None else "")
+    )
+    same = sum(r["suggested_equals_given"] for r in p["flagged"])
+    if same:
+        con.print(
+            f"{same} flagged rows have a suggested label equal to the given one ('= given'): the models agree "
+            "with the label but the row still scores high (a hard, atypical or ambiguous example); check it, "
+            "but there is no better label to offer"
+        )
+    for note in p["notes"]:
+        con.print(f"note: {note}")
+    if "detection" in p:
+        d = p["detection"]
+        con.print(
+            f"planted flips ({len(d['flipped_rows'])} rows): ROC-AUC {d['roc_auc']:.3f}, AP {d['average_precision']:.3f}, "
+            f"{d['recall_top10']:.0%} of them in the top 10%; the suggested label restores "
+            f"{d['suggestion_restores_label_on_flips']:.0%} of them"
+        )
+    con.print(f"wrote {path}" + (f" and {png}" if png else ""))
+
+
+# ---- defence --------------------------------------------------------------------------------------
+
+
+def _acted_fraction_check(fraction: float, n: int, flag: str) -> None:
+    if int(round(fraction * n)) < 1:
+        raise C.CommandError(
+            f"{flag} {fraction:g} acts on no row of the {n} training rows (round({fraction:g} x {n}) = 0); "
+            f"use {flag} >= {0.5 / n:.2g}"
+        )
+
+
+def make_attack(arch: str, eps: float | None, overshoot: float | None):
+    """The attack of ``defend``: LinearMinimal for ``lr``, PGD (L-inf, 10 steps) for ``mlp``."""
+    if arch == "lr":
+        if eps is not None:
+            raise C.CommandError(f"--eps {eps:g} sets the PGD attack of --model mlp; with --model lr the attack is "
+                                 "LinearMinimal: set its strength with --overshoot")  # fmt: skip
+        o = 0.3 if overshoot is None else overshoot
+        return LinearMinimal(overshoot=o), (
+            f"LinearMinimal, overshoot {o:g}: each test point is moved along the weight vector just across the "
+            f"original model's decision boundary and {o:.0%} beyond it"
+        )
+    if overshoot is not None:
+        raise C.CommandError(f"--overshoot {overshoot:g} sets the LinearMinimal attack of --model lr; with --model mlp "
+                             "the attack is PGD: set its strength with --eps")  # fmt: skip
+    e = 0.25 if eps is None else eps
+    return PGD(eps=e, steps=10), f"PGD, L-inf radius eps {e:g} in standardised feature units, 10 steps"
+
+
+def run_defend(args: dict[str, Any]) -> dict:
+    a = args
+    C.check_source(a["data"], a["csv"], a["label"], None, a["features"], a["n_train"], "defend")
+    if a["model"] == "lr" and a["eps"] is not None or a["model"] == "mlp" and a["overshoot"] is not None:
+        make_attack(a["model"], a["eps"], a["overshoot"])  # raises, naming the flag
+    out = C.prepare_out(a["out"])
+    split = C.load_split(a["data"], a["csv"], a["label"], None, a["features"], a["seed"], a["n_train"])
+    k = len(split.table.labels.classes)
+    if k != 2 and a["model"] == "lr":
+        raise C.CommandError(
+            f"--model lr uses the binary LinearMinimal attack but --label has {k} classes; use --model mlp (PGD)"
+        )
+    _acted_fraction_check(a["fraction"], len(split.y), "--fraction")
+    attack, attack_words = make_attack(a["model"], a["eps"], a["overshoot"])
+    plt = _plots_or_note("defend.png")
+    make = C.make_model_factory(a["model"], split.x.shape[1], k)
+    tk = {"epochs": a["epochs"], "lr": 0.05, "momentum": 0.9, "batch_size": 128, "progress": True}
+    base = fit_model(make, *split.tensors("train"), a["seed"], tk)
+    tk["progress"] = False
+    runs = []
+    for draw in tqdm(range(a["draws"]), desc="attack draws", leave=False):
         for strategy in ("influence", "random"):
             r = defend(
-                make, split.tensors("train"), split.tensors("val"), split.tensors("test"), action=action,
-                fraction=fraction, attack_seed=draw, strategy=strategy, seed=seed, train_kwargs=tk,
+                make, split.tensors("train"), split.tensors("val"), split.tensors("test"), action=a["action"],
+                fraction=a["fraction"], attack=attack, attack_seed=draw, strategy=strategy, seed=a["seed"],
+                train_kwargs=tk, base_model=base,
             )  # fmt: skip
-            rows.append(r.to_dict())
-    payload = {"data": split.name, "model": arch, "action": action, "fraction": fraction, "runs": rows}
-    path = C.write_json(out, "defend.json", payload)
-    plt = _plt()
-    inf = [r for r in rows if r["strategy"] == "influence"]
-    rnd = [r for r in rows if r["strategy"] == "random"]
-    vals = {
-        "no defence": np.mean([r["attacked_acc_before"] for r in inf]),
-        "random": np.mean([r["attacked_acc_after"] for r in rnd]),
-        "hessfree": np.mean([r["attacked_acc_after"] for r in inf]),
+            d = r.to_dict()
+            d["rows_acted_on"] = split.rows[np.asarray(r.indices, dtype=np.int64)].tolist()
+            del d["indices"]
+            runs.append(d)
+    keys = ("clean_acc_before", "clean_acc_after", "attacked_acc_before", "attacked_acc_after")
+    summary = {
+        s: {key: float(np.mean([r[key] for r in runs if r["strategy"] == s])) for key in keys} for s in ("influence", "random")
     }
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.bar(list(vals), list(vals.values()))
-    ax.set_ylabel("accuracy on attacked test points")
-    ax.set_title(f"{split.name}, {arch}, {action} {fraction:.0%}")
-    C.save_figure(fig, out, "defend.png")
-    plt.close(fig)
-    _echo(" | ".join(f"{k_}: {v:.3f}" for k_, v in vals.items()) + f"; wrote {path}")
+    payload = {
+        "command": "defend", "args": _jsonable(a), "data": split.name, "row_numbering": split.table.row_meaning,
+        "labels": split.table.labels.to_dict(), "sizes": split.sizes(), "attack": attack_words,
+        "accuracy_units": "share of the test rows classified correctly, in [0, 1]",
+        "mean_over_draws": summary, "runs": runs,
+    }  # fmt: skip
+    path = C.write_json(out, "defend.json", payload)
+    png = _defend_plot(plt, out, split.name, a, summary) if plt is not None else None
+    _print_defend(payload, a, path, png)
     return payload
 
 
-def run_fairness(data, csv, label, group, features, out, arch, epochs, metric, action, fractions, seed, n_train) -> dict:
-    split = C.load(data, csv, label, group, features, seed, n_train)
-    if split.g is None:
-        raise ValueError("fairness needs groups: use a tabular built-in data set or pass --group COLUMN with --csv")
-    if int(max(split.y.max(), split.yt.max())) + 1 != 2:
-        raise ValueError("fairness repair needs binary labels")
-    try:
-        fr = [float(f) for f in fractions.split(",")]
-    except ValueError as e:
-        raise ValueError(f"--fractions must be comma-separated numbers, got {fractions!r}") from e
-    make = C.make_model_factory(arch, split.x.shape[1], 2)
-    tk = {"epochs": epochs, "lr": 0.05, "momentum": 0.9, "batch_size": 128}
+def _defend_plot(plt, out, name, a, summary) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    labels = ["no defence", "random", "hessfree"]
+    att = [summary["influence"]["attacked_acc_before"], summary["random"]["attacked_acc_after"], summary["influence"]["attacked_acc_after"]]
+    cln = [summary["influence"]["clean_acc_before"], summary["random"]["clean_acc_after"], summary["influence"]["clean_acc_after"]]
+    pos = np.arange(3)
+    ax.bar(pos - 0.2, [100 * v for v in cln], 0.4, label="clean")
+    ax.bar(pos + 0.2, [100 * v for v in att], 0.4, label="under attack")
+    ax.set_xticks(pos, labels)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{name}, {a['model']}, {a['action']} {a['fraction']:.0%}", fontsize=9)
+    ax.legend(fontsize=7)
+    path = C.save_figure(fig, out, "defend.png")
+    plt.close(fig)
+    return path
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _pts(v: float) -> str:
+    return f"{100 * v:+.1f} pts"
+
+
+def _print_defend(p: dict, a: dict, path: Path, png: Path | None) -> None:
+    con = _console()
+    n_test = p["sizes"]["test"]
+    con.print(f"attack: {p['attack']}; measured on the {n_test} test rows attacked against the original model")
+    s = p["mean_over_draws"]
+    t = RichTable(title=f"Test accuracy, {a['action']} {a['fraction']:.0%} of the {p['sizes']['train']} training rows "
+                        f"(mean of {a['draws']} attack draws)", title_justify="left")  # fmt: skip
+    for col in ("training data", "clean", "clean change", "under attack", "under-attack change"):
+        t.add_column(col, justify="left" if col == "training data" else "right")
+    before = s["influence"]
+    t.add_row("all rows (no defence)", _pct(before["clean_acc_before"]), "", _pct(before["attacked_acc_before"]), "")
+    for strategy, words in (("random", f"{a['action']} at random"), ("influence", f"{a['action']} by hessfree")):
+        r = s[strategy]
+        t.add_row(words, _pct(r["clean_acc_after"]), _pts(r["clean_acc_after"] - r["clean_acc_before"]),
+                  _pct(r["attacked_acc_after"]), _pts(r["attacked_acc_after"] - r["attacked_acc_before"]))  # fmt: skip
+    con.print(t)
+    con.print(f"wrote {path}" + (f" and {png}" if png else ""))
+
+
+# ---- fairness -------------------------------------------------------------------------------------
+
+
+def _favourable(split: C.Split, given: str | None) -> tuple[int, str]:
+    labels = split.table.labels
+    if given is not None:
+        return labels.code_of(given, "--favourable"), "--favourable"
+    if split.table.favourable is not None:
+        return split.table.favourable, f"the built-in {split.name}'s favourable label"
+    if [str(c) for c in labels.classes] in (["0", "1"], ["False", "True"]):
+        return 1, "the default for 0/1 labels"
+    raise C.CommandError(
+        f"--favourable is needed: --label {labels.column!r} has classes {', '.join(repr(str(c)) for c in labels.classes)} "
+        f"and none is 1; pass the favourable outcome, for example --favourable {str(labels.classes[-1])!r}"
+    )
+
+
+def _check_groups(split: C.Split, metric: str, fav: int) -> None:
+    groups = split.table.groups
+    n_groups = len(groups.classes)
+    if n_groups < 2:
+        raise DataError(f"--group {groups.column!r} has one value ({groups.classes[0]!r}); a group gap needs two or more")
+    for part, g, y in (("validation", split.gv, split.yv), ("test", split.gt, split.yt)):
+        for code in range(n_groups):
+            sel = g == code
+            if metric == "eo":
+                sel = sel & (y == fav)
+            if not sel.any():
+                extra = " with the favourable label" if metric == "eo" else ""
+                raise DataError(
+                    f"group {groups.classes[code]!r} of {groups.column!r} has no rows{extra} in the {part} split "
+                    f"({len(y)} rows, 20% of the data, seeded by --seed): the gap cannot be measured; add rows of that "
+                    "group or try another --seed"
+                )
+
+
+def run_fairness(args: dict[str, Any]) -> dict:
+    a = args
+    C.check_source(a["data"], a["csv"], a["label"], a["group"], a["features"], a["n_train"], "fairness")
+    if a["csv"] is not None and a["group"] is None:
+        raise C.CommandError("fairness with --csv needs --group COLUMN (the sensitive attribute)")
+    if a["data"] is not None and a["data"] not in C.BUILTIN_GROUPS:
+        raise C.CommandError(
+            f"--data {a['data']!r} has no groups; fairness needs one of {', '.join(C.BUILTIN_GROUPS)} or --csv with --group"
+        )
+    fractions = a["fractions"]
+    out = C.prepare_out(a["out"])
+    split = C.load_split(a["data"], a["csv"], a["label"], a["group"], a["features"], a["seed"], a["n_train"])
+    labels = split.table.labels
+    if len(labels.classes) != 2:
+        raise DataError(
+            f"fairness needs a binary label; {labels.column!r} has {len(labels.classes)} classes: "
+            f"{', '.join(repr(str(c)) for c in labels.classes[:10])}"
+        )
+    fav, fav_source = _favourable(split, a["favourable"])
+    _check_groups(split, a["metric"], fav)
+    for f in fractions:
+        _acted_fraction_check(f, len(split.y), "--fractions")
+    plt = _plots_or_note("fairness.png")
+    make = C.make_model_factory(a["model"], split.x.shape[1], 2)
+    tk = {"epochs": a["epochs"], "lr": 0.05, "momentum": 0.9, "batch_size": 128, "progress": True}
+    base = fit_model(make, *split.tensors("train"), a["seed"], tk)
+    tk["progress"] = False
     results = {}
-    for strategy in tqdm(("influence", "random"), desc="strategies"):
+    for strategy in tqdm(("influence", "random"), desc="strategies", leave=False):
         results[strategy] = repair_fairness(
             make, split.tensors("train"), split.tensors("val"), split.gv, split.tensors("test"), split.gt,
-            metric=metric, action=action, fractions=fr, favourable=split.favourable, strategy=strategy,
-            seed=seed, train_kwargs=tk,
+            metric=a["metric"], action=a["action"], fractions=fractions, favourable=fav, strategy=strategy,
+            seed=a["seed"], train_kwargs=tk, base_model=base,
         )  # fmt: skip
-    payload = {"data": split.name, "model": arch, "metric": metric, "action": action}
+    inf, rnd = results["influence"], results["random"]
+    best = inf.best()
+    payload = {
+        "command": "fairness", "args": _jsonable(a), "data": split.name, "row_numbering": split.table.row_meaning,
+        "labels": {**labels.to_dict(), "favourable": labels.name(fav), "favourable_code": fav, "favourable_from": fav_source},
+        "groups": split.table.groups.to_dict(), "sizes": split.sizes(), "metric": a["metric"], "action": a["action"],
+        "gap_units": "difference of rates between groups, in [0, 1]", "accuracy_units": "share of test rows, in [0, 1]",
+        "gap_before": inf.gap_before, "acc_before": inf.acc_before,
+        "best_within_1_point": None if best is None else {
+            "fraction": best.fraction, "gap": best.gap, "accuracy": best.accuracy,
+            "random_at_same_fraction": next({"gap": q.gap, "accuracy": q.accuracy} for q in rnd.curve if q.fraction == best.fraction),
+        },
+    }  # fmt: skip
     payload.update({k: {kk: vv for kk, vv in v.to_dict().items() if kk != "scores"} for k, v in results.items()})
     path = C.write_json(out, "fairness.json", payload)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for strategy, r in results.items():
-        ax.plot([p.accuracy for p in r.curve], [p.gap for p in r.curve], "o-", label=strategy)
-    ax.plot([results["influence"].acc_before], [results["influence"].gap_before], "k*", markersize=12, label="before")
-    ax.set_xlabel("test accuracy")
-    ax.set_ylabel(f"{metric.upper()} gap")
-    ax.legend()
-    C.save_figure(fig, out, "fairness.png")
-    plt.close(fig)
-    best = results["influence"].best()
-    _echo(
-        f"gap before {results['influence'].gap_before:.3f}; "
-        + (f"best within 1 point of accuracy: {best.gap:.3f} at {best.fraction:.0%}" if best else "no point within 1 point")
-        + f"; wrote {path}"
-    )
+    png = _fairness_plot(plt, out, results, a["metric"]) if plt is not None else None
+    _print_fairness(payload, fractions, path, png)
     return payload
+
+
+def _fairness_plot(plt, out, results, metric) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for strategy, r in results.items():
+        ax.plot([100 * p.accuracy for p in r.curve], [p.gap for p in r.curve], "o-",
+                label="hessfree" if strategy == "influence" else "random removal")  # fmt: skip
+    inf = results["influence"]
+    ax.plot([100 * inf.acc_before], [inf.gap_before], "k*", markersize=12, label="before")
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel(f"{metric.upper()} gap")
+    ax.legend(fontsize=7)
+    path = C.save_figure(fig, out, "fairness.png")
+    plt.close(fig)
+    return path
+
+
+def _print_fairness(p: dict, fractions: list[float], path: Path, png: Path | None) -> None:
+    con = _console()
+    lab, grp = p["labels"], p["groups"]
+    con.print(
+        f"favourable label: {str(lab['favourable'])!r} ({lab['favourable_from']}); groups of {grp['column']!r}: "
+        + ", ".join(repr(str(c)) for c in grp["classes"])
+    )
+    gap = p["metric"].upper()
+    t = RichTable(title=f"{gap} gap and test accuracy after {p['action']} ({p['sizes']['train']} training rows)",
+                  title_justify="left")  # fmt: skip
+    for col in ("share acted on", f"{gap} gap, hessfree", "accuracy, hessfree", f"{gap} gap, random", "accuracy, random"):
+        t.add_column(col, justify="right")
+    t.add_row("0 (before)", f"{p['gap_before']:.3f}", _pct(p["acc_before"]), f"{p['gap_before']:.3f}", _pct(p["acc_before"]))
+    for q_inf, q_rnd in zip(p["influence"]["curve"], p["random"]["curve"]):
+        t.add_row(f"{q_inf['fraction']:.0%}", f"{q_inf['gap']:.3f}", _pct(q_inf["accuracy"]), f"{q_rnd['gap']:.3f}",
+                  _pct(q_rnd["accuracy"]))  # fmt: skip
+    con.print(t)
+    b = p["best_within_1_point"]
+    if b is None:
+        con.print(f"no share keeps test accuracy within 1 point of {_pct(p['acc_before'])}")
+    else:
+        r = b["random_at_same_fraction"]
+        con.print(
+            f"best within 1 point of accuracy: {gap} gap {p['gap_before']:.3f} -> {b['gap']:.3f} at {b['fraction']:.0%} "
+            f"(accuracy {_pct(b['accuracy'])}); random removal at {b['fraction']:.0%}: gap {r['gap']:.3f}, accuracy {_pct(r['accuracy'])}"
+        )
+    con.print(f"wrote {path}" + (f" and {png}" if png else ""))
+
+
+def _jsonable(a: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in a.items()}
+
+
+__all__ = ["RowScores", "make_attack", "run_defend", "run_fairness", "run_noisy_labels", "score_rows"]

