@@ -1,5 +1,7 @@
 """TracIn-CP, dropout, weight-noise and model members against hand-written sums."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,118 @@ def test_models_members_sum_over_models(blobs, val_blobs):
     est = hf.Influence(hf.ClassificationTask(models[0]), members=hf.members.Models(models)).fit((x, y))
     expected = sum((train_grads(m, x, y) @ utility_grad(m, xv, yv)).numpy() for m in models)
     np.testing.assert_allclose(est.influence(hf.targets.Utility((xv, yv))), expected, rtol=1e-9, atol=1e-12)
+
+
+class TiedMLP(nn.Module):
+    """An MLP whose last layer reuses the first layer's weight (like an LM head tied to the embedding)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(5, 5).double()
+        self.out = nn.Linear(5, 3).double()
+        self.back = nn.Linear(5, 5, bias=False).double()
+        self.back.weight = self.inp.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.back(torch.tanh(self.inp(x)))))
+
+
+def tracin_by_hand(make, states, lrs, x, y, xv, yv):
+    expected = np.zeros(len(x))
+    for state, lr in zip(states, lrs):
+        ref = make()
+        ref.load_state_dict(state)
+        expected += lr * (train_grads(ref, x, y) @ utility_grad(ref, xv, yv)).numpy()
+    return expected
+
+
+def test_tied_weights_saved_under_both_names_are_accepted_when_equal_and_refused_when_not(blobs, val_blobs):
+    x, y = blobs
+    xv, yv, _ = val_blobs
+    model = TiedMLP()
+    states = [{n: p + 0.03 * (k + 1) * torch.randn_like(p) for n, p in TiedMLP(seed=k + 1).state_dict().items()} for k in range(2)]
+    for s in states:  # a tied model's own state_dict() names the shared tensor twice, with one value
+        s["back.weight"] = s["inp.weight"].clone()
+    assert set(states[0]) == {"inp.weight", "inp.bias", "out.weight", "out.bias", "back.weight"}
+    assert [n for n, _ in model.named_parameters()] == ["inp.weight", "inp.bias", "out.weight", "out.bias"]
+    lrs = [0.2, 0.1]
+    est = hf.Influence(hf.ClassificationTask(model), members=hf.members.Checkpoints(states, lrs=lrs)).fit((x, y))
+    expected = tracin_by_hand(TiedMLP, states, lrs, x, y, xv, yv)
+    np.testing.assert_allclose(est.influence(hf.targets.Utility((xv, yv))), expected, rtol=1e-9, atol=1e-12)
+    # the alias alone (the canonical name left out) fills the tied tensor too
+    only_alias = [{k: v for k, v in s.items() if k != "inp.weight"} for s in states]
+    est = hf.Influence(hf.ClassificationTask(model), members=hf.members.Checkpoints(only_alias, lrs=lrs)).fit((x, y))
+    np.testing.assert_allclose(est.influence(hf.targets.Utility((xv, yv))), expected, rtol=1e-9, atol=1e-12)
+    untied = dict(states[0], **{"back.weight": states[0]["inp.weight"] + 0.25})
+    with pytest.raises(ValueError, match=r"'inp.weight' and 'back.weight' are one tied tensor .*\(max \|difference\| 0.25\)"):
+        hf.Influence(hf.ClassificationTask(model), members=hf.members.Checkpoints([untied])).fit((x, y))
+
+
+def test_hugging_face_weight_files_folders_and_shards_load_as_the_state_dict(blobs, val_blobs, tmp_path):
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    x, y = blobs
+    xv, yv, _ = val_blobs
+    model = mlp()
+    state = {n: p.detach() + 0.1 for n, p in mlp(seed=3).state_dict().items()}
+    halves = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+
+    def folder(name, single, shard_name, write):
+        d = tmp_path / name
+        d.mkdir()
+        if single:
+            write(state, d / single)
+        else:  # two shards and the index transformers writes with them
+            files = [shard_name.format(i + 1) for i in range(2)]
+            for keys, f in zip(halves, files):
+                write({k: state[k] for k in keys}, d / f)
+            index = {"metadata": {}, "weight_map": {k: f for keys, f in zip(halves, files) for k in keys}}
+            (d / ("model.safetensors.index.json" if "safetensors" in shard_name else "pytorch_model.bin.index.json")).write_text(json.dumps(index))
+        return d
+
+    def safe(s, p):
+        save_file(dict(s), str(p))
+
+    def pt(s, p):
+        torch.save(dict(s), p)
+
+    paths = [
+        folder("safe", "model.safetensors", None, safe),
+        folder("safe_sharded", None, "model-0000{}-of-00002.safetensors", safe),
+        folder("bin", "pytorch_model.bin", None, pt),
+        folder("bin_sharded", None, "pytorch_model-0000{}-of-00002.bin", pt),
+    ]
+    paths += [paths[0] / "model.safetensors", paths[1] / "model.safetensors.index.json"]
+    for p in paths:
+        loaded = hf.members.load_checkpoint(p, model)
+        assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state), p
+    est = hf.Influence(hf.ClassificationTask(model), members=hf.members.Checkpoints(paths[:4], lrs=0.5)).fit((x, y))
+    expected = tracin_by_hand(mlp, [state] * 4, [0.5] * 4, x, y, xv, yv)
+    np.testing.assert_allclose(est.influence(hf.targets.Utility((xv, yv))), expected, rtol=1e-9, atol=1e-12)
+    # a shard index naming a shard that is not there
+    (paths[3] / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="shard 'pytorch_model-00002-of-00002.bin' named in"):
+        hf.members.load_checkpoint(paths[3], model)
+
+
+def test_folder_without_weights_names_the_files_it_expects(tmp_path):
+    run = tmp_path / "out"
+    (run / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"holds no model weights: expected one of \['model.safetensors'.*from_trainer"):
+        hf.members.load_checkpoint(run, mlp())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf.members.Checkpoints([tmp_path / "missing.pt"])
+
+
+def test_checkpoint_tensor_of_another_shape_is_refused_not_broadcast(blobs):
+    """A (1,)-shaped bias would broadcast in the forward pass and give numbers for another model."""
+    x, y = blobs
+    state = dict(mlp().state_dict(), **{"0.bias": torch.zeros(1, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"'0.bias' has shape \(1,\) but the model's is \(8,\)"):
+        hf.Influence(hf.ClassificationTask(mlp()), members=hf.members.Checkpoints([state])).fit((x, y))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -0.1, float("inf")])
+def test_learning_rate_that_is_not_a_finite_non_negative_number_is_refused(bad):
+    with pytest.raises(ValueError, match=rf"learning rate {bad} of checkpoint 1 is not a finite number >= 0"):
+        hf.members.Checkpoints([mlp().state_dict()] * 2, lrs=[0.1, bad])
