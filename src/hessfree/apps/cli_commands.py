@@ -180,12 +180,13 @@ def run_noisy_labels(args: dict[str, Any]) -> dict:
     records = [_record(i, rows, table.labels, y, s) for i in order]
     payload: dict[str, Any] = {
         "command": "noisy-labels", "args": _jsonable(a), "data": table.name, "row_numbering": table.row_meaning,
+        "row_short": table.row_short,
         "labels": table.labels.to_dict(), "n_rows_scored": n, "n_rows_in_source": len(table),
         "scheme": s.scheme, "method": s.method, "model": a["model"], "epochs": a["epochs"],
         "score_meaning": "suspicion: higher = more likely mislabelled (see docs/applications.md)",
         "uncertainty_meaning": "standard deviation over the epoch checkpoints of the row's percentile rank, in [0, 0.5]",
         "agreement_with_given_labels": s.accuracy, "estimated_noise_share": share,
-        "flag_rule": f"--top {top:g}" if top is not None else "the estimated share of wrong labels (suggested label differs from the given one)",
+        "flag_rule": f"--top {top:g}" if top is not None else "as many as the estimated share of wrong labels",
         "n_flagged": n_flag, "cutoff_score": cutoff, "seconds_scoring": seconds, "notes": s.notes,
         "flagged": records[:n_flag],
         "table": {key: [r[key] for r in records] for key in records[0]} if records else {},
@@ -226,9 +227,9 @@ def _print_noisy(p: dict, records: list[dict], show: int, path: Path, png: Path 
     con = _console()
     con.print(f"{p['n_rows_scored']} rows of {p['data']} scored ({p['scheme']}); method {p['method']}")
     if show:
-        t = RichTable(title=f"Most suspicious rows (row: {p['row_numbering']})", title_justify="left")
+        t = RichTable(title=f"Most suspicious rows of {p['data']} ({p['row_short']})", title_justify="left")
         for col in ("rank", "row", "given label", "suggested label", "score", "uncertainty"):
-            t.add_column(col, justify="right" if col in ("rank", "row", "score", "uncertainty") else "left")
+            t.add_column(col, justify="right" if col in ("rank", "row", "score", "uncertainty") else "left", no_wrap=True)
         for i, r in enumerate(records[:show]):
             mark = "  (= given)" if r["suggested_equals_given"] else ""
             cut = i == p["n_flagged"] - 1 and p["n_flagged"] < len(records)
@@ -329,7 +330,7 @@ def run_defend(args: dict[str, Any]) -> dict:
         "command": "defend", "args": _jsonable(a), "data": split.name, "row_numbering": split.table.row_meaning,
         "labels": split.table.labels.to_dict(), "sizes": split.sizes(), "attack": attack_words,
         "accuracy_units": "share of the test rows classified correctly, in [0, 1]",
-        "mean_over_draws": summary, "runs": runs,
+        "mean_over_draws": summary, "runs": runs, "split_rows": split.row_numbers(),
     }  # fmt: skip
     path = C.write_json(out, "defend.json", payload)
     png = _defend_plot(plt, out, split.name, a, summary) if plt is not None else None
@@ -369,10 +370,11 @@ def _print_defend(p: dict, a: dict, path: Path, png: Path | None) -> None:
     s = p["mean_over_draws"]
     t = RichTable(title=f"Test accuracy, {a['action']} {a['fraction']:.0%} of the {p['sizes']['train']} training rows "
                         f"(mean of {a['draws']} attack draws)", title_justify="left")  # fmt: skip
-    for col in ("training data", "clean", "clean change", "under attack", "under-attack change"):
-        t.add_column(col, justify="left" if col == "training data" else "right")
+    t.add_column("training data", no_wrap=True)
+    for col in ("clean", "change", "under attack", "change"):
+        t.add_column(col, justify="right", no_wrap=True)
     before = s["influence"]
-    t.add_row("all rows (no defence)", _pct(before["clean_acc_before"]), "", _pct(before["attacked_acc_before"]), "")
+    t.add_row("all (no defence)", _pct(before["clean_acc_before"]), "", _pct(before["attacked_acc_before"]), "")
     for strategy, words in (("random", f"{a['action']} at random"), ("influence", f"{a['action']} by hessfree")):
         r = s[strategy]
         t.add_row(words, _pct(r["clean_acc_after"]), _pts(r["clean_acc_after"] - r["clean_acc_before"]),
@@ -465,6 +467,7 @@ def run_fairness(args: dict[str, Any]) -> dict:
         },
     }  # fmt: skip
     payload.update({k: {kk: vv for kk, vv in v.to_dict().items() if kk != "scores"} for k, v in results.items()})
+    payload["split_rows"] = split.row_numbers()
     path = C.write_json(out, "fairness.json", payload)
     png = _fairness_plot(plt, out, results, a["metric"]) if plt is not None else None
     _print_fairness(payload, fractions, path, png)
@@ -496,8 +499,8 @@ def _print_fairness(p: dict, fractions: list[float], path: Path, png: Path | Non
     gap = p["metric"].upper()
     t = RichTable(title=f"{gap} gap and test accuracy after {p['action']} ({p['sizes']['train']} training rows)",
                   title_justify="left")  # fmt: skip
-    for col in ("share acted on", f"{gap} gap, hessfree", "accuracy, hessfree", f"{gap} gap, random", "accuracy, random"):
-        t.add_column(col, justify="right")
+    for col in ("share", f"{gap} gap, hessfree", "accuracy", f"{gap} gap, random", "accuracy"):
+        t.add_column(col, justify="right", no_wrap=True)
     t.add_row("0 (before)", f"{p['gap_before']:.3f}", _pct(p["acc_before"]), f"{p['gap_before']:.3f}", _pct(p["acc_before"]))
     for q_inf, q_rnd in zip(p["influence"]["curve"], p["random"]["curve"]):
         t.add_row(f"{q_inf['fraction']:.0%}", f"{q_inf['gap']:.3f}", _pct(q_inf["accuracy"]), f"{q_rnd['gap']:.3f}",

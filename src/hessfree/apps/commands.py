@@ -162,6 +162,7 @@ class Table:
     row_meaning: str
     numeric: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     favourable: int | None = None
+    row_short: str = ""
 
     def __len__(self) -> int:
         return len(self.y)
@@ -274,6 +275,7 @@ def read_table(path: Path, label: str, group: str | None, features: str | None) 
     return Table(
         x=x, y=y, g=g, rows=np.arange(len(df)), labels=labels, groups=groups, name=path.name,
         row_meaning=f"{ROW_MEANING_CSV} ({path.name})", numeric=np.asarray(numeric, dtype=bool),
+        row_short="row 0 = the first line after the header",
     )  # fmt: skip
 
 
@@ -291,6 +293,7 @@ def builtin_table(name: str, seed: int) -> tuple[Table, int]:
         return Table(
             x=X, y=y.astype(np.int64), g=None, rows=np.arange(len(y)), labels=_digit_labels(name), groups=None,
             name=name, row_meaning=f"index into hessfree.datasets.{fn}() (the loader's order)",
+            row_short=f"row = index into hessfree.datasets.{fn}()",
         ), len(y)  # fmt: skip
     d = datasets.TABULAR[name](seed=seed)
     x = np.concatenate([d.X_train, d.X_test])
@@ -299,7 +302,7 @@ def builtin_table(name: str, seed: int) -> tuple[Table, int]:
         g=np.concatenate([d.g_train, d.g_test]).astype(np.int64), rows=np.arange(len(x)),
         labels=Labels(f"{name} label", [0, 1]), groups=Labels(BUILTIN_GROUPS[name], list(d.group_names)), name=name,
         row_meaning=f"index into concatenate([X_train, X_test]) of hessfree.datasets.{name}(seed={seed})",
-        favourable=int(d.favourable),
+        favourable=int(d.favourable), row_short=f"row = index into the {name} loader's train + test rows",
     ), len(d.y_train)  # fmt: skip
 
 
@@ -334,6 +337,10 @@ class Split:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.y), "validation": len(self.yv), "test": len(self.yt)}
+
+    def row_numbers(self) -> dict[str, list[int]]:
+        """The source rows of each part (for the JSON)."""
+        return {"train": self.rows.tolist(), "validation": self.rows_v.tolist(), "test": self.rows_t.tolist()}
 
 
 def split_table(t: Table, tr: np.ndarray, va: np.ndarray, te: np.ndarray) -> Split:
