@@ -56,12 +56,13 @@ def interval_mean(n: int) -> float:
     return sum(schedule_rate(s) for s in range(n - SAVE + 1, n + 1)) / SAVE
 
 
-def train(model, out, callback: bool = True):
-    args = transformers.TrainingArguments(
+def train(model, out, callback: bool = True, **kw):
+    settings = dict(
         output_dir=str(out), use_cpu=True, report_to=[], save_strategy="steps", save_steps=SAVE, max_steps=STEPS,
         per_device_train_batch_size=4, learning_rate=LR, lr_scheduler_type="linear", logging_steps=1,
         disable_tqdm=True, seed=0,
     )  # fmt: skip
+    args = transformers.TrainingArguments(**{**settings, **kw})
     callbacks = [hf.integrations.TrainerCallback()] if callback else []
     trainer = transformers.Trainer(model=model, args=args, train_dataset=TRAIN, callbacks=callbacks)
     trainer.train()
@@ -143,11 +144,16 @@ def test_from_trainer_tied_llama_equals_checkpoints_loaded_by_hand(tied_run):
     live = llama(tie=True, seed=7).double()
     got = pairwise(live, hf.members.Checkpoints.from_trainer(out))
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    # the tied model's own state_dict() names the embedding twice (model.embed_tokens.weight, lm_head.weight)
-    states = [m.state_dict() for m, _ in hand]
-    assert "lm_head.weight" in states[0]
-    got_states = pairwise(live, hf.members.Checkpoints(states, lrs=[lr for _, lr in hand]))
-    torch.testing.assert_close(got_states, expected, rtol=1e-9, atol=1e-12)
+    # the tied model's own state_dict() names the embedding twice (model.embed_tokens.weight, lm_head.weight):
+    # read as the same values as the folder, one entry per parameter
+    for n, (model, _) in zip((2, 4, 6), hand):
+        state = model.state_dict()
+        assert "lm_head.weight" in state and "model.embed_tokens.weight" in state
+        got = hf.members.load_checkpoint(state, live)
+        params = dict(model.named_parameters())
+        assert set(got) == set(params) and all(torch.equal(got[k], params[k]) for k in params)
+        from_folder = hf.members.load_checkpoint(out / f"checkpoint-{n}", live)
+        assert set(from_folder) == set(params) and all(torch.equal(from_folder[k].double(), params[k]) for k in params)
 
 
 def test_from_trainer_lora_adapters_equal_adapters_loaded_with_peft(lora_run):
@@ -160,10 +166,15 @@ def test_from_trainer_lora_adapters_equal_adapters_loaded_with_peft(lora_run):
     live = lora_llama().double()
     got = pairwise(live, hf.members.Checkpoints.from_trainer(out))
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
-    # the adapter file itself, and its tensors as a state dict (peft's saved keys), give the same numbers
-    adapters = [out / f"checkpoint-{n}" / "adapter_model.safetensors" for n in (2, 4, 6)]
-    for members in (hf.members.Checkpoints(adapters, lrs), hf.members.Checkpoints([load_file(str(a)) for a in adapters], lrs)):
-        torch.testing.assert_close(pairwise(live, members), expected, rtol=1e-9, atol=1e-12)
+    # the folder, the adapter file itself and its tensors as a state dict (peft's saved keys) all give the
+    # adapter values peft loads, under the model's own names (with the adapter name), and nothing else
+    for n in (2, 4, 6):
+        folder = out / f"checkpoint-{n}"
+        adapter = {k: p for k, p in by_hand_lora(folder).named_parameters() if p.requires_grad}
+        assert adapter and all(".default." in k for k in adapter)
+        for source in (folder, folder / "adapter_model.safetensors", load_file(str(folder / "adapter_model.safetensors"))):
+            got = hf.members.load_checkpoint(source, live)
+            assert set(got) == set(adapter) and all(torch.equal(got[k].double(), adapter[k]) for k in adapter)
 
 
 def test_adapter_trained_with_another_lora_alpha_or_on_a_plain_model_is_refused(lora_run):
@@ -192,6 +203,11 @@ def test_trainer_state_log_history_gives_the_same_rates_and_a_gap_is_refused(tie
     state_file.write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"checkpoint-4: .* 1 of the 2 steps 3..4 \(missing e.g. step 3\).*TrainerCallback.*lrs="):
         hf.members.Checkpoints.from_trainer(copy)
+    # transformers before 4.51 logged the rate of the step after the logged one: not used
+    config_file = copy / "checkpoint-2" / "config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), transformers_version="4.50.3")))
+    with pytest.raises(ValueError, match=r"checkpoint-2: trainer_state.json comes from transformers 4.50, .*fixed in 4.51"):
+        hf.members.Checkpoints.from_trainer(copy)
     given = hf.members.Checkpoints.from_trainer(copy, lrs=[0.3, 0.2, 0.1])
     assert given.lrs == [0.3, 0.2, 0.1] and given.steps == [2, 4, 6]
     with pytest.raises(FileNotFoundError, match="holds no checkpoint-N folder"):
@@ -218,3 +234,11 @@ def test_callback_refuses_to_average_parameter_groups_with_different_rates(tmp_p
     assert rec["group_learning_rates"] == {"2": [0.1, 0.01]}
     with pytest.raises(ValueError, match=r"checkpoint-2: no single learning rate .* different learning rates at step 2.*lrs="):
         hf.members.Checkpoints.from_trainer(tmp_path)
+
+
+def test_callback_with_gradient_accumulation_records_one_rate_per_optimizer_step(tmp_path):
+    train(llama(tie=True), tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    ck = hf.members.Checkpoints.from_trainer(tmp_path)
+    assert ck.steps == [2, 4, 6] and ck.lrs == pytest.approx([interval_mean(n) for n in (2, 4, 6)], rel=1e-12)
+    rec = json.loads((tmp_path / "checkpoint-6" / "hessfree_lr.json").read_text())
+    assert rec["steps"] == [5, 6] and rec["learning_rates"] == pytest.approx([schedule_rate(5), schedule_rate(6)])
