@@ -266,27 +266,34 @@ def _update_hash(h, item: Any) -> None:
         h.update(f"V{item!r}|".encode())
 
 
+def new_hash():
+    """The hash the library fingerprints data and tensors with: SHA-256, which
+    processors with SHA instructions (recent x86 and ARM) run at about 1 GB/s,
+    2-3 times blake2b's speed."""
+    return hashlib.sha256()
+
+
 def batch_hash(batch: Any) -> str:
-    """A blake2b hash of everything in ``batch``: each tensor's dtype, shape and
+    """A SHA-256 hash of everything in ``batch``: each tensor's dtype, shape and
     bytes (inputs, labels, sample weights), dict keys and the position of each
     item; any other value by its ``repr``. Equal batches give equal hashes on any
     machine; any changed value, label or weight gives another one.
 
     Returns:
-        32 hexadecimal digits.
+        32 hexadecimal digits (the first 128 bits).
     """
-    h = hashlib.blake2b(digest_size=16)
+    h = new_hash()
     _update_hash(h, batch)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def combine_hashes(parts: list[tuple[int, int, str]]) -> str:
     """One hash of ``(offset, count, batch_hash)`` parts, taken in offset order:
     the hash of a whole data set cut into those batches."""
-    h = hashlib.blake2b(digest_size=16)
+    h = new_hash()
     for o, c, part in sorted(parts):
         h.update(f"{o}:{c}:{part};".encode())
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 class DataSource:

@@ -66,7 +66,10 @@ class Influence(StoreMixin):
             :mod:`hessfree.store`): written once (resumably, shared by
             torch.distributed ranks), then reused by every later target,
             ``pairwise``, ``top_k`` and ``self_influence`` call, in this or a
-            later session, without touching the training data.
+            later session, without touching the training data. ``fit(train)``
+            on a complete store hashes the data again (no gradients) and
+            raises :class:`hessfree.store.StoreMismatchError` if any input,
+            label, sample weight, the loss or the model changed.
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` on disk
             (arithmetic is always fp32).
         hessian: ``"identity"`` (default, the Hessian-free product) or a

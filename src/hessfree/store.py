@@ -46,6 +46,7 @@ import os
 import re
 import socket
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_save, atomic_write_json, check_settings
-from .data import _update_hash, combine_hashes
+from .data import _update_hash, combine_hashes, new_hash
 from .errors import HessfreeError
 
 try:  # POSIX; elsewhere a store is not locked against a second writer
@@ -110,13 +111,11 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
 
 def fingerprint_tensors(named: dict[str, torch.Tensor]) -> str:
     """Hash of names, shapes, dtypes and values of a dict of tensors."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
+    h = new_hash()
     for k in sorted(named):
         h.update(f"{k}|".encode())
         _update_hash(h, named[k])
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def fingerprint_data(source, samples: int = 64) -> str:
@@ -125,13 +124,11 @@ def fingerprint_data(source, samples: int = 64) -> str:
     A cheap first check (a different split, order or size is found before any
     work); every example is covered by the batch hashes the store records.
     """
-    import hashlib
-
     from .data import slice_batch
 
     n = source.n
     idx = sorted({int(i) for i in np.linspace(0, n - 1, num=min(samples, n))})
-    h = hashlib.blake2b(digest_size=16)
+    h = new_hash()
     h.update(f"n={n}".encode())
     if source._tensors is not None:
         for i in idx:
@@ -140,7 +137,7 @@ def fingerprint_data(source, samples: int = 64) -> str:
         dataset = source._loader.dataset
         for i in idx:
             _update_hash(h, dataset[i])
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def rounded_losses(values: Any, digits: int = 7) -> list[float]:
@@ -260,6 +257,11 @@ class _Lock:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").split()
             except OSError:
                 pass
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOSYS", -1)):
+                warnings.warn(f"the file system of {str(self.path)!r} does not support locks ({e.strerror}); the store "
+                              "is written unlocked: let no other process write it at the same time", stacklevel=4)  # fmt: skip
+                self.fd = fd
+                return
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise _os_error(e, self.path, "locking the store") from e
