@@ -53,7 +53,7 @@ class _Group(TyperGroup):
             hint = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
             _error(e.format_message() + hint)
             sys.exit(e.exit_code)
-        except _click_errors.Abort:
+        except typer.Abort:
             _error("aborted")
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)

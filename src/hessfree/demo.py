@@ -128,7 +128,7 @@ def run_demo(
         import matplotlib.pyplot as plt
     except ImportError:
         plt = None
-        console.print("suspects.png will not be written: it needs matplotlib: pip install 'hessfree[plots]'")
+        console.print("suspects.png will not be written: it needs matplotlib: pip install 'hessfree[plots]'", markup=False, soft_wrap=True)
 
     x_all, y_all = digits()
     if n_train + n_val >= len(y_all):

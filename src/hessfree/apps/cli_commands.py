@@ -38,12 +38,8 @@ TRAIN_RECIPE = {"lr": 0.1, "momentum": 0.9, "batch_size": 128}
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
-
-
-def _note(msg: str) -> None:
-    """One line on stderr that does not break a progress bar."""
-    tqdm.write(msg, file=None)
+    # no markup: labels, column names and pip extras ("hessfree[plots]") are printed as they are
+    return Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def _plots_or_note(png: str) -> Any:
