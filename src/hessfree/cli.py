@@ -186,6 +186,7 @@ def demo(
     """Find flipped labels in scikit-learn digits, then remove / relabel and retrain."""
 
     def body():
+        typer.echo("hessfree demo: loading PyTorch and the digits data ...", err=True)
         from .apps.commands import prepare_out
         from .demo import run_demo
 

@@ -364,8 +364,9 @@ def _print_defend(p: dict, a: dict, path: Path, png: Path | None) -> None:
     n_test = p["sizes"]["test"]
     con.print(f"attack: {p['attack']}; measured on the {n_test} test rows attacked against the original model")
     s = p["mean_over_draws"]
+    draws = "1 attack draw" if a["draws"] == 1 else f"mean of {a['draws']} attack draws"
     t = RichTable(title=f"Test accuracy, {a['action']} {a['fraction']:.0%} of the {p['sizes']['train']} training rows "
-                        f"(mean of {a['draws']} attack draws)", title_justify="left")  # fmt: skip
+                        f"({draws})", title_justify="left")  # fmt: skip
     t.add_column("training data", no_wrap=True)
     for col in ("clean", "change", "under attack", "change"):
         t.add_column(col, justify="right", no_wrap=True)
@@ -493,7 +494,8 @@ def _print_fairness(p: dict, fractions: list[float], path: Path, png: Path | Non
         + ", ".join(repr(str(c)) for c in grp["classes"])
     )
     gap = p["metric"].upper()
-    t = RichTable(title=f"{gap} gap and test accuracy after {p['action']} ({p['sizes']['train']} training rows)",
+    done = {"remove": "removed", "reweight": "reweighted"}[p["action"]]
+    t = RichTable(title=f"{gap} gap and test accuracy, a share of the {p['sizes']['train']} training rows {done}",
                   title_justify="left")  # fmt: skip
     for col in ("share", f"{gap} gap, hessfree", "accuracy", f"{gap} gap, random", "accuracy"):
         t.add_column(col, justify="right", no_wrap=True)
