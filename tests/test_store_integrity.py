@@ -141,6 +141,43 @@ def test_resume_computes_gradients_only_for_unwritten_batches_but_checks_the_wri
     np.testing.assert_allclose(resumed.influence(target), ref.influence(target), rtol=1e-6, atol=1e-9)
 
 
+def test_a_resume_at_another_batch_size_rewrites_the_batches_cut_otherwise(tmp_path, monkeypatch):
+    task, data, target = _setup(n=90)
+    real, calls = hf.Influence._features, []
+
+    def failing(self, view, names, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(self, view, names, batch)
+
+    monkeypatch.setattr(hf.Influence, "_features", failing)
+    with pytest.raises(RuntimeError):
+        hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(data)
+    monkeypatch.setattr(hf.Influence, "_features", real)
+    resumed = hf.Influence(task, batch_size=24, store=tmp_path / "s").fit(data)
+    ref = hf.Influence(task, batch_size=24).fit(data)
+    np.testing.assert_allclose(resumed.influence(target), ref.influence(target), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(resumed.self_influence(), ref.self_influence(), rtol=1e-6)
+    recorded = sorted(tuple(r[:2]) for r in json.loads((tmp_path / "s" / "progress" / "m0.r0.json").read_text()))
+    assert recorded == [(0, 24), (24, 24), (48, 24), (72, 18)]
+
+
+def test_arrays_left_without_meta_by_an_earlier_version_are_created_anew(tmp_path):
+    task, data, target = _setup(n=40)
+    store = tmp_path / "s"
+    (store / "progress").mkdir(parents=True)
+    (store / "m0.features").write_bytes(b"\0" * 1000)  # allocated, then killed before its meta.json
+    (store / "m0.sqnorm").write_bytes(b"\0" * 320)
+    est = hf.Influence(task, batch_size=16, store=store).fit(data)
+    ref = hf.Influence(task, batch_size=16).fit(data)
+    np.testing.assert_allclose(est.influence(target), ref.influence(target), rtol=1e-6, atol=1e-9)
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "notes.txt").write_text("mine")
+    with pytest.raises(hf.store.StoreMismatchError, match="not a hessfree store.*notes.txt"):
+        hf.Influence(task, store=tmp_path / "t").fit(data)
+
+
 # ---- 2. the loss ------------------------------------------------------------------------------------
 
 

@@ -624,8 +624,11 @@ class GradientStore:
         a resume cut into other batches): their rows are written again."""
         keep = set(batches)
         for f in sorted((self.path / "progress").glob("m*.r*.json")):
-            rows = json.loads(f.read_text())
-            kept = [r for r in rows if (int(r[0]), int(r[1])) in keep]
+            try:
+                rows = json.loads(f.read_text())
+                kept = [r for r in rows if (int(r[0]), int(r[1])) in keep]
+            except (ValueError, TypeError, IndexError) as e:
+                raise StoreCorruptError(f"{str(f)!r} is not a readable progress file ({e}); {_REBUILD}") from None
             if len(kept) != len(rows):
                 self._write_json(f, kept, f"updating {f.name}")
 
