@@ -1,0 +1,323 @@
+"""hf.apps.attribute on a tiny randomly initialised Llama (built from a config, no download),
+checked against a plain autograd loop over the checkpoints, with its own tokenisation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hessfree as hf
+from hessfree.apps import attribution as attr
+from hessfree.store import GradientStore
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 40
+LRS = [0.3, 0.2, 0.1]
+
+
+class CharTokenizer:
+    """One id per character (ids 3..), BOS 1, EOS 2, PAD 0."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 2, 1
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + chars(text)}
+
+
+def chars(text):
+    return [3 + (ord(c) % (VOCAB - 3)) for c in text]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+
+
+TRAIN = [
+    {"prompt": "ab", "response": "xy"},
+    {"text": "hello"},
+    {"instruction": "cd", "input": "e", "output": "z"},
+    {"prompt": "abc", "response": "xyz"},
+    {"instruction": "fg", "output": "yx"},
+    {"prompt": "ba", "response": "yy"},
+    {"text": "xyzzy"},
+    {"prompt": "h", "response": "zzx"},
+]
+QUERIES = [{"prompt": "ab", "response": "xz"}, {"instruction": "cd", "output": "zy"}, {"text": "yxz"}]
+
+
+def expected_tokens(row):
+    """The ids and labels attribute should build for a row (CharTokenizer, no chat template)."""
+    if "text" in row:
+        prompt, response = [1], chars(row["text"]) + [2]
+    elif "instruction" in row:
+        head = f"### Instruction:\n{row['instruction']}\n\n"
+        head += f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
+        prompt, response = [1] + chars(head + "### Response:\n"), chars(row["output"]) + [2]
+    else:
+        prompt, response = [1] + chars(row["prompt"]), chars(row["response"]) + [2]
+    return torch.tensor(prompt + response), torch.tensor([-100] * len(prompt) + response)
+
+
+def token_losses(model, row):
+    """Per-response-token negative log-likelihoods (nats), with a plain forward pass."""
+    ids, labels = expected_tokens(row)
+    logp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1], -1)
+    target = labels[1:]
+    keep = target != -100
+    return -logp[torch.arange(len(target)), target.clamp_min(0)][keep]
+
+
+def grad_of(model, loss):
+    params = [p for _, p in model.named_parameters()]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+
+def grads_by_name(model, loss):
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad(loss, [p for _, p in model.named_parameters()])))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("attr")
+    model = tiny_llama()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    paths = []
+    gen = torch.Generator().manual_seed(5)
+    for c in range(3):  # three "checkpoints": the model with different perturbations
+        sd = {k: v + 0.2 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+              for k, v in base.items()}
+        torch.save(sd, folder / f"ckpt{c}.pt")
+        paths.append(folder / f"ckpt{c}.pt")
+    write(folder / "train.jsonl", TRAIN)
+    write(folder / "queries.jsonl", QUERIES)
+    write(folder / "more.jsonl", [QUERIES[1], {"prompt": "zz", "response": "ab"}])
+    return {"folder": folder, "model": model, "paths": paths, "tok": CharTokenizer()}
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def at_checkpoint(setup, c):
+    m = tiny_llama()
+    m.load_state_dict(torch.load(setup["paths"][c], weights_only=True))
+    return m
+
+
+def direct(setup, queries, reduction="mean", project=None):
+    """terms[c, j, i] = lr_c * g_train_i(theta_c) . g_query_j(theta_c), by a plain loop."""
+    reduce = (lambda v: v.mean()) if reduction == "mean" else (lambda v: v.sum())
+    terms = np.zeros((3, len(queries), len(TRAIN)))
+    for c in range(3):
+        m = at_checkpoint(setup, c)
+        flat = (lambda loss: grad_of(m, loss)) if project is None else (lambda loss: project(c, grads_by_name(m, loss)))
+        gt = torch.stack([flat(reduce(token_losses(m, r))) for r in TRAIN])
+        gq = torch.stack([flat(reduce(token_losses(m, r))) for r in queries])
+        terms[c] = LRS[c] * (gq.double() @ gt.double().T).numpy()
+    return terms
+
+
+def run(setup, out, queries="queries.jsonl", **kw):
+    kw = {"tokenizer": setup["tok"], "checkpoints": setup["paths"], "lrs": LRS, "k": 3, "projection_dim": None,
+          "batch_size": 4, **kw}
+    f = setup["folder"]
+    return attr.attribute(setup["model"], f / "train.jsonl", [f / q for q in np.atleast_1d(queries)], out, **kw)
+
+
+def test_exact_top_k_scores_member_terms_and_order_equal_a_direct_loop(setup, tmp_path):
+    # the training file mixes prompt/response, text and Alpaca rows, tokenised independently above
+    (report,) = run(setup, tmp_path / "out")
+    terms = direct(setup, QUERIES)
+    total = terms.sum(0)
+    assert len(report.records) == len(QUERIES)
+    for j, rec in enumerate(report.records):
+        order = np.argsort(-total[j], kind="stable")[:3]
+        assert [t["train_index"] for t in rec["top"]] == order.tolist()
+        assert [t["rank"] for t in rec["top"]] == [1, 2, 3]
+        for t in rec["top"]:
+            i = t["train_index"]
+            assert t["score"] == pytest.approx(total[j, i], rel=1e-4, abs=1e-9)
+            np.testing.assert_allclose(t["member_scores"], terms[:, j, i], rtol=1e-4, atol=1e-9)
+            assert t["std"] == pytest.approx(np.std(terms[:, j, i], ddof=1), rel=1e-4, abs=1e-9)
+            assert t["train_line"] == i + 1
+        assert rec["query_index"] == j and rec["k"] == 3
+    assert report.records[2]["query_text"] == "yxz"
+    assert report.records[1]["top"][0]["train_text"] in {"ab\nxy", "hello", "cd\n\ne\nz", "abc\nxyz", "fg\nyx", "ba\nyy",
+                                                         "xyzzy", "h\nzzx"}  # fmt: skip
+    # the files hold the same records; the markdown names each query and the top rows
+    lines = [json.loads(x) for x in report.jsonl.read_text().splitlines()]
+    assert lines == report.records and report.jsonl.name == "queries.attribution.jsonl"
+    md = report.markdown.read_text()
+    assert "## Query 2 (line 3)" in md and f"| 1 | {report.records[0]['top'][0]['train_index']} |" in md
+
+
+def test_projected_scores_equal_the_loop_projected_with_the_same_matrices(setup, tmp_path):
+    out = tmp_path / "out"
+    (report,) = run(setup, out, projection_dim=24, k=len(TRAIN), reduction="sum")
+    members = hf.members.Checkpoints(setup["paths"], lrs=LRS)
+    task = hf.LanguageModelTask(setup["model"], reduction="sum")
+    est = hf.Influence(task, members=members, projection=hf.projections.Factorized(24, seed=0), store=out / "store").fit()
+    maps = [est.feature_map(c) for c in range(3)]
+    assert maps[0].dim < sum(p.numel() for p in setup["model"].parameters())  # really projected
+
+    def project(c, grads):
+        names = est.param_names(c)
+        return maps[c].project_flat(torch.cat([grads[n].reshape(-1) for n in names]).float()).double()
+
+    terms = direct(setup, QUERIES, reduction="sum", project=project)
+    for j, rec in enumerate(report.records):
+        assert [t["train_index"] for t in rec["top"]] == np.argsort(-terms.sum(0)[j], kind="stable").tolist()
+        got = {t["train_index"]: t for t in rec["top"]}
+        for i in range(len(TRAIN)):
+            assert got[i]["score"] == pytest.approx(terms[:, j, i].sum(), rel=1e-4, abs=1e-8)
+            np.testing.assert_allclose(got[i]["member_scores"], terms[:, j, i], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_per_token_scores_sum_to_the_score_and_equal_token_gradients(setup, tmp_path, reduction):
+    (report,) = run(setup, tmp_path / "out", k=2, per_token=True, reduction=reduction)
+    for j, rec in enumerate(report.records):
+        n_tok = len(token_losses(setup["model"], QUERIES[j]))
+        ids, labels = expected_tokens(QUERIES[j])
+        for t in rec["top"]:
+            toks = t["tokens"]
+            assert [x["position"] for x in toks] == [p for p in range(1, len(ids)) if labels[p] != -100]
+            assert [x["token_id"] for x in toks] == [int(ids[x["position"]]) for x in toks]
+            assert sum(x["score"] for x in toks) == pytest.approx(t["score"], rel=1e-4, abs=1e-9)
+            # direct: sum_c lr_c g_train(theta_c) . grad(w_t l_t)(theta_c), w_t = 1/n_tokens for "mean"
+            w = 1.0 / n_tok if reduction == "mean" else 1.0
+            want = np.zeros(n_tok)
+            for c in range(3):
+                m = at_checkpoint(setup, c)
+                row = TRAIN[t["train_index"]]
+                loss = token_losses(m, row)
+                g_train = grad_of(m, loss.mean() if reduction == "mean" else loss.sum())
+                for s in range(n_tok):
+                    want[s] += LRS[c] * w * float(grad_of(m, token_losses(m, QUERIES[j])[s]) @ g_train)
+            np.testing.assert_allclose([x["score"] for x in toks], want, rtol=1e-4, atol=1e-9)
+    assert "per response token" in report.markdown.read_text()
+
+
+def test_a_second_query_file_reuses_the_stored_training_gradients(setup, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (first,) = run(setup, out)
+    writes, featurized = [], []
+    real_write, real_featurize = GradientStore.write, hf.Influence._featurize
+    monkeypatch.setattr(GradientStore, "write", lambda self, *a, **k: writes.append(1) or real_write(self, *a, **k))
+
+    def counting(self, view, names, source, what, *a, **k):
+        featurized.append(what)
+        return real_featurize(self, view, names, source, what, *a, **k)
+
+    monkeypatch.setattr(hf.Influence, "_featurize", counting)
+    (second,) = run(setup, out, queries="more.jsonl")
+    assert writes == [] and "training" not in featurized  # no training gradient computed again
+    assert featurized  # (the counter does see the query features)
+    assert second.jsonl.name == "more.attribution.jsonl" and first.jsonl.exists()
+    assert second.records[0]["top"] == first.records[1]["top"]  # the shared query: the same result
+    terms = direct(setup, [{"prompt": "zz", "response": "ab"}])
+    top = second.records[1]["top"]
+    assert [t["train_index"] for t in top] == np.argsort(-terms.sum(0)[0], kind="stable")[:3].tolist()
+    assert [t["score"] for t in top] == pytest.approx([terms.sum(0)[0, t["train_index"]] for t in top], rel=1e-4)
+    # another top-k or per_token reads the same store
+    (third,) = run(setup, out, k=5, per_token=True)
+    assert writes == [] and "training" not in featurized and len(third.records[0]["top"]) == 5
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"projection_dim": 16}, "projection_dim"),
+        ({"lrs": [0.3, 0.2, 0.2]}, "lrs"),
+        ({"reduction": "sum"}, "reduction"),
+        ({"max_length": 60}, "max_length"),
+        ({"model": "other"}, "model"),
+        ({"checkpoints": "two"}, "checkpoints"),
+        ({"train": "edited"}, "train_file_sha256"),
+    ],
+)
+def test_changed_settings_are_refused_by_name_before_any_work(setup, tmp_path, monkeypatch, change, named):
+    out = tmp_path / "out"
+    run(setup, out)
+    kw = dict(change)
+    if kw.pop("model", None):
+        kw["model"] = tiny_llama(seed=1)
+    if kw.pop("checkpoints", None):
+        kw.update(checkpoints=setup["paths"][:2], lrs=LRS[:2])
+    if kw.pop("train", None):
+        edited = tmp_path / "train.jsonl"
+        write(edited, [*TRAIN[:-1], {"prompt": "h", "response": "zzy"}])
+        kw["train"] = edited
+    featurized = []
+    monkeypatch.setattr(hf.Influence, "fit", lambda self, *a, **k: featurized.append(1))
+    f = setup["folder"]
+    args = {"tokenizer": setup["tok"], "checkpoints": setup["paths"], "lrs": LRS, "k": 3, "projection_dim": None,
+            "batch_size": 4, **kw}
+    model = args.pop("model", setup["model"])
+    train = args.pop("train", f / "train.jsonl")
+    with pytest.raises(attr.AttributionSettingsError, match=rf"{named}: saved .* vs now .*use a new out_dir"):
+        attr.attribute(model, train, f / "queries.jsonl", out, **args)
+    assert featurized == []
+
+
+def test_chat_template_formats_prompts_as_a_user_turn(setup):
+    class Templated(CharTokenizer):
+        chat_template = "<user>{}</user>"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            assert messages[0]["role"] == "user" and not tokenize and add_generation_prompt
+            return f"<u>{messages[0]['content']}<a>"
+
+    tok = Templated()
+    template = attr.chat_template(tok)
+    rows = attr.read_examples(setup["folder"] / "train.jsonl", template)
+    assert [r.kind for r in rows[:3]] == ["prompt/response", "text", "alpaca"]
+    assert rows[0].prompt == "<u>ab<a>" and rows[2].prompt == "<u>cd\n\ne<a>" and rows[1].prompt == ""
+    enc = attr.encode_example(tok, rows[0], "train.jsonl", 64, templated=True)
+    assert enc["input_ids"].tolist() == chars("<u>ab<a>") + chars("xy") + [2]  # the template brings its own specials
+    assert enc["labels"].tolist() == [-100] * len("<u>ab<a>") + chars("xy") + [2]
+    text = attr.encode_example(tok, rows[1], "train.jsonl", 64, templated=True)
+    assert text["input_ids"].tolist() == [1] + chars("hello") + [2]  # plain text: no template, BOS kept
+    assert attr.chat_template(CharTokenizer()) is None
+
+
+def test_bad_inputs_are_named_before_any_work(setup, tmp_path, monkeypatch):
+    f = setup["folder"]
+    monkeypatch.setattr(hf.Influence, "fit", lambda *a, **k: pytest.fail("work started"))
+
+    def call(**kw):
+        args = {"model": setup["model"], "train_file": f / "train.jsonl", "query_files": f / "queries.jsonl",
+                "out_dir": tmp_path / "out", "tokenizer": setup["tok"], "checkpoints": setup["paths"], "lrs": LRS, **kw}
+        return attr.attribute(**args)
+
+    for kw, match in [
+        ({"k": 0}, "k must be a positive integer, got 0"),
+        ({"projection_dim": -4}, "projection_dim must be a positive integer, got -4"),
+        ({"reduction": "max"}, "reduction must be 'mean' or 'sum', got 'max'"),
+        ({"lrs": None}, "lrs= is missing"),
+        ({"lrs": [0.1]}, "3 checkpoints but 1 learning rates"),
+        ({"tokenizer": None}, "tokenizer= is needed"),
+        ({"query_files": [f / "queries.jsonl", tmp_path / "queries.jsonl"]}, "share the name 'queries'"),
+        ({"query_files": []}, "query_files is empty"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call(**kw)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        call(train_file=tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        call(model=tmp_path / "no-model")
+    bad = tmp_path / "bad.jsonl"
+    for rows, match in [('{"prompt": "a"}\n', r"bad.jsonl:1 has none of the accepted"), ('{"text": "ok"}\nnot json\n', r"bad.jsonl:2 is not valid JSON"),
+                        ('{"text": "x"}\n', r"bad.jsonl:1 has no token to predict"), ("\n", "has no rows")]:  # fmt: skip
+        bad.write_text(rows)
+        with pytest.raises(ValueError, match=match):
+            call(query_files=bad)
+    assert not (tmp_path / "out" / "store").exists()
