@@ -149,14 +149,17 @@ class StoreMixin:
                 _collectively(lambda: self._write_store(store, rank, tiling, hashes),
                               "could not write its share of the store", RankFailedError)  # fmt: skip
                 _collectively(store.mark_complete if rank == 0 else None, "could not complete the store")
-                store.refresh()
-                if source.in_memory and store.data_hash != combine_hashes([(o, c, h) for (o, c), h in hashes.items()]):
-                    raise StoreMismatchError(f"the store at {str(store.path)!r} was completed with other training data "
-                                             "than this rank's (another process wrote to it?)")  # fmt: skip
+                _collectively(lambda: self._check_completed(store, hashes), "found the completed store inconsistent")
             self._sqnorms = store.sqnorms()
         finally:
             if store is not None:
                 store.release()
+
+    def _check_completed(self, store: GradientStore, hashes: dict[tuple[int, int], str]) -> None:
+        store.refresh()
+        if self.source.in_memory and store.data_hash != combine_hashes([(o, c, h) for (o, c), h in hashes.items()]):
+            raise StoreMismatchError(f"the store at {str(store.path)!r} was completed with other training data than "
+                                     "this rank's (another process wrote to it?)")  # fmt: skip
 
     def _check_stored_data(self, store: GradientStore, hashes: dict[tuple[int, int], str]) -> None:
         """Hash the training data at the store's batches and compare each batch with the
