@@ -74,9 +74,9 @@ def token_losses(model, row):
     return -logp[torch.arange(len(target)), target.clamp_min(0)][keep]
 
 
-def grad_of(model, loss):
+def grad_of(model, loss, retain=False):
     params = [p for _, p in model.named_parameters()]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=retain)])
 
 
 def grads_by_name(model, loss):
@@ -184,24 +184,24 @@ def test_projected_scores_equal_the_loop_projected_with_the_same_matrices(setup,
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_per_token_scores_sum_to_the_score_and_equal_token_gradients(setup, tmp_path, reduction):
     (report,) = run(setup, tmp_path / "out", k=2, per_token=True, reduction=reduction)
+    # direct, per checkpoint: the gradient of each training loss and of each query token's loss l_t
+    agg = (lambda v: v.mean()) if reduction == "mean" else (lambda v: v.sum())
+    g_train, g_tok = [], []
+    for c in range(3):
+        m = at_checkpoint(setup, c)
+        g_train.append(torch.stack([grad_of(m, agg(token_losses(m, r))) for r in TRAIN]))
+        g_tok.append([torch.stack([grad_of(m, loss, retain=True) for loss in token_losses(m, q)]) for q in QUERIES])
     for j, rec in enumerate(report.records):
-        n_tok = len(token_losses(setup["model"], QUERIES[j]))
         ids, labels = expected_tokens(QUERIES[j])
+        n_tok = int((labels[1:] != -100).sum())
+        w = 1.0 / n_tok if reduction == "mean" else 1.0  # the token's weight in the query loss
         for t in rec["top"]:
             toks = t["tokens"]
             assert [x["position"] for x in toks] == [p for p in range(1, len(ids)) if labels[p] != -100]
             assert [x["token_id"] for x in toks] == [int(ids[x["position"]]) for x in toks]
             assert sum(x["score"] for x in toks) == pytest.approx(t["score"], rel=1e-4, abs=1e-9)
-            # direct: sum_c lr_c g_train(theta_c) . grad(w_t l_t)(theta_c), w_t = 1/n_tokens for "mean"
-            w = 1.0 / n_tok if reduction == "mean" else 1.0
-            want = np.zeros(n_tok)
-            for c in range(3):
-                m = at_checkpoint(setup, c)
-                row = TRAIN[t["train_index"]]
-                loss = token_losses(m, row)
-                g_train = grad_of(m, loss.mean() if reduction == "mean" else loss.sum())
-                for s in range(n_tok):
-                    want[s] += LRS[c] * w * float(grad_of(m, token_losses(m, QUERIES[j])[s]) @ g_train)
+            # sum_c lr_c g_train(theta_c) . grad(w_t l_t)(theta_c)
+            want = sum(LRS[c] * w * (g_tok[c][j] @ g_train[c][t["train_index"]]).numpy() for c in range(3))
             np.testing.assert_allclose([x["score"] for x in toks], want, rtol=1e-4, atol=1e-9)
     assert "per response token" in report.markdown.read_text()
 
@@ -232,40 +232,32 @@ def test_a_second_query_file_reuses_the_stored_training_gradients(setup, tmp_pat
     assert writes == [] and "training" not in featurized and len(third.records[0]["top"]) == 5
 
 
-@pytest.mark.parametrize(
-    "change, named",
-    [
+def test_changed_settings_are_refused_by_name_before_any_work(setup, tmp_path, monkeypatch):
+    out, f = tmp_path / "out", setup["folder"]
+    run(setup, out)
+    edited = tmp_path / "train.jsonl"
+    write(edited, [*TRAIN[:-1], {"prompt": "h", "response": "zzy"}])
+    featurized, real_fit = [], hf.Influence.fit
+    monkeypatch.setattr(hf.Influence, "fit", lambda self, *a, **k: featurized.append(1) or real_fit(self, *a, **k))
+    for change, named in [
         ({"projection_dim": 16}, "projection_dim"),
         ({"lrs": [0.3, 0.2, 0.2]}, "lrs"),
         ({"reduction": "sum"}, "reduction"),
         ({"max_length": 60}, "max_length"),
-        ({"model": "other"}, "model"),
-        ({"checkpoints": "two"}, "checkpoints"),
-        ({"train": "edited"}, "train_file_sha256"),
-    ],
-)
-def test_changed_settings_are_refused_by_name_before_any_work(setup, tmp_path, monkeypatch, change, named):
-    out = tmp_path / "out"
-    run(setup, out)
-    kw = dict(change)
-    if kw.pop("model", None):
-        kw["model"] = tiny_llama(seed=1)
-    if kw.pop("checkpoints", None):
-        kw.update(checkpoints=setup["paths"][:2], lrs=LRS[:2])
-    if kw.pop("train", None):
-        edited = tmp_path / "train.jsonl"
-        write(edited, [*TRAIN[:-1], {"prompt": "h", "response": "zzy"}])
-        kw["train"] = edited
-    featurized = []
-    monkeypatch.setattr(hf.Influence, "fit", lambda self, *a, **k: featurized.append(1))
-    f = setup["folder"]
-    args = {"tokenizer": setup["tok"], "checkpoints": setup["paths"], "lrs": LRS, "k": 3, "projection_dim": None,
-            "batch_size": 4, **kw}
-    model = args.pop("model", setup["model"])
-    train = args.pop("train", f / "train.jsonl")
-    with pytest.raises(attr.AttributionSettingsError, match=rf"{named}: saved .* vs now .*use a new out_dir"):
-        attr.attribute(model, train, f / "queries.jsonl", out, **args)
+        ({"seed": 1}, "seed"),
+        ({"model": tiny_llama(seed=1)}, "model"),
+        ({"checkpoints": setup["paths"][:2], "lrs": LRS[:2]}, "checkpoints"),
+        ({"train": edited}, "train_file_sha256"),
+    ]:
+        args = {"tokenizer": setup["tok"], "checkpoints": setup["paths"], "lrs": LRS, "k": 3, "projection_dim": None,
+                "batch_size": 4, **change}
+        model, train = args.pop("model", setup["model"]), args.pop("train", f / "train.jsonl")
+        with pytest.raises(attr.AttributionSettingsError, match=rf"{named}: saved .* vs now .*use a new out_dir"):
+            attr.attribute(model, train, f / "queries.jsonl", out, **args)
     assert featurized == []
+    # the settings that only shape the output (k, per_token, query files) are not refused
+    run(setup, out, k=2, queries="more.jsonl")
+    assert featurized == [1]
 
 
 def test_chat_template_formats_prompts_as_a_user_turn(setup):
@@ -316,7 +308,7 @@ def test_bad_inputs_are_named_before_any_work(setup, tmp_path, monkeypatch):
         call(model=tmp_path / "no-model")
     bad = tmp_path / "bad.jsonl"
     for rows, match in [('{"prompt": "a"}\n', r"bad.jsonl:1 has none of the accepted"), ('{"text": "ok"}\nnot json\n', r"bad.jsonl:2 is not valid JSON"),
-                        ('{"text": "x"}\n', r"bad.jsonl:1 has no token to predict"), ("\n", "has no rows")]:  # fmt: skip
+                        ('{"prompt": "%s", "response": "b"}\n' % ("a" * 300), r"bad.jsonl:1: the prompt has 301 tokens, max_length=256"), ("\n", "has no rows")]:  # fmt: skip
         bad.write_text(rows)
         with pytest.raises(ValueError, match=match):
             call(query_files=bad)
