@@ -312,3 +312,56 @@ def test_bad_inputs_are_named_before_any_work(setup, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=match):
             call(query_files=bad)
     assert not (tmp_path / "out" / "store").exists()
+
+
+def test_model_folder_with_an_adapter_and_trainer_checkpoint_folders_equal_a_direct_loop(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>",
+                                               pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    tok.save_pretrained(tmp_path / "base")
+    tiny_llama().float().save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    gen = torch.Generator().manual_seed(3)
+    for step in (2, 4):  # a Trainer output_dir: checkpoint-N adapter folders
+        pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), lora)
+        with torch.no_grad():
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        pm.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    rows = [{"prompt": f"w{i} w{i + 1}", "response": f"w{20 + i} w{30 - i}"} for i in range(6)]
+    query = [{"prompt": "w1 w2", "response": "w21 w29"}]
+    write(tmp_path / "train.jsonl", rows)
+    write(tmp_path / "q.jsonl", query)
+    lrs = [0.2, 0.05]
+    (report,) = attr.attribute(tmp_path / "base", tmp_path / "train.jsonl", tmp_path / "q.jsonl", tmp_path / "out",
+                               adapter=tmp_path / "run" / "checkpoint-4", checkpoints=tmp_path / "run", lrs=lrs,
+                               k=6, projection_dim=None, batch_size=4)  # fmt: skip
+    # direct: peft's own loading of each adapter, float64 autograd over the LoRA parameters
+    total = np.zeros(len(rows))
+    for c, step in enumerate((2, 4)):
+        base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").double()
+        pm = peft.PeftModel.from_pretrained(base, tmp_path / "run" / f"checkpoint-{step}", is_trainable=True).double()
+        params = [p for p in pm.parameters() if p.requires_grad]
+
+        def grad(row):
+            p_ids = tok(row["prompt"])["input_ids"]
+            r_ids = tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor(p_ids + r_ids)
+            logp = torch.log_softmax(pm(input_ids=ids[None]).logits[0, :-1], -1)
+            nll = -logp[torch.arange(len(r_ids)) + len(p_ids) - 1, torch.tensor(r_ids)].mean()
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(nll, params)])
+
+        gq = grad(query[0])
+        total += lrs[c] * torch.stack([grad(r) for r in rows]).matmul(gq).detach().numpy()
+    top = report.records[0]["top"]
+    assert [t["train_index"] for t in top] == np.argsort(-total, kind="stable").tolist()
+    np.testing.assert_allclose([t["score"] for t in top], total[[t["train_index"] for t in top]], rtol=2e-4, atol=1e-8)
+    with pytest.raises(FileNotFoundError, match="is a peft adapter whose base model"):
+        (tmp_path / "run" / "checkpoint-4" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "nowhere"}))
+        attr.attribute(tmp_path / "run" / "checkpoint-4", tmp_path / "train.jsonl", tmp_path / "q.jsonl", tmp_path / "o2")
