@@ -574,10 +574,13 @@ def _markdown(query_file: Path, train_file: Path, records: list[dict[str, Any]],
     lines = [
         f"# Training examples that helped each query of `{query_file.name}`",
         "",
-        f"Training file `{train_file.name}` ({est.n_train} rows); {len(est.member_weights)} checkpoint(s), learning "
-        f"rates {lrs}. Score = TracIn-CP: the first-order decrease of the query's loss per unit learning rate, summed "
-        "over the checkpoints with their learning rates; positive = the training example helped the query. ± = the "
-        "standard deviation of the per-checkpoint terms.",
+        f"Training file `{train_file.name}` ({est.n_train} rows); "
+        + (f"{len(est.member_weights)} checkpoint(s), learning rates {lrs}. Score = TracIn-CP: the first-order decrease "
+           "of the query's loss per unit learning rate, summed over the checkpoints with their learning rates; "
+           if isinstance(est.members, Checkpoints) else
+           "no checkpoints: the model as it is, weight 1. Score = the first-order decrease of the query's loss per unit "
+           "learning rate; ")
+        + "positive = the training example helped the query. ± = the standard deviation of the per-checkpoint terms.",
         "",
     ]
     for rec in records:
