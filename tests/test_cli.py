@@ -182,3 +182,18 @@ def test_defend_prints_clean_and_attacked_accuracy_with_the_attack_strength(tmp_
     for r in p["runs"]:
         assert set(r["rows_acted_on"]) <= train_rows and len(r["rows_acted_on"]) == round(0.05 * len(train_rows))
     assert p["args"]["eps"] == 0.3 and p["labels"]["classes"] == ["approve", "deny"]
+
+
+def test_numeric_labels_are_reported_as_the_file_writes_them(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 40
+    x = rng.normal(size=n)
+    grade = np.where(x > 0, "2.0", "1.0")  # integer-valued floats: classes 1.0 and 2.0, not codes 0 and 1
+    path = tmp_path / "g.csv"
+    path.write_text("x,grade\n" + "".join(f"{a:.3f},{g}\n" for a, g in zip(x, grade)))
+    out = tmp_path / "n"
+    _ok(["noisy-labels", "--csv", path, "--label", "grade", "--epochs", 2, "--out", out])
+    p = json.loads((out / "noisy_labels.json").read_text())
+    file_rows = _rows(path)
+    assert [str(v) for v in p["table"]["given_label"]] == [file_rows[r]["grade"] for r in p["table"]["row"]]
+    assert p["labels"]["classes"] == [1.0, 2.0]

@@ -186,12 +186,11 @@ def demo(
     """Find flipped labels in scikit-learn digits, then remove / relabel and retrain."""
 
     def body():
+        if int(round(noise * n_train)) < 1:
+            raise ValueError(f"--noise {noise:g} flips no label of the {n_train} training rows; use --noise >= {0.5 / n_train:.2g}")
         typer.echo("hessfree demo: loading PyTorch and the digits data ...", err=True)
         from .apps.commands import prepare_out
         from .demo import run_demo
-
-        if int(round(noise * n_train)) < 1:
-            raise ValueError(f"--noise {noise:g} flips no label of the {n_train} training rows; use --noise >= {0.5 / n_train:.2g}")
         run_demo(out=prepare_out(out), seed=seed, noise=noise, epochs=epochs, n_train=n_train, retrain_seeds=retrain_seeds,
                  progress=True, args={"out": str(out), "seed": seed, "noise": noise, "epochs": epochs, "n_train": n_train,
                                       "retrain_seeds": retrain_seeds})  # fmt: skip

@@ -189,7 +189,7 @@ def run_demo(
     def mean_accuracy(**curate) -> tuple[float, float]:
         accs = []
         for s in range(retrain_seeds):
-            retrained_model = curation.retrain(make_mlp, x_tr, y_tr, **curate, **{**fit_kwargs, "seed": seed + s, "progress": False})
+            retrained_model = curation.retrain(make_mlp, x_tr, y_tr, **curate, **{**fit_kwargs, "seed": seed + s, "progress": progress})
             accs.append(accuracy(retrained_model, x_te, y_te))
             bar.update(1)
         return float(np.mean(accs)), float(np.std(accs))

@@ -221,7 +221,9 @@ def _noisy_histogram(plt, out: Path, score: np.ndarray, flipped, cutoff, n_flag:
 
 def _print_noisy(p: dict, records: list[dict], show: int, path: Path, png: Path | None) -> None:
     con = _console()
-    con.print(f"{p['n_rows_scored']} rows of {p['data']} scored ({p['scheme']}); method {p['method']}")
+    n, total = p["n_rows_scored"], p["n_rows_in_source"]
+    which = f"all {n} rows" if n == total else f"{n} of the {total} rows (a seeded subsample, --n-train {n})"
+    con.print(f"{which} of {p['data']} scored: {p['scheme']}; method {p['method']}")
     if show:
         t = RichTable(title=f"Most suspicious rows of {p['data']} ({p['row_short']})", title_justify="left")
         for col in ("rank", "row", "given label", "suggested label", "score", "uncertainty"):
@@ -305,14 +307,14 @@ def run_defend(args: dict[str, Any]) -> dict:
     make = C.make_model_factory(a["model"], split.x.shape[1], k)
     tk = {"epochs": a["epochs"], "lr": 0.05, "momentum": 0.9, "batch_size": 128, "progress": True}
     base = fit_model(make, *split.tensors("train"), a["seed"], tk)
-    tk["progress"] = False
+    # every retraining shows its own epoch bar under the outer one
     runs = []
     for draw in tqdm(range(a["draws"]), desc="attack draws", leave=False):
         for strategy in ("influence", "random"):
             r = defend(
                 make, split.tensors("train"), split.tensors("val"), split.tensors("test"), action=a["action"],
                 fraction=a["fraction"], attack=attack, attack_seed=draw, strategy=strategy, seed=a["seed"],
-                train_kwargs=tk, base_model=base,
+                train_kwargs=tk, base_model=base, progress=True,
             )  # fmt: skip
             d = r.to_dict()
             d["rows_acted_on"] = split.rows[np.asarray(r.indices, dtype=np.int64)].tolist()
@@ -389,7 +391,7 @@ def _favourable(split: C.Split, given: str | None) -> tuple[int, str]:
         return labels.code_of(given, "--favourable"), "--favourable"
     if split.table.favourable is not None:
         return split.table.favourable, f"the built-in {split.name}'s favourable label"
-    if [str(c) for c in labels.classes] in (["0", "1"], ["False", "True"]):
+    if [str(c) for c in labels.classes] in (["0", "1"], ["0.0", "1.0"], ["False", "True"]):
         return 1, "the default for 0/1 labels"
     raise C.CommandError(
         f"--favourable is needed: --label {labels.column!r} has classes {', '.join(repr(str(c)) for c in labels.classes)} "
@@ -442,13 +444,13 @@ def run_fairness(args: dict[str, Any]) -> dict:
     make = C.make_model_factory(a["model"], split.x.shape[1], 2)
     tk = {"epochs": a["epochs"], "lr": 0.05, "momentum": 0.9, "batch_size": 128, "progress": True}
     base = fit_model(make, *split.tensors("train"), a["seed"], tk)
-    tk["progress"] = False
+    # every retraining shows its own epoch bar under the outer one
     results = {}
     for strategy in tqdm(("influence", "random"), desc="strategies", leave=False):
         results[strategy] = repair_fairness(
             make, split.tensors("train"), split.tensors("val"), split.gv, split.tensors("test"), split.gt,
             metric=a["metric"], action=a["action"], fractions=fractions, favourable=fav, strategy=strategy,
-            seed=a["seed"], train_kwargs=tk, base_model=base,
+            seed=a["seed"], train_kwargs=tk, base_model=base, progress=True,
         )  # fmt: skip
     inf, rnd = results["influence"], results["random"]
     best = inf.best()

@@ -110,9 +110,9 @@ def class_labels(values: Any, column: str, source: str) -> tuple[np.ndarray, Lab
                 f"row {r} is {vals[r]!r}): a class label must name a category, not a measurement. Choose the "
                 "column of classes, or bin this one into classes first (for example with pandas.cut)"
             )
-        ints = vals.astype(np.int64)
-        uniq, codes = np.unique(ints, return_inverse=True)
-        classes = [int(u) for u in uniq]
+        uniq, codes = np.unique(vals, return_inverse=True)
+        # integers stay integers; a float column keeps its floats (1.0), as the file writes them
+        classes = [int(u) for u in uniq] if kind in "iu" else [float(u) for u in uniq]
     else:
         from ..data import encode_labels
 
