@@ -294,3 +294,12 @@ def test_select_writes_a_summary_with_its_arguments(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "chosen.summary.json").read_text())
     assert summary["args"]["fraction"] == 0.25 and summary["args"]["pool"] == str(pool)
     assert summary["n_selected"] == 1 and summary["tasks"]["t"]["mean_score_pool"] == pytest.approx(0.15)
+
+
+def test_help_lists_each_number_flags_range():
+    result = runner.invoke(app, ["defend", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    lines = {ln.split()[1]: ln for ln in result.stdout.splitlines() if ln.strip("│ ").startswith("--")}
+    assert "Allowed: a number with 0 < x < 1." in lines["--fraction"]
+    assert "Allowed: an integer with 1 <= x <= 100." in lines["--draws"]
+    assert "Allowed: an integer >= 10." in lines["--n-train"]

@@ -382,6 +382,20 @@ def select_command(
     _run(body, RESUMABLE)
 
 
+def _ranges_in_help() -> None:
+    """Append each number flag's allowed range to its help text (one source: the parser)."""
+    import inspect
+
+    for command in app.registered_commands:
+        for param in inspect.signature(command.callback).parameters.values():
+            info = param.default
+            if isinstance(getattr(info, "parser", None), Number) and "Allowed:" not in (info.help or ""):
+                info.help = f"{info.help or ''} Allowed: {info.parser.allowed()}.".strip()
+
+
+_ranges_in_help()
+
+
 def main() -> None:
     app()
 

@@ -346,8 +346,9 @@ def _defend_plot(plt, out, name, a, summary) -> Path:
     ax.bar(pos + 0.2, [100 * v for v in att], 0.4, label="under attack")
     ax.set_xticks(pos, labels)
     ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 115)
     ax.set_title(f"{name}, {a['model']}, {a['action']} {a['fraction']:.0%}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     path = C.save_figure(fig, out, "defend.png")
     plt.close(fig)
     return path
