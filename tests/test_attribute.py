@@ -365,3 +365,46 @@ def test_model_folder_with_an_adapter_and_trainer_checkpoint_folders_equal_a_dir
     with pytest.raises(FileNotFoundError, match="is a peft adapter whose base model"):
         (tmp_path / "run" / "checkpoint-4" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "nowhere"}))
         attr.attribute(tmp_path / "run" / "checkpoint-4", tmp_path / "train.jsonl", tmp_path / "q.jsonl", tmp_path / "o2")
+
+
+def test_attribute_command_end_to_end_equals_the_library_call(tmp_path):
+    """`hessfree attribute` on a model folder with Trainer-style checkpoint folders writes
+    the same top-k as hf.apps.attribute (itself checked against a loop above); bad flags
+    fail in one line with exit code 2 before any work."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from typer.testing import CliRunner
+
+    from hessfree.cli import app
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>",
+                                               pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    tok.save_pretrained(tmp_path / "model")
+    base = tiny_llama().float()
+    base.save_pretrained(tmp_path / "model")
+    gen = torch.Generator().manual_seed(5)
+    for step in (1, 2):  # checkpoint-N folders holding full weights
+        ck = tiny_llama().float()
+        with torch.no_grad():
+            for p in ck.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        ck.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    rows = [{"prompt": f"w{i} w{i + 1}", "response": f"w{20 + i} w{30 - i}"} for i in range(6)]
+    write(tmp_path / "train.jsonl", rows)
+    write(tmp_path / "q.jsonl", [{"prompt": "w1 w2", "response": "w21 w29"}, {"text": "w3 w4 w5"}])
+    args = ["attribute", "--model", tmp_path / "model", "--train", tmp_path / "train.jsonl", "--query", tmp_path / "q.jsonl",
+            "--checkpoints", tmp_path / "run", "--lr", "0.1", "--k", "4", "--dim", "64", "--out", tmp_path / "cli"]  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    got = [json.loads(line) for line in (tmp_path / "cli" / "q.attribution.jsonl").read_text().splitlines()]
+    (ref,) = attr.attribute(tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "q.jsonl", tmp_path / "lib",
+                            checkpoints=tmp_path / "run", lrs=0.1, k=4, projection_dim=64)  # fmt: skip
+    assert len(got) == 2
+    for g, r in zip(got, ref.records):
+        assert [t["train_index"] for t in g["top"]] == [t["train_index"] for t in r["top"]]
+        np.testing.assert_allclose([t["score"] for t in g["top"]], [t["score"] for t in r["top"]], rtol=1e-6)
+    bad = runner.invoke(app, [str(a) for a in args[:-4]] + ["--k", "0"])
+    assert bad.exit_code == 2 and "--k" in bad.output

@@ -382,6 +382,43 @@ def select_command(
     _run(body, RESUMABLE)
 
 
+@app.command("attribute")
+def attribute_command(
+    model: Path = typer.Option(..., "--model", help="Model folder (a transformers causal LM with its tokenizer), or a peft adapter folder whose base model is a local folder."),
+    train: Path = typer.Option(..., "--train", help="Training JSONL: prompt/response, text, or Alpaca instruction/input/output rows."),
+    query: list[Path] = typer.Option(..., "--query", help="Query JSONL in the same formats (repeat --query for several files)."),
+    out: Path = typer.Option(Path("hessfree-out/attribute"), "--out", help="Folder for the store, settings.json and the <query>.attribution.jsonl / .md reports."),
+    adapter: Path = typer.Option(None, "--adapter", help="peft adapter folder to load on --model (gradients over the adapter only)."),
+    checkpoints: Path = typer.Option(None, "--checkpoints", help="Trainer output_dir with checkpoint-N folders (TracIn-CP); default: the model as it is."),
+    lr: float = typer.Option(None, "--lr", parser=Number(float, 0, lo_open=True, example="--lr 2e-4"),
+                             help="Learning rate of every checkpoint, when the folders have no recorded rates."),  # fmt: skip
+    k: int = typer.Option(10, "--k", parser=Number(int, 1, 10_000, example="--k 10"), help="Training examples reported per query."),
+    dim: int = typer.Option(4096, "--dim", parser=Number(int, 1, example="--dim 4096"), help="Projected gradient dimension."),
+    exact: bool = typer.Option(False, "--exact", help="Exact gradients instead of a projection (small models only)."),
+    per_token: bool = typer.Option(False, "--per-token", help="Also the influence of each top example on each response token of the query."),
+    max_length: int = typer.Option(256, parser=Number(int, 1, example="--max-length 256"), help="Tokens per example (responses truncated)."),
+    batch_size: int = typer.Option(8, parser=Number(int, 1, example="--batch-size 8"), help="Examples per batch."),
+    seed: int = typer.Option(0, parser=SEED, help="Seed of the projection."),
+) -> None:
+    """The training examples that helped each query most (TracIn-CP over the checkpoints), as JSONL and markdown."""
+
+    def body():
+        from .apps.attribution import attribute
+
+        for name, path in (("--model", model), ("--train", train), *(("--query", q) for q in query)):
+            if not path.exists():
+                raise ValueError(f"{name} {str(path)!r} does not exist")
+        reports = attribute(
+            model, train, query, out, adapter=adapter, checkpoints=checkpoints, lrs=lr, k=k,
+            projection_dim=None if exact else dim, per_token=per_token, max_length=max_length,
+            batch_size=batch_size, seed=seed, progress=True,
+        )  # fmt: skip
+        for r in reports:
+            typer.echo(f"{r.query_file}: top {k} training examples for {len(r.records)} queries -> {r.jsonl}, {r.markdown}")
+
+    _run(body, RESUMABLE)
+
+
 def _ranges_in_help() -> None:
     """Append each number flag's allowed range to its help text (one source: the parser)."""
     import inspect
