@@ -30,6 +30,17 @@ def chars(text):
     return [3 + (ord(c) % (VOCAB - 3)) for c in text]
 
 
+def word_tokenizer():
+    """A real transformers tokenizer over the words w0..w35 (WordLevel, whitespace split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+
+
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
@@ -316,13 +327,7 @@ def test_bad_inputs_are_named_before_any_work(setup, tmp_path, monkeypatch):
 
 def test_model_folder_with_an_adapter_and_trainer_checkpoint_folders_equal_a_direct_loop(tmp_path):
     peft = pytest.importorskip("peft")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    wl.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>",
-                                               pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    tok = word_tokenizer()
     tok.save_pretrained(tmp_path / "base")
     tiny_llama().float().save_pretrained(tmp_path / "base")
     lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -371,16 +376,11 @@ def test_attribute_command_end_to_end_equals_the_library_call(tmp_path):
     """`hessfree attribute` on a model folder with Trainer-style checkpoint folders writes
     the same top-k as hf.apps.attribute (itself checked against a loop above); bad flags
     fail in one line with exit code 2 before any work."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from typer.testing import CliRunner
 
     from hessfree.cli import app
 
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    wl.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>",
-                                               pad_token="<pad>", unk_token="<unk>")  # fmt: skip
+    tok = word_tokenizer()
     tok.save_pretrained(tmp_path / "model")
     base = tiny_llama().float()
     base.save_pretrained(tmp_path / "model")

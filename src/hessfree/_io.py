@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,31 @@ def atomic_save(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed row)`` of each non-blank line of a JSON-lines file.
+
+    Raises:
+        FileNotFoundError: no such file (or a folder).
+        ValueError: a line that is not valid JSON (file and line named), or no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file; pass a JSON-lines file")
+    seen = False
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
+            seen = True
+            yield line_no, row
+    if not seen:
+        raise ValueError(f"{str(path)!r} has no rows")
 
 
 def settings_differ(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:

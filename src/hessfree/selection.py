@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._io import atomic_save, atomic_write_json, atomic_write_text, check_settings
+from ._io import atomic_save, atomic_write_json, atomic_write_text, check_settings, iter_jsonl
 from ._progress import progress_bar
 from .influence import Influence
 from .llm import LanguageModelTask, collate, encode
@@ -146,24 +146,12 @@ class Selection:
 
 def read_jsonl(path: str | os.PathLike, need: Sequence[str] = ("prompt", "response")) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file, each checked to hold the string fields ``need``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist")
     rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
-            missing = [k for k in need if not isinstance(row.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{line_no} has no string field(s) {missing}; each row needs {list(need)}")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{str(path)!r} has no rows")
+    for line_no, row in iter_jsonl(path):
+        missing = [k for k in need if not isinstance(row.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{line_no} has no string field(s) {missing}; each row needs {list(need)}")
+        rows.append(row)
     return rows
 
 

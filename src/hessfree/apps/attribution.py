@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write_json, atomic_write_text, check_settings
+from .._io import atomic_write_json, atomic_write_text, check_settings, iter_jsonl
 from ..data import to_device
 from ..errors import HessfreeError
 from ..influence import Influence
@@ -138,22 +138,7 @@ def read_examples(path: str | os.PathLike, template: Any = None) -> list[Example
         FileNotFoundError: no such file.
         ValueError: a line that is not JSON or lacks the fields (file and line named), or no rows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist or is not a file; pass a JSON-lines file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
-            out.append(_row_to_example(row, str(path), line_no, template))
-    if not out:
-        raise ValueError(f"{str(path)!r} has no rows")
-    return out
+    return [_row_to_example(row, str(path), line_no, template) for line_no, row in iter_jsonl(path)]
 
 
 def chat_template(tokenizer: Any) -> Any:
