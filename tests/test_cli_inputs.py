@@ -240,9 +240,11 @@ def test_ctrl_c_in_the_other_commands_says_a_rerun_starts_over(command, function
 
 def test_a_real_sigint_during_training_exits_130_with_the_message(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # a shell's background job inherits SIGINT ignored; give the command the default a terminal user has
     proc = subprocess.Popen(
         [sys.executable, "-m", "hessfree.cli", "noisy-labels", "--data", "digits", "--epochs", "10000", "--out", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         seen = ""
