@@ -419,3 +419,16 @@ def test_singleton_class_is_not_centred_and_is_reported():
     keep = torch.cat([torch.nonzero(y2 == 1).flatten(), small])
     rep2 = find_noisy_labels(task, (x[keep], y2[keep]), method="self")
     assert rep2.uncentred_classes == [0]
+
+
+def test_predict_and_accuracy_take_float64_numpy_into_a_float32_model():
+    import numpy as np
+
+    from hessfree.training import accuracy, predict
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    x = np.random.default_rng(0).normal(size=(9, 3))  # float64, as scikit-learn gives
+    expected = model(torch.as_tensor(x, dtype=torch.float32)).argmax(-1)
+    assert torch.equal(predict(model, x), expected)
+    assert accuracy(model, x, expected) == 1.0

@@ -96,10 +96,17 @@ def train(
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Predicted class indices of a classifier in eval mode, ``(n,)``."""
+    """Predicted class indices of a classifier in eval mode, ``(n,)``.
+
+    ``x`` may be a tensor or a numpy array; floating-point inputs are cast to the
+    model's floating dtype (as :class:`hessfree.Task` does), integer inputs are kept."""
     was = model.training
     model.eval()
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device = first.device
+    x = torch.as_tensor(x)
+    if x.is_floating_point() and first.is_floating_point():
+        x = x.to(first.dtype)
     out = []
     for s in range(0, x.shape[0], batch_size):
         logits = model(x[s : s + batch_size].to(device))
