@@ -447,7 +447,7 @@ class Influence(StoreMixin):
         self._check_fitted()
         if self.hessian is not None:
             return self._reduce(_hessian_self_influence(self, self.hessian), reduce)
-        rows = self._sqnorms * self.member_weights[:, None]
+        rows = self._sqnorms * np.array([s.weight for s in self._specs])[:, None]  # fitted and current: checked above
         return self._reduce(rows, reduce)
 
     @property

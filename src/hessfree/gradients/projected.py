@@ -226,8 +226,7 @@ class ProjectedFeatures:
         b = batch_size_of(batch)
         subs = dict(view.module.named_modules())
         plan = self.plan
-        dtype = view.params[self.names[0]].dtype
-        dtype = dtype if dtype == torch.float64 else torch.float32
+        dtype = self._exact_dtype(view)
         out: dict[str, torch.Tensor] = {}
         bad: set[str] = set()
         if plan.batched:
@@ -276,6 +275,10 @@ class ProjectedFeatures:
         if u.bias is not None:
             bias = g[:, :, -1]
             out[u.bias] = out[u.bias] + bias if u.bias in out else bias.clone()
+
+    def _exact_dtype(self, view) -> torch.dtype:
+        """Arithmetic dtype of exact per-example gradients: fp64 models keep fp64, others fp32."""
+        return torch.float64 if view.params[self.names[0]].dtype == torch.float64 else torch.float32
 
     # ---- matrices ------------------------------------------------------------------
     def _dense(self, unit: Unit) -> Dense | None:
@@ -411,7 +414,7 @@ class ProjectedFeatures:
             f = self.features(view, batch)
             return torch.einsum("bd,bd->b", f, f).double().cpu()
         b = batch_size_of(batch)
-        dtype = torch.float64 if view.params[self.names[0]].dtype == torch.float64 else torch.float32
+        dtype = self._exact_dtype(view)
         subs = dict(view.module.named_modules())
         cap = capture(view, batch, self.plan.hooked, self.names, self.plan.broadcast, self._clone)
         calls = cap.calls
