@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,26 @@ def spearman(a, b):
     ra = np.argsort(np.argsort(a))
     rb = np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@contextmanager
+def crash_at_batch(n: int):
+    """The ``n``-th per-batch feature computation inside the block raises
+    ``RuntimeError("simulated crash")`` (a process dying mid-fit); the block must
+    raise it, and the estimator is restored afterwards."""
+    import hessfree as hf
+
+    real, calls = hf.Influence._features, []
+
+    def failing(self, view, names, batch):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("simulated crash")
+        return real(self, view, names, batch)
+
+    hf.Influence._features = failing
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        hf.Influence._features = real

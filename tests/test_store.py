@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import crash_at_batch
 from torch import nn
 
 import hessfree as hf
@@ -230,16 +231,8 @@ def test_resumed_store_loads_only_the_unfinished_batches(tmp_path, monkeypatch):
     task, (x, y), target, _ = _setup(n=200)
     ds = _Counting(x, y)
     loader = torch.utils.data.DataLoader(ds, batch_size=8)
-    real, calls = hf.Influence._features, []
-
-    def failing(self, view, names, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, view, names, batch)
-
-    monkeypatch.setattr(hf.Influence, "_features", failing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    real = hf.Influence._features
+    with crash_at_batch(3):
         hf.Influence(task, batch_size=8, store=tmp_path / "s").fit(loader)
     ds.loaded.clear()
     seen = []

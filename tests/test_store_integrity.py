@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import crash_at_batch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -97,20 +98,10 @@ def test_any_changed_example_outside_the_sample_is_refused(tmp_path, form, what)
 
 
 @pytest.mark.parametrize("form", ["tensors", "loader"])
-def test_resume_with_data_changed_in_the_written_part_is_refused(tmp_path, monkeypatch, form):
+def test_resume_with_data_changed_in_the_written_part_is_refused(tmp_path, form):
     task, data, _ = _setup(weights=True)
-    real, calls = hf.Influence._features, []
-
-    def failing(self, view, names, batch):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("simulated crash")
-        return real(self, view, names, batch)
-
-    monkeypatch.setattr(hf.Influence, "_features", failing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_batch(5):
         hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(_as(form, data))
-    monkeypatch.setattr(hf.Influence, "_features", real)
     i = _unsampled(200, start=17)  # in batch 1, written before the crash
     assert 16 <= i < 32
     with pytest.raises(hf.store.StoreMismatchError, match="rows 16-31"):
@@ -119,18 +110,9 @@ def test_resume_with_data_changed_in_the_written_part_is_refused(tmp_path, monke
 
 def test_resume_computes_gradients_only_for_unwritten_batches_but_checks_the_written_ones(tmp_path, monkeypatch):
     task, (x, y), target = _setup()
-    real, calls = hf.Influence._features, []
-
-    def failing(self, view, names, batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return real(self, view, names, batch)
-
-    monkeypatch.setattr(hf.Influence, "_features", failing)
-    with pytest.raises(RuntimeError):
+    real = hf.Influence._features
+    with crash_at_batch(4):
         hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(DataLoader(_Rows(x, y), batch_size=16))
-    monkeypatch.setattr(hf.Influence, "_features", real)
     ds, seen = _Rows(x, y), []
     monkeypatch.setattr(hf.Influence, "_features", lambda self, v, n, b: seen.append(len(b[0])) or real(self, v, n, b))
     resumed = hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(DataLoader(ds, batch_size=16))
@@ -141,20 +123,10 @@ def test_resume_computes_gradients_only_for_unwritten_batches_but_checks_the_wri
     np.testing.assert_allclose(resumed.influence(target), ref.influence(target), rtol=1e-6, atol=1e-9)
 
 
-def test_a_resume_at_another_batch_size_rewrites_the_batches_cut_otherwise(tmp_path, monkeypatch):
+def test_a_resume_at_another_batch_size_rewrites_the_batches_cut_otherwise(tmp_path):
     task, data, target = _setup(n=90)
-    real, calls = hf.Influence._features, []
-
-    def failing(self, view, names, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real(self, view, names, batch)
-
-    monkeypatch.setattr(hf.Influence, "_features", failing)
-    with pytest.raises(RuntimeError):
+    with crash_at_batch(3):
         hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(data)
-    monkeypatch.setattr(hf.Influence, "_features", real)
     resumed = hf.Influence(task, batch_size=24, store=tmp_path / "s").fit(data)
     ref = hf.Influence(task, batch_size=24).fit(data)
     np.testing.assert_allclose(resumed.influence(target), ref.influence(target), rtol=1e-6, atol=1e-9)
