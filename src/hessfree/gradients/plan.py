@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .rules import layer_kind, matrix_shape, trusted_affine
@@ -178,8 +177,3 @@ def _allocate(units: list[Unit], dim: int | None) -> None:
                 k_r = min(u.rows, max(1, share // k_c))
             u.k_rows, u.k_cols = k_r, k_c
         left -= u.k
-
-
-def plan_units(module: nn.Module, names: list[str], params: dict[str, torch.Tensor], dim: int | None) -> list[Unit]:
-    """The units of :func:`make_plan` (kept for callers of earlier versions)."""
-    return make_plan(module, names, dim).units

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -315,6 +314,3 @@ def _unfold(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
         patches = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
     return patches.transpose(1, 2)
 
-
-def is_mapping(batch: Batch) -> bool:
-    return isinstance(batch, Mapping)
