@@ -217,3 +217,20 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         for where in ("store", "memory"):
             for key, want in single.items():
                 np.testing.assert_allclose(got[f"{where}_{key}"], want, rtol=1e-5, atol=1e-6, err_msg=f"{where} {key}")
+
+
+def test_report_above_eig_max_dim_uses_cheap_estimates():
+    model = _mlp()
+    x, y = _data()
+    est = hf.Influence(hf.ClassificationTask(model), hessian="fisher", hessian_options={"eig_max_dim": 10},
+                       progress=False).fit((x, y))
+    rep = est.hessian_report_["model"]
+    phi = _per_example_grads(model, x, y)
+    fisher, lam = _fisher(phi)
+    evals = np.linalg.eigvalsh(fisher)
+    assert rep["min_eigenvalue"] is None
+    assert rep["max_eigenvalue"] == pytest.approx(evals[-1] - lam, rel=1e-3)
+    # the 1-norm condition number lies within a factor k of the 2-norm one; LAPACK's estimate near it
+    cond1 = np.linalg.cond(fisher, 1)
+    assert cond1 / 3 <= rep["condition_number_1norm_estimate"] <= cond1 * 1.0001
+    assert set(rep["seconds"]) == {"gram", "cholesky", "report"}
