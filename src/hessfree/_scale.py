@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
+from .feature_source import StoreFeatures
 from .scoring import merge_top_k, top_k_blocked
 from .store import (
     DTYPES,
@@ -65,10 +66,10 @@ class StoreMixin:
         skip = skip or set()
         yield from source.batches_where(lambda b: b % world == rank and b not in skip)
 
-    def _store_rows(self) -> tuple[int, int]:
-        """The contiguous block of store rows this rank scores."""
+    @staticmethod
+    def _store_rows(n: int) -> tuple[int, int]:
+        """The contiguous block of the ``n`` store rows this rank scores."""
         rank, world = rank_and_world()
-        n = self.n_train
         return rank * n // world, (rank + 1) * n // world
 
     # ---- the store -----------------------------------------------------------------------
@@ -150,7 +151,8 @@ class StoreMixin:
                               "could not write its share of the store", RankFailedError)  # fmt: skip
                 _collectively(store.mark_complete if rank == 0 else None, "could not complete the store")
                 _collectively(lambda: self._check_completed(store, hashes), "found the completed store inconsistent")
-            self._sqnorms = store.sqnorms()
+            self._train_source = StoreFeatures(store, *self._store_rows(store.n))
+            self._sqnorms = self._train_source.sqnorms()
         finally:
             if store is not None:
                 store.release()
@@ -251,7 +253,8 @@ class StoreMixin:
         self.source = None
         self.n_train = store.n
         self._store = store
-        self._sqnorms = store.sqnorms()
+        self._train_source = StoreFeatures(store, *self._store_rows(store.n))
+        self._sqnorms = self._train_source.sqnorms()
         self._mark_fitted()
         return self
 
@@ -273,7 +276,8 @@ class StoreMixin:
         self._check_fitted()
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        if self._store is None and len(self._cache) < len(self._specs):
+        features = self._train_source
+        if not all(features.has(m) for m in range(len(self._specs))):  # recomputed: the full matrix
             full = torch.from_numpy(self.pairwise(test))
             kk = min(k, full.shape[1])
             scores, idx = torch.topk(full, kk, dim=1, largest=largest)
@@ -285,26 +289,12 @@ class StoreMixin:
             q = [self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")]
             queries.append(torch.cat(q).float().cpu())
             weights.append(view.weight)
-        parts = [top_k_blocked(queries, readers, weights, lo, hi, k, self.score_block_rows, largest) for lo, hi, readers in self._segments()]
+        readers = [lambda s, e, m=m: features.rows(m, s, e) for m in range(len(self._specs))]
+        parts = [top_k_blocked(queries, readers, weights, lo, hi, k, self.score_block_rows, largest)
+                 for lo, hi in features.segments()]  # fmt: skip
         parts = [p for shard in all_gather(parts) for p in shard]
         scores, idx = merge_top_k(parts, k, largest)
         return TopK(idx.numpy(), scores.double().numpy())
-
-    def _segments(self):
-        """``(start, stop, readers)`` row ranges this rank holds, with a reader per member."""
-        if self._store is not None:
-            lo, hi = self._store_rows()
-            store = self._store
-            readers = [lambda s, e, m=m: store.rows(m, s, e) for m in range(len(self._specs))]
-            return [(lo, hi, readers)] if hi > lo else []
-        first = self._cache[0]
-        if isinstance(first, list):
-            out = []
-            for j, (offset, f) in enumerate(first):
-                chunks = [self._cache[m][j][1] for m in range(len(self._specs))]
-                out.append((offset, offset + f.shape[0], [lambda s, e, c=c, o=offset: c[s - o : e - o] for c in chunks]))
-            return out
-        return [(0, self.n_train, [lambda s, e, m=m: self._cache[m][s:e] for m in range(len(self._specs))])]
 
 
 def _collectively(fn, what: str = "could not open the store", raises: type[Exception] = StoreMismatchError):

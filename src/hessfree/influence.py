@@ -22,6 +22,7 @@ from ._scale import StoreMixin, _collectively
 from .data import DataSource, batch_hash, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
 from .errors import ModelChangedError, NotFittedError
+from .feature_source import MemoryFeatures
 from .gradients.functional import flatten
 from .gradients.projected import ProjectedFeatures, probe_of
 from .gradients.selection import ParamSpec, select_parameters
@@ -276,17 +277,10 @@ class Influence(StoreMixin):
             del feats  # hold one batch of features at a time, not two
 
     def _train_features(self, m: int, view: MemberView, bar=None):
-        if self._store is not None:
-            lo, hi = self._store_rows()
-            for offset, feats in self._store.blocks(m, lo, hi, self.score_block_rows):
-                yield offset, feats.to(self.device)
-        elif m in self._cache and isinstance(self._cache[m], list):  # this rank's batches (distributed)
-            for offset, feats in self._cache[m]:
-                yield offset, feats.to(self.device)
-        elif m in self._cache:
-            feats = self._cache[m]
-            for s in range(0, feats.shape[0], self.batch_size):
-                yield s, feats[s : s + self.batch_size].to(self.device)
+        """This rank's training features of member ``m`` in blocks: held (memory or
+        store) or, over the memory budget, computed again."""
+        if self._train_source.has(m):
+            yield from self._train_source.blocks(m, self.score_block_rows, self.device)
         else:
             yield from self._featurize(view, self._names[m], self.source, "training", bar, shard=True)
 
@@ -359,6 +353,7 @@ class Influence(StoreMixin):
         self._names: list[list[str]] = []
         self._dims: list[int] = []
         self._cache: dict[int, Any] = {}
+        self._train_source = MemoryFeatures(self._cache, 0, np.zeros((len(self._specs), 0)))  # until filled
         self._store = None
         for _, view in self._views():
             names = select_parameters(view.module, self.params, view.call_order)
@@ -371,6 +366,7 @@ class Influence(StoreMixin):
         # a failure on any rank is raised on every rank before the collective sum
         _collectively(self._fill_memory_local, "could not compute its share of the gradients", RankFailedError)
         self._sqnorms = all_reduce_sum(self._sqnorms)
+        self._train_source = MemoryFeatures(self._cache, self.source.n, self._sqnorms)
 
     def _fill_memory_local(self) -> None:
         n, n_members = self.source.n, len(self._specs)
