@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ._io import atomic_write_json, check_settings
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
 from .feature_source import StoreFeatures
@@ -104,6 +105,19 @@ class StoreMixin:
             config.update(n=self.source.n, data=fingerprint_data(self.source))
         return config
 
+    def _check_arguments(self) -> None:
+        """Compare the arguments the stored features depend on (members, params,
+        projection, store dtype) with ``<store>/arguments.json``, when it exists."""
+        path = self._store_path / "arguments.json"
+        if path.exists():
+            saved, now = json.loads(path.read_text()), self.arguments.features_dict()
+            check_settings(path, {k: saved.get(k) for k in now}, now, StoreMismatchError,
+                           fix="pass the arguments the store was written with, or use a new store folder")  # fmt: skip
+
+    def _save_arguments(self) -> None:
+        """Write ``<store>/arguments.json`` (every option of this estimator, as JSON)."""
+        atomic_write_json(self._store_path / "arguments.json", self.arguments.to_dict())
+
     def _probe_losses(self) -> list[float]:
         """The (sample-weighted) training losses of the stored examples at the model, in
         eval mode, rounded: they change with the loss function, whatever its form."""
@@ -133,6 +147,7 @@ class StoreMixin:
 
         # rank 0 creates (or checks) the store first; every rank then checks it against its
         # own model and data. A failure on any rank is raised on every rank (no rank hangs).
+        _collectively(self._check_arguments)  # before any gradient is computed
         store = _collectively(create if rank == 0 else None)
         try:
             if rank != 0:
@@ -153,6 +168,7 @@ class StoreMixin:
                 _collectively(lambda: self._check_completed(store, hashes), "found the completed store inconsistent")
             self._train_source = StoreFeatures(store, *self._store_rows(store.n))
             self._sqnorms = self._train_source.sqnorms()
+            _collectively(self._save_arguments if rank == 0 else None, "could not save arguments.json")
         finally:
             if store is not None:
                 store.release()
@@ -253,8 +269,11 @@ class StoreMixin:
         self.source = None
         self.n_train = store.n
         self._store = store
+        self._check_arguments()
         self._train_source = StoreFeatures(store, *self._store_rows(store.n))
         self._sqnorms = self._train_source.sqnorms()
+        if rank_and_world()[0] == 0:
+            self._save_arguments()
         self._mark_fitted()
         return self
 

@@ -19,6 +19,7 @@ import torch
 
 from ._progress import progress_bar
 from ._scale import StoreMixin, _collectively
+from .arguments import InfluenceArguments
 from .data import DataSource, batch_hash, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
 from .errors import ModelChangedError, NotFittedError
@@ -35,7 +36,6 @@ from .targets import Target
 from .task import Task
 
 _REDUCE = ("sum", "mean", None)
-ENGINES = ("auto", "hooks", "vmap", "loop")
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,9 @@ class Influence(StoreMixin):
             :class:`hessfree.EngineError` naming the module and an engine that works.
 
     Call :meth:`fit` with the training data, then :meth:`influence`,
-    :meth:`pairwise` or :meth:`self_influence`.
+    :meth:`pairwise` or :meth:`self_influence`. The options are kept as
+    ``est.arguments`` (an :class:`hessfree.arguments.InfluenceArguments`;
+    ``est.arguments.to_dict()`` is what is saved beside a store).
     """
 
     def __init__(
@@ -125,17 +127,15 @@ class Influence(StoreMixin):
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.task = task
-        self.members = as_members(members)
-        self.params = params
-        self.batch_size = int(batch_size)
+        self.arguments = args = InfluenceArguments(
+            members=members, params=params, batch_size=batch_size, device=device, max_cache_bytes=max_cache_bytes,
+            progress=progress, projection=projection, store=store, store_dtype=store_dtype, hessian=hessian,
+            damping=damping, hessian_options=hessian_options, engine=engine,
+        )  # fmt: skip
+        self.task, self.members, self.params = task, as_members(members), params
+        self.batch_size, self.max_cache_bytes, self.progress = args.batch_size, args.max_cache_bytes, progress
         self.device = model_device(task.model) if device is None else torch.device(device)
-        self.max_cache_bytes = int(max_cache_bytes)
-        self.progress = progress
-        self.projection = projection
-        self._projections = _as_projections(projection)
+        self.projection, self._projections = projection, args.projections()
         self._store_path, self.store_dtype = self._check_store_args(store, store_dtype)
         self._store = None
         self.hessian = make_inverse_hessian(hessian, damping, hessian_options)
@@ -147,8 +147,6 @@ class Influence(StoreMixin):
                 "and store=None (Hessian comparators are for studies on small models), or use "
                 "hessian='fisher', which works with projections and stores"
             )
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.engine = engine
         self._fitted = False
 
@@ -548,18 +546,3 @@ def _changed(old: dict[str, tuple], modules: dict[str, torch.nn.Module]) -> str 
         if old.get(k) != now.get(k):
             return k.split(":", 1)[1]
     return None
-
-
-def _as_projections(projection) -> list:
-    if projection is None:
-        return []
-    items = list(projection) if isinstance(projection, (list, tuple)) else [projection]
-    if not items:
-        raise ValueError("projection=[] is empty; pass None for exact gradients")
-    for p in items:
-        if not isinstance(p, Projection):
-            raise TypeError(
-                f"projection={p!r} is not understood; use hf.projections.Dense(k), "
-                "hf.projections.Factorized(k), a list of them, or None"
-            )
-    return items
