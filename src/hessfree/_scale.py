@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ._io import atomic_write_json, check_settings
+from ._store_writer import batch_tiling, batches_at, data_differ, describe_loss, hashes_at, same_on_every_rank
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
 from .feature_source import StoreFeatures
@@ -95,7 +95,7 @@ class StoreMixin:
             "dims": self._dims,
             "dtype": self.store_dtype,
             "estimator": f"{type(self).__module__}.{type(self).__qualname__}",
-            "loss": _describe_loss(self.task),
+            "loss": describe_loss(self.task),
             "probe_loss": self._probe_losses(),
         }
         layouts = [self._engines[m].legacy_layout for m in range(len(self._specs))]
@@ -132,10 +132,10 @@ class StoreMixin:
         rank, world = rank_and_world()
         source = self.source
         config = self._store_config(with_data=True)
-        tiling = _tiling(source)
+        tiling = batch_tiling(source)
         t = time.perf_counter()
         # tensors are hashed whole up front (no loading); a loader's batches as they are loaded
-        hashes = _hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash}
+        hashes = hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash}
         hash_s = time.perf_counter() - t
         probe = to_device(self._probe, torch.device("cpu"))
 
@@ -156,7 +156,7 @@ class StoreMixin:
                 _collectively(None)
             store.add_integrity_time(hash_s)
             # the same data on every rank: all of it for tensors, the first batch for a loader
-            _same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()]), store.path)
+            same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()]), store.path)
             self._store = store
             if store.complete:
                 _collectively(lambda: self._check_stored_data(store, hashes), "found training data that differ from the store's")
@@ -191,14 +191,14 @@ class StoreMixin:
                                     "delete the folder and run est.fit(train) again")  # fmt: skip
         t = time.perf_counter()
         if self.source.in_memory:
-            got = hashes if set(hashes) == set(ranges) else _hashes_at(self.source, ranges)
+            got = hashes if set(hashes) == set(ranges) else hashes_at(self.source, ranges)
         else:
             own = [r for b, r in enumerate(ranges) if b % world == rank]
-            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(self.source, own)}
+            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in batches_at(self.source, own)}
         store.add_integrity_time(time.perf_counter() - t)
         differ = [r[:2] for r in recs if r[:2] in got and got[r[:2]] != r[2]]
         if differ:
-            raise _data_differ(store, differ)
+            raise data_differ(store, differ)
 
     def _write_store(self, store: GradientStore, rank: int, tiling: list[tuple[int, int]], hashes: dict) -> None:
         n, n_members = self.source.n, len(self._specs)
@@ -212,11 +212,11 @@ class StoreMixin:
         if self.source.in_memory:
             got = {r: known[r] for r in written}
         else:
-            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(self.source, written)}
+            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in batches_at(self.source, written)}
         store.add_integrity_time(time.perf_counter() - t)
         differ = [r for r in written if any(recs[m][r][2] != got.get(r) for m in range(n_members))]
         if differ:
-            raise _data_differ(store, differ)
+            raise data_differ(store, differ)
         todo = [n - sum(c for _, c in recs[m]) for m in range(n_members)]
         bar = self._bar(sum(todo), "per-example gradients -> store")
         try:
@@ -236,7 +236,7 @@ class StoreMixin:
                     if (offset, count) in known:
                         seen.append(known[(offset, count)])
                     if h is None or any(s != h for s in seen):
-                        raise _data_differ(store, [(offset, count)])
+                        raise data_differ(store, [(offset, count)])
                     known[(offset, count)] = h
                     (_, feats), = self._featurize(view, self._names[m], _One(offset, batch), "training", bar)
                     sq = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
@@ -350,102 +350,6 @@ def _own_records(store: GradientStore, m: int, rank: int) -> list[tuple]:
     if not f.exists():
         return []
     return [tuple(r) for r in json.loads(f.read_text())]
-
-
-def _tiling(source: DataSource) -> list[tuple[int, int]]:
-    """``(offset, count)`` of every batch of ``source``, in order (a loader's batch
-    sampler is read for the sizes; no item is loaded)."""
-    n, bs = source.n, source.fixed_batch_size
-    if bs is not None:
-        return [(s, min(bs, n - s)) for s in range(0, n, bs)]
-    out, offset = [], 0
-    for idx in source._loader.batch_sampler:
-        out.append((offset, len(idx)))
-        offset += len(idx)
-    return out
-
-
-def _batches_at(source: DataSource, ranges: list[tuple[int, int]]):
-    """``(offset, batch)`` for the row ranges ``ranges`` of ``source``: slices of tensors,
-    or a loader's items at exactly those ranges (same dataset, collate function and
-    workers). A loader with a custom batch sampler is iterated and must yield them."""
-    ranges = sorted(ranges)
-    if not ranges:
-        return
-    if source.in_memory:
-        for o, c in ranges:
-            yield o, slice_batch(source._tensors, o, o + c)
-        return
-    loader = source._loader
-    if source.fixed_batch_size is not None:
-        index_lists = [list(range(o, o + c)) for o, c in ranges]
-        sub = DataLoader(loader.dataset, batch_sampler=index_lists, collate_fn=loader.collate_fn,
-                         num_workers=loader.num_workers, pin_memory=loader.pin_memory)  # fmt: skip
-        for (o, _), batch in zip(ranges, sub):
-            yield o, tuple(batch) if isinstance(batch, list) else batch
-        return
-    want = set(ranges)
-    for offset, batch in source.batches():
-        if (offset, batch_size_of(batch)) in want:
-            want.discard((offset, batch_size_of(batch)))
-            yield offset, batch
-    if want:
-        o, c = min(want)
-        raise StoreMismatchError(
-            f"the store was written in batches this loader does not yield (rows {o}-{o + c - 1}); pass the loader "
-            "the store was written with, or call est.fit() without data to reuse the store"
-        )
-
-
-def _hashes_at(source: DataSource, ranges: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
-    return {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(source, ranges)}
-
-
-def _data_differ(store: GradientStore, ranges: list[tuple[int, int]]) -> StoreMismatchError:
-    o, c = min(ranges)
-    more = f" (and {len(ranges) - 1} more batches)" if len(ranges) > 1 else ""
-    return StoreMismatchError(
-        f"the training data differ from the data the store at {str(store.path)!r} was written with: rows "
-        f"{o}-{o + c - 1}{more} hold another input, label or sample weight (or a Dataset with random transforms "
-        "gives other values each time); use a new store path for these data, or delete the old store"
-    )
-
-
-def _same_on_every_rank(digest: str, path: Path) -> None:
-    """Raise on every rank when the ranks' data hashes differ (under torch.distributed)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return
-    got = all_gather(digest)
-    bad = [r for r, d in enumerate(got) if d != got[0]]
-    if bad:
-        if rank == 0:
-            raise StoreMismatchError(f"another rank (rank {bad[0]}) was given different training data than rank 0 "
-                                     f"for the store at {str(path)!r}; give every rank the same data")  # fmt: skip
-        raise StoreMismatchError(f"rank {rank} was given different training data than rank 0 for the store at "
-                                 f"{str(path)!r}; give every rank the same data")  # fmt: skip
-
-
-def _describe_loss(task) -> dict[str, Any]:
-    """The task's class and options (and an ``nn.Module`` loss's class, options and
-    tensors): the part of the loss a store checks by name."""
-
-    def simple(v):
-        if isinstance(v, (str, int, float, bool, type(None))):
-            return v
-        if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool, type(None))) for x in v):
-            return list(v)
-        return type(v).__name__
-
-    options = {k: simple(v) for k, v in sorted(vars(task).items()) if not k.startswith("_") and k not in ("model", "loss_fn")}
-    fn = getattr(task, "loss_fn", None)
-    if isinstance(fn, torch.nn.Module):
-        options["loss_fn"] = {
-            "class": f"{type(fn).__module__}.{type(fn).__qualname__}",
-            "options": {k: simple(v) for k, v in sorted(vars(fn).items()) if not k.startswith("_") and k != "training"},
-            "tensors": fingerprint_tensors({**dict(fn.named_parameters()), **dict(fn.named_buffers())}),
-        }
-    return {"task": f"{type(task).__module__}.{type(task).__qualname__}", "options": options}
 
 
 __all__ = ["StoreMismatchError", "TopK"]

@@ -32,6 +32,60 @@ class InfluenceArguments:
     and ``store`` as strings. ``from_dict`` rebuilds projections and
     query transforms; members and callables stay descriptions (pass the objects
     again to build an estimator).
+
+    Attributes:
+        members: ``None`` (the model as it is) or an :mod:`hessfree.members`
+            collection: ``Checkpoints`` (TracIn-CP), ``Dropout``, ``WeightNoise``,
+            ``Models``, or a product of them.
+        params: which parameters: ``None`` (those with ``requires_grad``), ``"all"``,
+            ``"last"``, a module-name prefix, a list of prefixes, or a callable.
+        batch_size: training examples per per-example-gradient batch.
+        device: where gradients are computed (default: the model's device).
+        max_cache_bytes: per-example gradients of all members are kept in memory
+            after ``fit`` when they fit in this many bytes (fp32); otherwise they
+            are recomputed for each query.
+        progress: show progress bars (``None``: only on a terminal).
+        projection: ``None`` (exact gradients), an :mod:`hessfree.projections`
+            projection (``Dense(k)`` or ``Factorized(k)``), or a list of them
+            (each seed becomes an ensemble member; their scores are averaged).
+            Target gradients are projected with the same matrices, so scores
+            are unbiased estimates of the exact ones.
+        store: a folder for an on-disk feature store (see
+            :mod:`hessfree.store`): written once (resumably, shared by
+            torch.distributed ranks), then reused by every later target,
+            ``pairwise``, ``top_k`` and ``self_influence`` call, in this or a
+            later session, without touching the training data. ``fit(train)``
+            on a complete store hashes the data again (no gradients) and
+            raises :class:`hessfree.store.StoreMismatchError` if any input,
+            label, sample weight, the loss or the model changed.
+        store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` on disk
+            (arithmetic is always fp32).
+        hessian: ``"identity"`` (default, the Hessian-free product),
+            ``"fisher"`` (curvature-corrected scores from the stored features:
+            the damped empirical Fisher ``Phi^T Phi / n + damping I`` of the
+            (projected) training features, inverted once per member; works with
+            ``projection=`` and ``store=``; see
+            :class:`hessfree.hessian.EmpiricalFisher`), or a comparator for
+            studies on exact gradients: ``"exact"``, ``"cg"``, ``"lissa"``,
+            ``"datainf"``, or an :mod:`hessfree.hessian` instance. Scores become
+            ``g_i^T (H + damping I)^{-1} grad f`` with ``H`` the Hessian of the
+            mean training loss or its approximation (``score_i / n`` predicts the
+            rise of f when example i is removed and the model retrained);
+            damping, eigenvalues and convergence are in :attr:`hessian_report_`.
+        damping: ``lambda`` added to the curvature's diagonal (not with the
+            identity); ``None``: the method's default (for ``"fisher"``
+            ``0.1 x`` the mean eigenvalue of ``Phi^T Phi / n``, per member).
+        hessian_options: further settings of the comparator, e.g.
+            ``{"max_iter": 100, "tol": 1e-6}`` for CG or
+            ``{"iterations": 500, "scale": 10.0}`` for LiSSA.
+        engine: how per-example gradients are computed (see
+            :mod:`hessfree.gradients`): ``"auto"`` (default: the hook engine for
+            every parameter with a per-example rule, a per-example loop for the
+            rest, announced by one warning), ``"hooks"`` (refuses a model with a
+            parameter it has no rule for), ``"vmap"`` (``torch.func``) or
+            ``"loop"`` (one backward per example: the slow reference). All give
+            the same numbers; an engine that cannot handle a model raises
+            :class:`hessfree.EngineError` naming the module and an engine that works.
     """
 
     members: Any = None

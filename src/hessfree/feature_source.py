@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import rank_and_world
+
 
 class TrainingFeatures:
     """The per-example training features of every member (see the module docstring).
@@ -106,3 +108,41 @@ class StoreFeatures(TrainingFeatures):
 
     def sqnorms(self) -> np.ndarray:
         return self.store.sqnorms()
+
+
+def fill_memory(members, cache: dict[int, Any], sqnorms: np.ndarray, budget: int, bar) -> None:
+    """Compute this rank's training features of every member: keep them in ``cache``
+    while they fit in ``budget`` bytes (in member order), record squared norms in
+    ``sqnorms`` ``(n_members, n)`` either way.
+
+    Args:
+        members: ``(m, name, nbytes, blocks, norm_blocks)`` per member: ``blocks``
+            yields ``(offset, (b, dim))`` features of this rank's batches;
+            ``norm_blocks`` (or ``None``) yields ``(offset, (b,))`` squared norms
+            without forming features, used for a member that is not kept.
+        bar: a progress bar (``update``, ``close``).
+    """
+    world = rank_and_world()[1]
+    try:
+        for m, name, nbytes, blocks, norm_blocks in members:
+            keep = nbytes <= budget
+            if not keep and norm_blocks is not None:
+                for offset, sq in norm_blocks:
+                    if not np.isfinite(sq).all():
+                        i = offset + int(np.flatnonzero(~np.isfinite(sq))[0])
+                        raise FloatingPointError(f"non-finite gradient for training example {i} at member {name!r}")
+                    sqnorms[m, offset : offset + len(sq)] = sq
+                    bar.update(len(sq))
+                continue
+            chunks = []
+            for offset, feats in blocks:
+                sqnorms[m, offset : offset + feats.shape[0]] = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
+                bar.update(feats.shape[0])
+                if keep:
+                    chunks.append((offset, feats.cpu()))
+                del feats
+            if keep:
+                cache[m] = chunks if world > 1 else torch.cat([f for _, f in chunks])
+                budget -= nbytes
+    finally:
+        bar.close()
