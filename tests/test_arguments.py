@@ -62,3 +62,29 @@ def test_arguments_json_beside_the_store_is_written_and_checked(tmp_path):
         hf.Influence(task, store=tmp_path / "s", **kw).fit()
     with pytest.raises(hf.store.StoreMismatchError, match="params"):
         hf.Influence(task, store=tmp_path / "s", **kw).fit(train)
+
+
+def test_train_map_changes_training_features_only_and_is_checked_on_store_reuse(tmp_path):
+    """A training feature map (here: twice the gradient) doubles influence scores, leaves
+    the queries alone, and a store written with it refuses an estimator without it."""
+    task, train = _setup()
+
+    class Twice:
+        def __call__(self, feature_map, view, batch):
+            return 2 * feature_map.features(view, batch)
+
+        def __repr__(self):
+            return "Twice()"
+
+    t = hf.targets.Utility(train)
+    plain = hf.Influence(task, progress=False).fit(train)
+    for kw in ({}, {"max_cache_bytes": 0}):
+        twice = hf.Influence(task, train_map=Twice(), progress=False, **kw).fit(train)
+        np.testing.assert_allclose(twice.influence(t), 2 * plain.influence(t), rtol=1e-5)
+        np.testing.assert_allclose(twice.self_influence(), 4 * plain.self_influence(), rtol=1e-5)
+    kw = dict(projection=hf.projections.Dense(8), progress=False)
+    hf.Influence(task, train_map=Twice(), store=tmp_path / "s", **kw).fit(train)
+    with pytest.raises(hf.store.StoreMismatchError, match="train_map"):
+        hf.Influence(task, store=tmp_path / "s", **kw).fit()
+    with pytest.raises(TypeError, match="train_map"):
+        hf.Influence(task, train_map=3)

@@ -81,7 +81,11 @@ class FeatureMaps:
     def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None, shard: bool = False):
         batches = self._own_batches(source) if shard else source.batches()
         for offset, batch in batches:
-            feats = self._features(view, names, to_device(batch, self.device))
+            batch = to_device(batch, self.device)
+            if what == "training" and self.train_map is not None:  # e.g. optimizer-aware directions
+                feats = _compute_dtype(self.train_map(self._engine(view, names), view, batch))
+            else:
+                feats = self._features(view, names, batch)
             finite = torch.isfinite(feats.sum(dim=1))  # NaN/inf propagate; no temporary of feats' size
             if not bool(finite.all()):
                 i = offset + int(torch.nonzero(~finite)[0, 0])

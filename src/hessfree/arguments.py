@@ -18,7 +18,7 @@ import torch
 from .gradients.projected import ENGINES
 from .projections import Dense, Factorized, Projection
 
-FEATURE_FIELDS = ("members", "params", "projection", "store_dtype")
+FEATURE_FIELDS = ("members", "params", "projection", "store_dtype", "train_map")
 """The arguments the stored features depend on: checked when a store is reused."""
 
 
@@ -86,6 +86,12 @@ class InfluenceArguments:
             ``"loop"`` (one backward per example: the slow reference). All give
             the same numbers; an engine that cannot handle a model raises
             :class:`hessfree.EngineError` naming the module and an engine that works.
+        train_map: ``None`` (training features are the (projected) per-example
+            gradients, like the queries') or a feature map applied to TRAINING
+            examples only, ``train_map(feature_map, view, batch) -> (B, k)``, e.g.
+            :class:`hessfree.selection.AdamDirections` (projected per-example Adam
+            update directions; queries stay plain gradients). Stored features
+            depend on it, so a store records and checks its ``repr``.
     """
 
     members: Any = None
@@ -101,6 +107,7 @@ class InfluenceArguments:
     damping: float | None = None
     hessian_options: dict | None = field(default=None)
     engine: str = "auto"
+    train_map: Any = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -108,6 +115,8 @@ class InfluenceArguments:
         self.batch_size, self.max_cache_bytes = int(self.batch_size), int(self.max_cache_bytes)
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.train_map is not None and not callable(self.train_map):
+            raise TypeError(f"train_map must be callable (feature_map, view, batch) -> (B, k), got {self.train_map!r}")
         if self.store is not None and not isinstance(self.store, (str, os.PathLike)):
             raise TypeError(f"store must be a folder path, got {type(self.store).__name__}")
 
@@ -138,6 +147,8 @@ class InfluenceArguments:
         out["store"] = None if self.store is None else os.fspath(self.store)
         if not isinstance(self.hessian, str):
             out["hessian"] = self.hessian.options()
+        if self.train_map is not None:
+            out["train_map"] = repr(self.train_map)
         return out
 
     @classmethod

@@ -48,7 +48,7 @@ class Influence(FeatureMaps, StoreMixin):
         task: the :class:`hessfree.Task` (model, per-example loss, batch format).
         members, params, batch_size, device, max_cache_bytes, progress,
             projection, store, store_dtype, hessian, damping, hessian_options,
-            engine: the options, each described in
+            engine, train_map: the options, each described in
             :class:`hessfree.arguments.InfluenceArguments`. In short: ``members``
             an :mod:`hessfree.members` collection (``Checkpoints`` for TracIn-CP,
             ``Models`` for independently trained models, ...); ``projection``
@@ -82,13 +82,14 @@ class Influence(FeatureMaps, StoreMixin):
         damping: float | None = None,
         hessian_options: dict | None = None,
         engine: str = "auto",
+        train_map: Any = None,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be an hf.Task, got {type(task).__name__}; wrap your model in hf.ClassificationTask")
         self.arguments = args = InfluenceArguments(
             members=members, params=params, batch_size=batch_size, device=device, max_cache_bytes=max_cache_bytes,
             progress=progress, projection=projection, store=store, store_dtype=store_dtype, hessian=hessian,
-            damping=damping, hessian_options=hessian_options, engine=engine,
+            damping=damping, hessian_options=hessian_options, engine=engine, train_map=train_map,
         )  # fmt: skip
         self.task, self.members, self.params = task, as_members(members), params
         self.batch_size, self.max_cache_bytes, self.progress = args.batch_size, args.max_cache_bytes, progress
@@ -105,7 +106,7 @@ class Influence(FeatureMaps, StoreMixin):
                 "and store=None (Hessian comparators are for studies on small models), or use "
                 "hessian='fisher', which works with projections and stores"
             )
-        self.engine = engine
+        self.engine, self.train_map = engine, train_map
         self._fitted = False
 
     # ---- members ---------------------------------------------------------------
@@ -251,7 +252,7 @@ class Influence(FeatureMaps, StoreMixin):
             itemsize = 8 if view.params[names[0]].dtype == torch.float64 else 4
             engine = self._engine(view, names)
             norms = None
-            if engine.exact:  # norms without forming gradients
+            if engine.exact and self.train_map is None:  # norms without forming gradients
                 norms = ((o, engine.sqnorms(view, to_device(b, self.device)).numpy()) for o, b in self._own_batches(self.source))
             yield m, view.name, n * self._dims[m] * itemsize, self._featurize(view, names, self.source, "training", shard=True), norms
 
