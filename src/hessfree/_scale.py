@@ -115,8 +115,14 @@ class StoreMixin:
                            fix="pass the arguments the store was written with, or use a new store folder")  # fmt: skip
 
     def _save_arguments(self) -> None:
-        """Write ``<store>/arguments.json`` (every option of this estimator, as JSON)."""
-        atomic_write_json(self._store_path / "arguments.json", self.arguments.to_dict())
+        """Write ``<store>/arguments.json`` (every option of this estimator, as JSON) when
+        it is missing or differs; a complete store in a read-only folder is left as it is."""
+        path, now = self._store_path / "arguments.json", self.arguments.to_dict()
+        try:
+            if not path.exists() or json.loads(path.read_text()) != now:
+                atomic_write_json(path, now)
+        except OSError:  # read-only folder: the store is still read; the record is not updated
+            pass
 
     def _probe_losses(self) -> list[float]:
         """The (sample-weighted) training losses of the stored examples at the model, in
