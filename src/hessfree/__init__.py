@@ -22,6 +22,7 @@ from . import (
     targets,
     training,
 )
+from .arguments import InfluenceArguments
 from .data import DataSource
 from .errors import DataError, EngineError, HessfreeError, LabelError, ModelChangedError, NotFittedError
 from .influence import Influence
@@ -37,6 +38,7 @@ __all__ = [
     "EngineError",
     "HessfreeError",
     "Influence",
+    "InfluenceArguments",
     "LabelError",
     "LanguageModelTask",
     "ModelChangedError",

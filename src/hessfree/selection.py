@@ -307,9 +307,30 @@ def adam_direction(grads: dict[str, torch.Tensor], state: dict[str, Any]) -> dic
     return out
 
 
+class AdamDirections:
+    """A training feature map: projected per-example Adam update directions, one
+    Adam state per member (``Influence(..., train_map=AdamDirections(states))``;
+    queries stay plain gradients). LESS (Xia et al., 2024) scores with these.
+
+    Args:
+        states: per member, :func:`adam_state` of its checkpoint.
+    """
+
+    def __init__(self, states: Sequence[dict[str, Any]]):
+        self.states = list(states)
+
+    def __call__(self, feature_map, view, batch) -> torch.Tensor:
+        grads = feature_map.per_example_grads(view, batch)
+        return feature_map.project_grads(adam_direction(grads, self.states[view.member_index]))
+
+    def __repr__(self) -> str:
+        return f"AdamDirections(members={len(self.states)})"
+
+
 class AdamPreconditioned(Influence):
     """An estimator whose training features are projected per-example Adam update
     directions (one Adam state per checkpoint member); queries stay plain gradients.
+    The same as ``Influence(*args, train_map=AdamDirections(states), **kwargs)``.
 
     Args:
         states: per member, :func:`adam_state` of its checkpoint.
@@ -317,27 +338,10 @@ class AdamPreconditioned(Influence):
     """
 
     def __init__(self, states: Sequence[dict[str, Any]], *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, train_map=AdamDirections(states), **kwargs)
         if not self._projections:
             raise ValueError("AdamPreconditioned needs projection=hf.projections.Factorized(k) or Dense(k)")
         self.states = list(states)
-
-    def _featurize(self, view, names, source, what, bar=None, shard=False):
-        batches = super()._featurize(view, names, source, what, bar, shard)
-        while True:  # the flag is set right before each batch is computed
-            self._adam_now = what == "training"
-            try:
-                item = next(batches)
-            except StopIteration:
-                return
-            yield item
-
-    def _features(self, view, names: list[str], batch) -> torch.Tensor:
-        if not getattr(self, "_adam_now", False):
-            return super()._features(view, names, batch)
-        engine = self._engine(view, names)
-        grads = engine.per_example_grads(view, batch)
-        return engine.project_grads(adam_direction(grads, self.states[view.member_index]))
 
 
 # ---- stages 2-4: features, targets, scores -------------------------------------------------------
