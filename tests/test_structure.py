@@ -13,8 +13,10 @@ Three checks over the source of ``src/hessfree`` (read with ``ast``; nothing is 
 * **No file over 400 lines** in ``src/hessfree``.
 * **No private reads across modules.** In module M, an attribute access ``x._name`` (one
   leading underscore, not a dunder) fails when ``x`` is not ``self`` / ``cls`` / ``super()`` and
-  ``_name`` is not defined in M but is defined in another ``hessfree`` module (as a method or
-  class attribute, as ``self._name = ...``, or as a module-level name). Names that no hessfree
+  ``_name`` is not an attribute M gives its own objects (a member of one of M's classes or an
+  ``x._name = ...`` that M writes) but is defined in another ``hessfree`` module (as such an
+  attribute, or as a module-level name). Types are not inferred: a name M also uses for its own
+  objects is taken to be M's. Names that no hessfree
   module defines (``torch``'s ``module._parameters``, ``tensor._version``) are another library's
   business and are not checked here. ``from .other import _name`` of another module's private
   module-level name fails too; modules whose own name starts with ``_`` (``_io``,
@@ -217,24 +219,21 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
-def _defined(tree: ast.Module) -> set[str]:
-    """Private names a module defines: module-level names, class members, ``self._x =``."""
+def _attributes(tree: ast.Module) -> set[str]:
+    """Private attribute names a module gives its objects: members of its classes (methods,
+    class attributes, dataclass fields) and every ``x._name = ...`` it writes."""
     out: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            out.add(node.name)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            out.add(node.id)
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    out.add(item.name)
+                elif isinstance(item, (ast.Assign, ast.AnnAssign)):
+                    for t in item.targets if isinstance(item, ast.Assign) else [item.target]:
+                        if isinstance(t, ast.Name):
+                            out.add(t.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
             out.add(node.attr)
-        elif isinstance(node, ast.arg):
-            out.add(node.arg)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            for alias in node.names:
-                if alias.asname:
-                    out.add(alias.asname)
-        elif isinstance(node, ast.keyword) and node.arg:
-            out.add(node.arg)  # dataclasses.replace(x, _field=...) and the like
     return {n for n in out if _private(n)}
 
 
@@ -260,11 +259,11 @@ def _owner_is_self(node: ast.Attribute) -> bool:
 
 
 def _private_reads() -> list[str]:
-    own = {m: _defined(tree) for m, (_, tree) in MODULES.items()}
+    own = {m: _attributes(tree) for m, (_, tree) in MODULES.items()}
     top = {m: _module_level(tree) for m, (_, tree) in MODULES.items()}
     anywhere: dict[str, set[str]] = defaultdict(set)
-    for m, names in own.items():
-        for n in names:
+    for m in MODULES:
+        for n in own[m] | top[m]:
             anywhere[n].add(m)
     bad = []
     for m, (path, tree) in MODULES.items():
@@ -273,7 +272,7 @@ def _private_reads() -> list[str]:
         where = path.relative_to(SRC.parent)
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and _private(node.attr) and not _owner_is_self(node):
-                if node.attr not in own[m] and anywhere.get(node.attr):
+                if node.attr not in own[m] and anywhere.get(node.attr, set()) - {m}:
                     owners = ", ".join(sorted(_label(o) for o in anywhere[node.attr]))
                     bad.append(f"{where}:{node.lineno}: reads .{node.attr} (defined in {owners})")
             elif isinstance(node, ast.ImportFrom):
@@ -295,8 +294,8 @@ def test_the_checks_can_fail():
     """The three checkers find what they look for, on small hand-written graphs and sources."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
-    tree = ast.parse("class A:\n    def f(self, other):\n        return self._x + other._y\n")
-    assert _defined(tree) == set()
+    tree = ast.parse("class A:\n    _k = 1\n    def f(self, other):\n        self._x = 2\n        return other._y\n")
+    assert _attributes(tree) == {"_k", "_x"}
     attrs = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and not _owner_is_self(n)]
     assert attrs == ["_y"]
 

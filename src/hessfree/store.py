@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from ._io import atomic_save, atomic_write_json, check_settings
-from .data import _update_hash, combine_hashes, new_hash
+from .data import combine_hashes, new_hash, update_hash
 from .errors import HessfreeError
 
 try:  # POSIX; elsewhere a store is not locked against a second writer
@@ -114,30 +114,14 @@ def fingerprint_tensors(named: dict[str, torch.Tensor]) -> str:
     h = new_hash()
     for k in sorted(named):
         h.update(f"{k}|".encode())
-        _update_hash(h, named[k])
+        update_hash(h, named[k])
     return h.hexdigest()[:32]
 
 
 def fingerprint_data(source, samples: int = 64) -> str:
-    """Hash of the size and of ``samples`` evenly spaced examples of a DataSource.
-
-    A cheap first check (a different split, order or size is found before any
-    work); every example is covered by the batch hashes the store records.
-    """
-    from .data import slice_batch
-
-    n = source.n
-    idx = sorted({int(i) for i in np.linspace(0, n - 1, num=min(samples, n))})
-    h = new_hash()
-    h.update(f"n={n}".encode())
-    if source._tensors is not None:
-        for i in idx:
-            _update_hash(h, slice_batch(source._tensors, i, i + 1))
-    else:
-        dataset = source._loader.dataset
-        for i in idx:
-            _update_hash(h, dataset[i])
-    return h.hexdigest()[:32]
+    """Hash of the size and of ``samples`` evenly spaced examples of a DataSource
+    (:meth:`hessfree.data.DataSource.fingerprint`)."""
+    return source.fingerprint(samples)
 
 
 def rounded_losses(values: Any, digits: int = 7) -> list[float]:
@@ -396,7 +380,7 @@ class GradientStore:
     @classmethod
     def _checked(cls, path: Path, meta: dict, config: dict) -> GradientStore:
         cls._check_format(path, meta)
-        cls._compare(path, meta.get("config", {}), config)
+        cls.check_config(path, meta.get("config", {}), config)
         store = cls(path, meta["config"], meta)
         if meta.get("state") != "allocating":
             store._check_files()
@@ -433,11 +417,20 @@ class GradientStore:
             )
 
     @staticmethod
-    def _compare(path: Path, old: dict, new: dict) -> None:
+    def check_config(path: str | os.PathLike, old: dict, new: dict) -> None:
+        """Refuse a store configuration ``new`` that differs from the stored ``old``.
+
+        Raises:
+            StoreMismatchError: naming each differing key with both values, and the fix
+                (a new store path, or delete the old store). Probe losses equal up to
+                float rounding count as equal.
+        """
         if "probe_loss" in old and "probe_loss" in new and _losses_match(old["probe_loss"], new["probe_loss"]):
             new = {**new, "probe_loss": old["probe_loss"]}  # equal up to float rounding
         check_settings(path, old, new, StoreMismatchError,
                        fix="use a new store path for this model, loss, data and configuration, or delete the old store")  # fmt: skip
+
+    _compare = check_config  # the earlier name, kept for callers not yet moved
 
     @staticmethod
     def _check_fresh(path: Path) -> None:
@@ -699,7 +692,19 @@ class GradientStore:
     def record(self, m: int, rank: int, records: list[tuple]) -> None:
         """Atomically replace rank ``rank``'s progress list for member ``m`` (call after :meth:`write`)."""
         rows = sorted(tuple(r) for r in records)
-        self._write_json(self.path / "progress" / f"m{m}.r{rank}.json", [list(r) for r in rows], "recording progress")
+        self._write_json(self.progress_file(m, rank), [list(r) for r in rows], "recording progress")
+
+    def progress_file(self, m: int, rank: int) -> Path:
+        """The file recording which batches rank ``rank`` wrote for member ``m``."""
+        return self.path / "progress" / f"m{m}.r{rank}.json"
+
+    def rank_records(self, m: int, rank: int) -> list[tuple[int, int, str, int, int]]:
+        """The batches ``(offset, count, batch_hash, ...)`` recorded in rank ``rank``'s
+        progress file of member ``m`` (empty when that rank has recorded none)."""
+        f = self.progress_file(m, rank)
+        if not f.exists():
+            return []
+        return [tuple(r) for r in json.loads(f.read_text())]
 
     def add_integrity_time(self, seconds: float) -> None:
         self.integrity_seconds += seconds

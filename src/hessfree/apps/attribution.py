@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_json, atomic_write_text, check_settings, iter_jsonl
-from ..data import to_device
 from ..errors import HessfreeError
 from ..influence import Influence
-from ..llm import IGNORE, LanguageModelTask, collate
+from ..llm import IGNORE, LanguageModelTask
 from ..members import Checkpoints
 from ..projections import Factorized
+from ..store import GradientStore
 
 SETTINGS_FILE = "settings.json"
 FORMAT = "hessfree.attribute"
@@ -459,7 +459,7 @@ def attribute(
                         store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
         reports = []
         for q, stem, rows, encoded in zip(queries, stems, query_sets, query_enc):
-            records = _attribute_file(est, tokenizer, rows, encoded, train, k, per_token, reduction, batch_size, pad_id)
+            records = _attribute_file(est, out_dir / "store", tokenizer, rows, encoded, train, k, per_token, reduction, batch_size, pad_id)
             jsonl = atomic_write_text(out_dir / f"{stem}.attribution.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             md = atomic_write_text(out_dir / f"{stem}.attribution.md", _markdown(q, train_path, records, est, per_token))
             reports.append(AttributionReport(q, jsonl, md, records))
@@ -481,15 +481,15 @@ def _one_token_copies(example: dict[str, torch.Tensor]) -> tuple[list[dict[str, 
     return copies, positions
 
 
-def _features(est: Influence, view: Any, names: list[str], examples: list[dict], batch_size: int, pad_id: int) -> torch.Tensor:
-    """Per-example features ``(n, dim)`` of ``examples`` at ``view``'s member (the same
+def _features(est: Influence, m: int, examples: list[dict], batch_size: int, pad_id: int) -> torch.Tensor:
+    """Per-example features ``(n, dim)`` fp64 of ``examples`` at member ``m`` (the same
     map as the training features and the queries of ``top_k``)."""
-    out = [est._features(view, names, to_device(collate(examples[s : s + batch_size], pad_id), est.device)).double().cpu()
-           for s in range(0, len(examples), batch_size)]  # fmt: skip
-    return torch.cat(out)
+    from ..selection import make_loader
+
+    return est.features(make_loader(examples, batch_size, pad_id), member=m).double()
 
 
-def _attribute_file(est: Influence, tokenizer: Any, rows: list[Example], encoded: list[dict], train: list[Example],
+def _attribute_file(est: Influence, store_path: Path, tokenizer: Any, rows: list[Example], encoded: list[dict], train: list[Example],
                     k: int, per_token: bool, reduction: str, batch_size: int, pad_id: int) -> list[dict[str, Any]]:  # fmt: skip
     from ..selection import make_loader
 
@@ -502,17 +502,21 @@ def _attribute_file(est: Influence, tokenizer: Any, rows: list[Example], encoded
     terms = np.zeros((n_m, n_q, kk))
     copies = [_one_token_copies(e) for e in encoded] if per_token else []
     token_terms = [np.zeros((n_m, len(c[1]), kk)) for c in copies]
-    for m, view in est._views():
-        names, w = est._names[m], view.weight
-        train_f = torch.cat([est._store.rows(m, i, i + 1) for i in wanted]).double()  # (n_wanted, dim), as stored
-        query_f = _features(est, view, names, encoded, batch_size, pad_id)  # (n_q, dim)
+    store = GradientStore.open_existing(store_path)
+    # every token copy of every query, featurized in one pass per member
+    token_rows = [c for cps, _ in copies for c in cps]
+    starts = np.cumsum([0] + [len(cps) for cps, _ in copies])
+    for m in range(n_m):
+        w = float(est.member_weights[m])
+        train_f = torch.cat([store.rows(m, i, i + 1) for i in wanted]).double()  # (n_wanted, dim), as stored
+        query_f = _features(est, m, encoded + token_rows, batch_size, pad_id)  # (n_q + n_tokens, dim)
         for j in range(n_q):
             g = train_f[[col[int(i)] for i in idx[j]]]  # (kk, dim)
             terms[m, j] = w * (g @ query_f[j]).numpy()
             if per_token:
                 cps, _ = copies[j]
                 share = 1.0 / len(cps) if reduction == "mean" else 1.0  # w_t: the token's weight in the query loss
-                tok_f = _features(est, view, names, cps, batch_size, pad_id)  # (n_tokens, dim)
+                tok_f = query_f[n_q + starts[j] : n_q + starts[j + 1]]  # (n_tokens, dim)
                 token_terms[j][m] = w * share * (tok_f @ g.T).numpy()
     total = terms.sum(0)
     scale = np.abs(terms).sum(0) + np.abs(scores) + 1e-30

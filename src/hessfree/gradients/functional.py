@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..members import MemberView
 
 
-def _check_vmappable(batch: Batch) -> None:
+def check_vmappable(batch: Batch) -> None:
     leaves = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
     for key, leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
@@ -51,7 +51,7 @@ def per_example_grads(view: MemberView, names: list[str], batch: Batch) -> dict[
         ``{name: (B, *param.shape)}`` for the selected parameter names,
         in loss units per parameter unit.
     """
-    _check_vmappable(batch)
+    check_vmappable(batch)
     view.task.check_batch(batch)
     selected = {n: view.params[n] for n in names}
     return vmap(grad(example_loss_fn(view, names)), in_dims=(None, 0))(selected, batch)

@@ -33,7 +33,7 @@ from torch import nn
 from ..data import Batch, batch_size_of, slice_batch
 from ..errors import EngineError
 from ..projections import Dense, Factorized, Projection
-from .functional import _check_vmappable, per_example_grads, per_example_grads_loop
+from .functional import check_vmappable, per_example_grads, per_example_grads_loop
 from .plan import Plan, Unit, make_plan
 from .rules import Unattributable, batch_major, capture, layer_kind, row_col, vector_grads
 
@@ -204,7 +204,7 @@ class ProjectedFeatures:
     def per_example_grads(self, view, batch: Batch) -> dict[str, torch.Tensor]:
         """Exact per-example gradients ``{name: (B, *shape)}`` by this map's engine."""
         if self.engine == "vmap":
-            _check_vmappable(batch)
+            check_vmappable(batch)
             view.task.check_batch(batch)
             return per_example_grads(view, self.names, batch)
         if self.engine == "loop":
@@ -483,18 +483,9 @@ def per_example_gradients(task, batch: Batch, params=None, engine: str = "auto")
     Returns:
         ``{name: (B, *param.shape)}``, in loss units per parameter unit.
     """
-    from ..members import MemberSpec, MemberView
-    from .selection import select_parameters
+    from ..members import single_view
+    from ..params import select_parameters
 
-    model = task.model
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
-        example = slice_batch(batch, 0, 1)
-        view = MemberView(MemberSpec(name="model"), model, task, example, device)
-        names = select_parameters(model, params, view.call_order)
-        with view:
-            return ProjectedFeatures(None, view, names, engine, probe_of(batch)).per_example_grads(view, batch)
-    finally:
-        model.train(was)
+    with single_view(task, task.model, slice_batch(batch, 0, 1)) as view:
+        names = select_parameters(task.model, params, view.call_order)
+        return ProjectedFeatures(None, view, names, engine, probe_of(batch)).per_example_grads(view, batch)
