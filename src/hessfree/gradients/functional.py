@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import grad, vmap
 
-from ..data import Batch, batch_size_of, slice_batch
+from ..data import Batch, batch_size_of, map_batch, slice_batch
 
 if TYPE_CHECKING:
     from ..members import MemberView
@@ -87,3 +87,10 @@ def flat_per_example_grads(view: MemberView, names: list[str], batch: Batch) -> 
 def flatten(grads: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     """One gradient (not per example) flattened in ``names`` order, ``(D,)``."""
     return torch.cat([grads[n].reshape(-1) for n in names])
+
+
+def probe_of(batch: Batch, size: int = 2) -> Batch:
+    """The first ``size`` examples of ``batch`` (cloned, so no larger tensor is kept):
+    two examples suffice to catch a rule that mixes examples up."""
+    n = min(size, batch_size_of(batch))
+    return map_batch(slice_batch(batch, 0, n), lambda t: t.clone())
