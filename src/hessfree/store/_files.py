@@ -8,7 +8,7 @@ import socket
 import warnings
 from pathlib import Path
 
-from .errors import StoreError, StoreFullError, StoreLockedError
+from .errors import REBUILD, StoreCorruptError, StoreError, StoreFullError, StoreLockedError
 
 try:  # POSIX; elsewhere a store is not locked against a second writer
     import fcntl
@@ -127,6 +127,21 @@ def reserve_all(path: Path, files: list[tuple[str, int]]) -> None:
                 "run est.fit(train) again"
             ) from e
         raise os_error(e, path, "reserving the space of the arrays") from e
+
+
+def check_sizes(path: Path, files: list[tuple[str, int]], n: int) -> None:
+    """Refuse a store whose files (``(name, bytes)``) are missing or of another size (:class:`StoreCorruptError`)."""
+    for name, size in files:
+        f = path / name
+        try:
+            have = f.stat().st_size
+        except FileNotFoundError:
+            raise StoreCorruptError(f"{str(f)!r} is missing from the store; {REBUILD}") from None
+        if have != size:
+            raise StoreCorruptError(
+                f"{str(f)!r} has {have} bytes but should have {size} ({n} rows); the store is damaged "
+                f"(a truncated copy?): {REBUILD}"
+            )
 
 
 class _Lock:

@@ -16,7 +16,7 @@ import torch
 
 from .._io import atomic_save, atomic_write_json, check_settings
 from ..data import combine_hashes
-from ._files import _check_path, _Lock, check_space, os_error, reserve_all
+from ._files import _check_path, _Lock, check_sizes, check_space, os_error, reserve_all
 from ._meta import FORMAT, check_format, check_fresh, read_meta
 from ._read import ArrayFile
 from .errors import (
@@ -213,17 +213,7 @@ class GradientStore:
             self._lock = None
 
     def _check_files(self) -> None:
-        for name, size in self._files():
-            f = self.path / name
-            try:
-                have = f.stat().st_size
-            except FileNotFoundError:
-                raise StoreCorruptError(f"{str(f)!r} is missing from the store; {REBUILD}") from None
-            if have != size:
-                raise StoreCorruptError(
-                    f"{str(f)!r} has {have} bytes but should have {size} ({self.n} rows); the store is damaged "
-                    f"(a truncated copy?): {REBUILD}"
-                )
+        check_sizes(self.path, self._files(), self.n)
 
     def _file(self, m: int, kind: str) -> ArrayFile:
         """Member ``m``'s array of ``kind`` ``"features"`` (n, dim_m) or ``"sqnorm"`` (n,)."""
@@ -384,14 +374,21 @@ class GradientStore:
         """``(n_members, n)`` float64 squared feature norms (checksums verified)."""
         return np.stack([self._verified(m, "sqnorm", 0, self.n) for m in range(len(self.dims))])
 
-    def rows(self, m: int, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of member ``m`` as an fp32 tensor ``(stop-start, dim_m)`` (checksums verified)."""
-        t = torch.from_numpy(np.ascontiguousarray(self._verified(m, "features", start, stop)))
+    def _tensor(self, arr: np.ndarray) -> torch.Tensor:
+        """Stored rows as fp32 (no copy for an fp32 store)."""
+        t = torch.from_numpy(arr)
         if self.dtype == "bfloat16":
             return t.view(torch.int16).view(torch.bfloat16).float()
         return t.float()
 
+    def rows(self, m: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of member ``m`` as an fp32 tensor ``(stop-start, dim_m)`` (checksums verified)."""
+        return self._tensor(np.ascontiguousarray(self._verified(m, "features", start, stop)))
+
     def blocks(self, m: int, start: int, stop: int, block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(offset, (b, dim_m) fp32)`` blocks covering rows ``start:stop``."""
-        for s in range(start, stop, block_rows):
-            yield s, self.rows(m, s, min(s + block_rows, stop))
+        """``(offset, (b, dim_m) fp32)`` blocks covering rows ``start:stop``, each verified
+        against the checksums of the batches it covers; the next block is read while the
+        caller uses this one, and each block is a tensor of its own."""
+        for s, arr, seconds in self._file(m, "features").stream(self.records(m), start, stop, block_rows, f"member {m}"):
+            self.integrity_seconds += seconds
+            yield s, self._tensor(arr)
