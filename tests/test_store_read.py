@@ -83,3 +83,12 @@ def test_stopping_early_leaves_no_reader_behind(tmp_path):
     next(blocks)
     blocks.close()  # the read-ahead finishes before the file is closed
     torch.testing.assert_close(store.rows(0, 0, 128), rows, rtol=0, atol=0)
+
+
+def test_the_checksum_is_zlibs_crc32():
+    """Stores record zlib's CRC-32; the faster implementation must give the same values."""
+    import zlib
+
+    for size in (0, 1, 5000, 1 << 20):
+        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        assert read.crc32(data) == zlib.crc32(data)

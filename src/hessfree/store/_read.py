@@ -4,8 +4,10 @@ against the crc32 checksums recorded when each batch was written.
 A verified read fills a fresh buffer straight from the file (``os.preadv``, no memory
 map and no second copy) and checks each recorded batch's crc32 on exactly the bytes it
 returns, so a changed file can never hand out unverified rows. The batches of a block
-are read and checked in parallel threads (``zlib.crc32`` and ``preadv`` release the GIL),
+are read and checked in parallel threads (``preadv`` and the checksum release the GIL),
 and :meth:`ArrayFile.stream` reads block ``i + 1`` while the caller multiplies block ``i``.
+The checksum is CRC-32 as ``zlib.crc32`` defines it, computed by ``isal`` (Intel's
+ISA-L, about ten times zlib's speed) where it is installed, else by ``zlib``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import REBUILD, StoreCorruptError
+
+try:  # the same CRC-32 as zlib's, with the processor's carry-less multiply (about 10x faster)
+    from isal.isal_zlib import crc32
+except ImportError:  # zlib gives the same values, slower
+    from zlib import crc32
 
 TASK_BYTES = 1 << 20  # consecutive small batches are read and checked together, about this many bytes a task
 _pool: ThreadPoolExecutor | None = None
@@ -132,7 +138,7 @@ class ArrayFile:
         t = time.perf_counter()
         for rec in group:
             o, c = rec[0], rec[1]
-            if zlib.crc32(raw[(o - lo) * self.row_bytes : (o - lo + c) * self.row_bytes]) != rec[self.crc_field]:
+            if crc32(raw[(o - lo) * self.row_bytes : (o - lo + c) * self.row_bytes]) != rec[self.crc_field]:
                 raise StoreCorruptError(
                     f"{str(self.path)!r} rows {o}-{o + c - 1} no longer match the checksum "
                     f"recorded when they were written (damaged on disk or changed by another program); {REBUILD}"

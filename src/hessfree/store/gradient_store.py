@@ -6,7 +6,6 @@ import json
 import math
 import os
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from .._io import atomic_save, atomic_write_json, check_settings
 from ..data import combine_hashes
 from ._files import _check_path, _Lock, check_sizes, check_space, os_error, reserve_all
 from ._meta import FORMAT, check_format, check_fresh, read_meta
-from ._read import ArrayFile
+from ._read import ArrayFile, crc32
 from .errors import (
     REBUILD,
     StoreCorruptError,
@@ -329,7 +328,7 @@ class GradientStore:
         arr = np.ascontiguousarray(arr)
         sq = np.ascontiguousarray(sqnorms, dtype=np.float64)
         t = time.perf_counter()
-        crcs = zlib.crc32(arr), zlib.crc32(sq)
+        crcs = crc32(arr), crc32(sq)
         self.integrity_seconds += time.perf_counter() - t
         stop = offset + arr.shape[0]
         for kind, values in (("features", arr), ("sqnorm", sq)):
