@@ -40,16 +40,12 @@ MAX_LINES = 400
 # pass for real. Emptied once that change lands.
 CORE_ALLOWED: frozenset[str] = frozenset(
     {
-        "influence",
-        "_scale",
-        "scoring",
-        "selection",
-        "hessian",
-        "hessian.base",
-        "hessian.exact",
-        "hessian.iterative",
-        "hessian.datainf",
-        "hessian.hvp",
+        "influence",  # over 400 lines; in the influence <-> hessian cycle
+        "_scale",  # over 400 lines; reads Influence's and GradientStore's private members
+        "selection",  # over 400 lines
+        "hessian",  # in the influence <-> hessian cycle
+        "hessian.base",  # in the cycle; reads Influence's private members
+        "hessian.datainf",  # reads Influence's private members
     }
 )
 

@@ -209,6 +209,45 @@ class DataSource:
         for s in range(0, self.n, self.batch_size):
             yield map_batch(self._tensors, lambda t, idx=order[s : s + self.batch_size]: t[idx])
 
+    def tiling(self) -> list[tuple[int, int]]:
+        """``(offset, count)`` of every batch, in order (a loader's batch sampler is read
+        for the sizes; no item is loaded)."""
+        n, bs = self.n, self.fixed_batch_size
+        if bs is not None:
+            return [(s, min(bs, n - s)) for s in range(0, n, bs)]
+        out, offset = [], 0
+        for idx in self._loader.batch_sampler:
+            out.append((offset, len(idx)))
+            offset += len(idx)
+        return out
+
+    def batches_at(self, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, Batch]]:
+        """``(offset, batch)`` for the row ranges ``(offset, count)``, by offset: slices of
+        tensors, or a loader's items at exactly those ranges (same dataset, collate
+        function and workers). A loader with a custom batch sampler is iterated and
+        yields only the ranges that are among its batches: compare the offsets yielded
+        with ``ranges`` to find any it does not have."""
+        ranges = sorted(ranges)
+        if not ranges:
+            return
+        if self._tensors is not None:
+            for o, c in ranges:
+                yield o, slice_batch(self._tensors, o, o + c)
+            return
+        loader = self._loader
+        if self.fixed_batch_size is not None:
+            index_lists = [list(range(o, o + c)) for o, c in ranges]
+            sub = DataLoader(loader.dataset, batch_sampler=index_lists, collate_fn=loader.collate_fn,
+                             num_workers=loader.num_workers, pin_memory=loader.pin_memory)  # fmt: skip
+            for (o, _), batch in zip(ranges, sub):
+                yield o, tuple(batch) if isinstance(batch, list) else batch
+            return
+        want = set(ranges)
+        for offset, batch in self.batches():
+            if (offset, batch_size_of(batch)) in want:
+                want.discard((offset, batch_size_of(batch)))
+                yield offset, batch
+
     def first_example(self) -> Batch:
         """The first example as a batch of one."""
         for batch in self:
