@@ -92,3 +92,17 @@ def test_the_checksum_is_zlibs_crc32():
     for size in (0, 1, 5000, 1 << 20):
         data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
         assert read.crc32(data) == zlib.crc32(data)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_reads_with_threads_of_its_own(tmp_path):
+    import os
+
+    store, rows = _store(tmp_path / "s", [16] * 4)
+    torch.testing.assert_close(store.rows(0, 0, 64), rows, rtol=0, atol=0)  # the parent's threads exist now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's exit code carries the result
+        ok = torch.equal(torch.cat([b for _, b in store.blocks(0, 0, 64, 16)]), rows)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0

@@ -45,6 +45,15 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # the parent's threads and lock state do not carry over
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _read_into(fd: int, path: Path, view: memoryview, pos: int) -> bool:
     """Fill ``view`` with the file's bytes from ``pos``; ``False`` when the file ends first."""
     done = 0
