@@ -41,6 +41,7 @@ import torch
 
 from hessfree.scoring import stream_scores
 from hessfree.store import GradientStore
+from hessfree.store import _read as store_read
 
 
 def write_store(path: Path, n: int, dim: int, batch: int, seed: int = 0) -> GradientStore:
@@ -99,6 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="hf-disk-scoring-", dir=args.dir) as tmp:
         t = time.perf_counter()
@@ -109,8 +111,11 @@ def main() -> None:
             rows.append(measure(store, feats, n_q, args.block, args.repeat))
         del feats
 
-    print(f"scoring {args.n:,} x {args.dim:,} fp32 features; blocks of {args.block} rows, "
-          f"batches of {args.batch}; torch threads {args.threads}; best of {args.repeat}")  # fmt: skip
+    crc = f"{store_read.crc32.__module__}.crc32"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"scoring {args.n:,} x {args.dim:,} fp32 features; blocks of {args.block} rows, batches of {args.batch}; "
+          f"torch threads {args.threads} of {os.cpu_count()} cpus; best of {args.repeat}; checksums by {crc}; "
+          f"load average {load_before[0] if load_before else '?':.1f} -> {load[0] if load else '?':.1f}")  # fmt: skip
     print(f"{'queries':>8} {'store s':>9} {'mm s':>8} {'store GFLOP/s':>14} {'mm GFLOP/s':>11} {'store / mm':>11}")
     for r in rows:
         print(f"{r['queries']:>8} {r['seconds_store']:>9.3f} {r['seconds_mm']:>8.3f} {r['gflops_store']:>14.1f} "
@@ -118,7 +123,8 @@ def main() -> None:
     if args.out:
         payload = {
             "n": args.n, "dim": args.dim, "batch": args.batch, "block": args.block, "repeat": args.repeat,
-            "threads": args.threads, "store_write_seconds": write_s, "rows": rows,
+            "threads": args.threads, "store_write_seconds": write_s, "rows": rows, "crc32": crc,
+            "load_average_before": load_before, "load_average_after": load,
             "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "argv": sys.argv[1:],
         }  # fmt: skip
