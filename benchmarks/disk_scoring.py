@@ -41,7 +41,11 @@ import torch
 
 from hessfree.scoring import stream_scores
 from hessfree.store import GradientStore
-from hessfree.store import _read as store_read
+
+try:
+    from hessfree.store._read import crc32 as _crc32
+except ImportError:  # a version whose store checks with zlib
+    from zlib import crc32 as _crc32
 
 
 def write_store(path: Path, n: int, dim: int, batch: int, seed: int = 0) -> GradientStore:
@@ -111,7 +115,7 @@ def main() -> None:
             rows.append(measure(store, feats, n_q, args.block, args.repeat))
         del feats
 
-    crc = f"{store_read.crc32.__module__}.crc32"
+    crc = f"{_crc32.__module__}.crc32"
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"scoring {args.n:,} x {args.dim:,} fp32 features; blocks of {args.block} rows, batches of {args.batch}; "
           f"torch threads {args.threads} of {os.cpu_count()} cpus; best of {args.repeat}; checksums by {crc}; "
