@@ -21,6 +21,7 @@ import torch
 
 from .attacks import Attack
 from .data import Batch, DataSource, batch_size_of, map_batch
+from .members import single_view
 from .task import Task
 
 
@@ -101,19 +102,10 @@ class Target:
 
     def evaluate(self, task: Task, model: torch.nn.Module | None = None) -> float:
         """f of a plain model (default ``task.model``), in eval mode; target units."""
-        from .members import MemberSpec, MemberView
-
         model = task.model if model is None else model
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            view = MemberView(MemberSpec(name="model", module=model), model, task, self.source.first_example(), device)
-            with view:
-                self.validate(task)
-                return self.value(view)
-        finally:
-            model.train(was_training)
+        with single_view(task, model, self.source.first_example()) as view:
+            self.validate(task)
+            return self.value(view)
 
 
 class Utility(Target):
@@ -321,16 +313,13 @@ class Robustness(Target):
 
     def adversarial(self, task: Task, model: torch.nn.Module | None = None) -> Batch:
         """The adversarial held-out data for a plain model (default ``task.model``)."""
-        from .members import MemberSpec, MemberView
-
         model = task.model if model is None else model
-        device = next(model.parameters()).device
-        view = MemberView(MemberSpec(name="model", module=model), model, task, self.source.first_example(), device)
-        if self.hold_fixed:
-            parts = [b for _, b in self.batches(view)]
-        else:
-            fmodel = view.functional()
-            parts = [map_batch(self._attacked(task, fmodel, b), torch.Tensor.detach) for _, b in self.batches(view)]
+        with single_view(task, model, self.source.first_example(), eval_mode=False) as view:
+            if self.hold_fixed:
+                parts = [b for _, b in self.batches(view)]
+            else:
+                fmodel = view.functional()
+                parts = [map_batch(self._attacked(task, fmodel, b), torch.Tensor.detach) for _, b in self.batches(view)]
         if isinstance(parts[0], Mapping):
             return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))

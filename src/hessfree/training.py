@@ -67,15 +67,7 @@ def train(
     bar = progress_bar(epochs, "training", progress)
     for _ in range(epochs):
         total, count = 0.0, 0.0
-        if source._tensors is not None:
-            order = torch.randperm(source.n, generator=gen)
-            batches = (
-                map_batch(source._tensors, lambda t, idx=order[s : s + batch_size]: t[idx])
-                for s in range(0, source.n, batch_size)
-            )
-        else:
-            batches = iter(source)
-        for batch in batches:
+        for batch in source.shuffled(gen):
             batch = map_batch(batch, lambda t: t.to(device))
             losses = task.per_example_loss(model, batch)
             loss = losses.mean()

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table as RichTable
 from tqdm.auto import tqdm
 
 from ..attacks import PGD, LinearMinimal
@@ -28,6 +26,7 @@ from ..members import Checkpoints
 from ..metrics import average_precision, recall_at_k, roc_auc
 from ..task import ClassificationTask
 from ..training import train
+from . import cli_report as R
 from . import commands as C
 from ._retrain import fit_model
 from .defense import defend
@@ -35,20 +34,6 @@ from .fairness import repair_fairness
 from .noisy_labels import find_noisy_labels
 
 TRAIN_RECIPE = {"lr": 0.1, "momentum": 0.9, "batch_size": 128}
-
-
-def _console() -> Console:
-    # no markup: labels, column names and pip extras ("hessfree[plots]") are printed as they are
-    return Console(highlight=False, soft_wrap=True, markup=False)
-
-
-def _plots_or_note(png: str) -> Any:
-    """pyplot, or ``None`` after saying which extra writes ``png``."""
-    try:
-        return C.pyplot()
-    except ImportError as e:
-        _console().print(f"{png} not written: {e}")
-        return None
 
 
 # ---- noisy labels ---------------------------------------------------------------------------------
@@ -163,7 +148,7 @@ def run_noisy_labels(args: dict[str, Any]) -> dict:
         if m < 1:
             raise C.CommandError(f"--noise {a['noise']:g} flips no row of {n} (round({a['noise']:g} x {n}) = 0); use --noise >= {0.5 / n:.2g}")
         y, flipped = flip_labels(y, a["noise"], n_classes=k, seed=a["seed"])
-    plt = _plots_or_note("noisy_labels.png")
+    plt = R.plots_or_note("noisy_labels.png")
     t0 = time.perf_counter()
     s = score_rows(x, y, k, arch=a["model"], epochs=a["epochs"], seed=a["seed"], folds=a["folds"], method=a["method"],
                    suggest=a["suggest"], progress=True)  # fmt: skip
@@ -198,66 +183,9 @@ def run_noisy_labels(args: dict[str, Any]) -> dict:
     path = C.write_json(out, "noisy_labels.json", payload)
     png = None
     if plt is not None:
-        png = _noisy_histogram(plt, out, s.score, flipped, cutoff, n_flag, s.method)
-    _print_noisy(payload, records, a["show"], path, png)
+        png = R.noisy_histogram(plt, out, s.score, flipped, cutoff, n_flag, s.method)
+    R.print_noisy(payload, records, a["show"], path, png)
     return payload
-
-
-def _noisy_histogram(plt, out: Path, score: np.ndarray, flipped, cutoff, n_flag: int, method: str) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    if flipped is not None:
-        ax.hist([score[~flipped], score[flipped]], bins=50, stacked=True, label=["kept", "flipped by --noise"])
-    else:
-        ax.hist(score, bins=50, label="rows")
-    if cutoff is not None:
-        ax.axvline(cutoff, color="crimson", linestyle="--", label=f"cut-off: {n_flag} flagged (score >= {cutoff:.3g})")
-    ax.legend(fontsize=7)
-    ax.set_xlabel(f"suspicion ({method}; higher = more likely mislabelled)")
-    ax.set_ylabel("rows")
-    path = C.save_figure(fig, out, "noisy_labels.png")
-    plt.close(fig)
-    return path
-
-
-def _print_noisy(p: dict, records: list[dict], show: int, path: Path, png: Path | None) -> None:
-    con = _console()
-    n, total = p["n_rows_scored"], p["n_rows_in_source"]
-    which = f"all {n} rows" if n == total else f"{n} of the {total} rows (a seeded subsample, --n-train {n})"
-    con.print(f"{which} of {p['data']} scored: {p['scheme']}; method {p['method']}")
-    if show:
-        t = RichTable(title=f"Most suspicious rows of {p['data']} ({p['row_short']})", title_justify="left")
-        for col in ("rank", "row", "given label", "suggested label", "score", "uncertainty"):
-            t.add_column(col, justify="right" if col in ("rank", "row", "score", "uncertainty") else "left", no_wrap=True)
-        for i, r in enumerate(records[:show]):
-            mark = "  (= given)" if r["suggested_equals_given"] else ""
-            cut = i == p["n_flagged"] - 1 and p["n_flagged"] < len(records)
-            t.add_row(str(i + 1), str(r["row"]), str(r["given_label"]), f"{r['suggested_label']}{mark}",
-                      f"{r['score']:.4g}", f"{r['uncertainty']:.3f}", end_section=cut)  # fmt: skip
-        con.print(t)
-        if p["n_flagged"] < min(show, len(records)):
-            con.print(f"(rows below the line are not flagged: the cut-off is rank {p['n_flagged']})")
-    con.print(
-        f"estimated share of wrong labels: {p['estimated_noise_share']:.1%} (rows whose suggested label differs from "
-        f"the given one); flagged: {p['n_flagged']} rows ({p['flag_rule']})"
-        + (f", cut-off score {p['cutoff_score']:.4g}" if p["cutoff_score"] is not None else "")
-    )
-    same = sum(r["suggested_equals_given"] for r in p["flagged"])
-    if same:
-        con.print(
-            f"{same} flagged rows have a suggested label equal to the given one ('= given'): the models agree "
-            "with the label but the row still scores high (a hard, atypical or ambiguous example); check it, "
-            "but there is no better label to offer"
-        )
-    for note in p["notes"]:
-        con.print(f"note: {note}")
-    if "detection" in p:
-        d = p["detection"]
-        con.print(
-            f"planted flips ({len(d['flipped_rows'])} rows): ROC-AUC {d['roc_auc']:.3f}, AP {d['average_precision']:.3f}, "
-            f"{d['recall_top10']:.0%} of them in the top 10%; the suggested label restores "
-            f"{d['suggestion_restores_label_on_flips']:.0%} of them"
-        )
-    con.print(f"wrote {path}" + (f" and {png}" if png else ""))
 
 
 # ---- defence --------------------------------------------------------------------------------------
@@ -303,7 +231,7 @@ def run_defend(args: dict[str, Any]) -> dict:
         )
     _acted_fraction_check(a["fraction"], len(split.y), "--fraction")
     attack, attack_words = make_attack(a["model"], a["eps"], a["overshoot"])
-    plt = _plots_or_note("defend.png")
+    plt = R.plots_or_note("defend.png")
     make = C.make_model_factory(a["model"], split.x.shape[1], k)
     tk = {"epochs": a["epochs"], "lr": 0.05, "momentum": 0.9, "batch_size": 128, "progress": True}
     base = fit_model(make, *split.tensors("train"), a["seed"], tk)
@@ -331,56 +259,9 @@ def run_defend(args: dict[str, Any]) -> dict:
         "mean_over_draws": summary, "runs": runs, "split_rows": split.row_numbers(),
     }  # fmt: skip
     path = C.write_json(out, "defend.json", payload)
-    png = _defend_plot(plt, out, split.name, a, summary) if plt is not None else None
-    _print_defend(payload, a, path, png)
+    png = R.defend_plot(plt, out, split.name, a, summary) if plt is not None else None
+    R.print_defend(payload, a, path, png)
     return payload
-
-
-def _defend_plot(plt, out, name, a, summary) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    labels = ["no defence", "random", "hessfree"]
-    att = [summary["influence"]["attacked_acc_before"], summary["random"]["attacked_acc_after"], summary["influence"]["attacked_acc_after"]]
-    cln = [summary["influence"]["clean_acc_before"], summary["random"]["clean_acc_after"], summary["influence"]["clean_acc_after"]]
-    pos = np.arange(3)
-    ax.bar(pos - 0.2, [100 * v for v in cln], 0.4, label="clean")
-    ax.bar(pos + 0.2, [100 * v for v in att], 0.4, label="under attack")
-    ax.set_xticks(pos, labels)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 115)
-    ax.set_title(f"{name}, {a['model']}, {a['action']} {a['fraction']:.0%}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
-    path = C.save_figure(fig, out, "defend.png")
-    plt.close(fig)
-    return path
-
-
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
-
-
-def _pts(v: float) -> str:
-    return f"{100 * v:+.1f} pts"
-
-
-def _print_defend(p: dict, a: dict, path: Path, png: Path | None) -> None:
-    con = _console()
-    n_test = p["sizes"]["test"]
-    con.print(f"attack: {p['attack']}; measured on the {n_test} test rows attacked against the original model")
-    s = p["mean_over_draws"]
-    draws = "1 attack draw" if a["draws"] == 1 else f"mean of {a['draws']} attack draws"
-    t = RichTable(title=f"Test accuracy, {a['action']} {a['fraction']:.0%} of the {p['sizes']['train']} training rows "
-                        f"({draws})", title_justify="left")  # fmt: skip
-    t.add_column("training data", no_wrap=True)
-    for col in ("clean", "change", "under attack", "change"):
-        t.add_column(col, justify="right", no_wrap=True)
-    before = s["influence"]
-    t.add_row("all (no defence)", _pct(before["clean_acc_before"]), "", _pct(before["attacked_acc_before"]), "")
-    for strategy, words in (("random", f"{a['action']} at random"), ("influence", f"{a['action']} by hessfree")):
-        r = s[strategy]
-        t.add_row(words, _pct(r["clean_acc_after"]), _pts(r["clean_acc_after"] - r["clean_acc_before"]),
-                  _pct(r["attacked_acc_after"]), _pts(r["attacked_acc_after"] - r["attacked_acc_before"]))  # fmt: skip
-    con.print(t)
-    con.print(f"wrote {path}" + (f" and {png}" if png else ""))
 
 
 # ---- fairness -------------------------------------------------------------------------------------
@@ -441,7 +322,7 @@ def run_fairness(args: dict[str, Any]) -> dict:
     _check_groups(split, a["metric"], fav)
     for f in fractions:
         _acted_fraction_check(f, len(split.y), "--fractions")
-    plt = _plots_or_note("fairness.png")
+    plt = R.plots_or_note("fairness.png")
     make = C.make_model_factory(a["model"], split.x.shape[1], 2)
     tk = {"epochs": a["epochs"], "lr": 0.05, "momentum": 0.9, "batch_size": 128, "progress": True}
     base = fit_model(make, *split.tensors("train"), a["seed"], tk)
@@ -469,54 +350,9 @@ def run_fairness(args: dict[str, Any]) -> dict:
     payload.update({k: {kk: vv for kk, vv in v.to_dict().items() if kk != "scores"} for k, v in results.items()})
     payload["split_rows"] = split.row_numbers()
     path = C.write_json(out, "fairness.json", payload)
-    png = _fairness_plot(plt, out, results, a["metric"]) if plt is not None else None
-    _print_fairness(payload, fractions, path, png)
+    png = R.fairness_plot(plt, out, results, a["metric"]) if plt is not None else None
+    R.print_fairness(payload, fractions, path, png)
     return payload
-
-
-def _fairness_plot(plt, out, results, metric) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for strategy, r in results.items():
-        ax.plot([100 * p.accuracy for p in r.curve], [p.gap for p in r.curve], "o-",
-                label="hessfree" if strategy == "influence" else "random removal")  # fmt: skip
-    inf = results["influence"]
-    ax.plot([100 * inf.acc_before], [inf.gap_before], "k*", markersize=12, label="before")
-    ax.set_xlabel("test accuracy (%)")
-    ax.set_ylabel(f"{metric.upper()} gap")
-    ax.legend(fontsize=7)
-    path = C.save_figure(fig, out, "fairness.png")
-    plt.close(fig)
-    return path
-
-
-def _print_fairness(p: dict, fractions: list[float], path: Path, png: Path | None) -> None:
-    con = _console()
-    lab, grp = p["labels"], p["groups"]
-    con.print(
-        f"favourable label: {str(lab['favourable'])!r} ({lab['favourable_from']}); groups of {grp['column']!r}: "
-        + ", ".join(repr(str(c)) for c in grp["classes"])
-    )
-    gap = p["metric"].upper()
-    done = {"remove": "removed", "reweight": "reweighted"}[p["action"]]
-    t = RichTable(title=f"{gap} gap and test accuracy, a share of the {p['sizes']['train']} training rows {done}",
-                  title_justify="left")  # fmt: skip
-    for col in ("share", f"{gap} gap, hessfree", "accuracy", f"{gap} gap, random", "accuracy"):
-        t.add_column(col, justify="right", no_wrap=True)
-    t.add_row("0 (before)", f"{p['gap_before']:.3f}", _pct(p["acc_before"]), f"{p['gap_before']:.3f}", _pct(p["acc_before"]))
-    for q_inf, q_rnd in zip(p["influence"]["curve"], p["random"]["curve"]):
-        t.add_row(f"{q_inf['fraction']:.0%}", f"{q_inf['gap']:.3f}", _pct(q_inf["accuracy"]), f"{q_rnd['gap']:.3f}",
-                  _pct(q_rnd["accuracy"]))  # fmt: skip
-    con.print(t)
-    b = p["best_within_1_point"]
-    if b is None:
-        con.print(f"no share keeps test accuracy within 1 point of {_pct(p['acc_before'])}")
-    else:
-        r = b["random_at_same_fraction"]
-        con.print(
-            f"best within 1 point of accuracy: {gap} gap {p['gap_before']:.3f} -> {b['gap']:.3f} at {b['fraction']:.0%} "
-            f"(accuracy {_pct(b['accuracy'])}); random removal at {b['fraction']:.0%}: gap {r['gap']:.3f}, accuracy {_pct(r['accuracy'])}"
-        )
-    con.print(f"wrote {path}" + (f" and {png}" if png else ""))
 
 
 def _jsonable(a: dict[str, Any]) -> dict[str, Any]:

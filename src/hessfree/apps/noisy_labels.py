@@ -85,7 +85,6 @@ final model has memorised them: 0.23 against 0.01). Hence the default.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -94,237 +93,18 @@ import torch
 from ..data import DataSource
 from ..influence import Influence
 from ..members import as_members
-from ..output_space import member_probabilities, output_self_influence
+from ..output_space import member_probabilities
 from ..targets import Utility
 from ..task import Task
 from ..training import predict
 from ._common import percentile_ranks, split_xy
+from ._noisy_methods import MIN_CENTRED_CLASS as MIN_CENTRED_CLASS
+from ._noisy_methods import _auto, _forward_kwargs, _small_classes, _suspicion
+from ._noisy_methods import _top_overlap as _top_overlap
+from .noisy_report import NoisyLabelReport
 
 METHODS = ("auto", "self", "self_weights", "utility", "class_utility", "combined")
 SUGGESTIONS = ("members", "prediction", "influence")
-# The smallest class whose self-influence is centred on its median. With 5 examples the median is
-# the third largest score, so up to two flips in the class cannot set it; with 2 the median is the
-# mean of both (a flip keeps half its lead) and with 1 it is the example itself (centred to 0).
-MIN_CENTRED_CLASS = 5
-
-
-@dataclass
-class NoisyLabelReport:
-    """Training examples ranked by suspicion, most suspicious first.
-
-    Every array has shape ``(n_train,)`` and row ``r`` describes training
-    example ``index[r]``.
-
-    Attributes:
-        index: position of the example in the training data.
-        score: suspicion (HIGHER = more likely mislabelled). For ``"self"``:
-            output-space self-influence summed over members minus its median
-            in the example's given class (nats² per logit² times learning
-            rate); for ``"self_weights"``: mean over members of ``log``
-            self-influence (log of nats² per parameter²); for the utility
-            methods: minus the influence (target units per unit learning
-            rate); for ``"combined"``: a sum of two z-scores (unitless).
-        uncertainty: disagreement of the members on the example's rank: the
-            standard deviation across members of its percentile rank, in
-            [0, 0.5] (0 with one member).
-        given_label: the label in the training data.
-        suggested_label: the suggested correct label (see ``suggest``).
-        predicted_label: the model's prediction (for comparison).
-        method: how ``score`` was computed (``"auto -> self"`` without
-            validation data; with it ``"auto -> self, not centred"`` or
-            ``"auto -> class_utility"``).
-        members: names of the members.
-        diagnostics: for ``"auto"`` with validation data, the top-10%
-            overlaps (shares in [0, 1]) that decided the method.
-        uncentred_classes: the given labels whose examples kept their raw
-            score because the class has fewer than ``MIN_CENTRED_CLASS``
-            training examples (only where the score is class-centred:
-            ``"self"``, ``"combined"`` and ``"auto"`` without validation data).
-            Their raw score is at least what centring would give, so they rank
-            higher than they would in a large class: worth a look either way.
-    """
-
-    index: np.ndarray
-    score: np.ndarray
-    uncertainty: np.ndarray
-    given_label: np.ndarray
-    suggested_label: np.ndarray
-    predicted_label: np.ndarray
-    method: str
-    members: list[str] = field(default_factory=list)
-    diagnostics: dict[str, float] = field(default_factory=dict)
-    uncentred_classes: list[int] = field(default_factory=list)
-
-    _COLUMNS = ("index", "score", "uncertainty", "given_label", "suggested_label", "predicted_label")
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def top(self, k: int) -> NoisyLabelReport:
-        """The ``k`` most suspicious rows."""
-        cols = {c: getattr(self, c)[:k] for c in self._COLUMNS}
-        return NoisyLabelReport(
-            **cols, method=self.method, members=self.members, diagnostics=self.diagnostics,
-            uncentred_classes=self.uncentred_classes,
-        )  # fmt: skip
-
-    def flagged(self, fraction: float | None = None) -> np.ndarray:
-        """Training indices of the ``fraction`` most suspicious examples, ``(k,)``.
-
-        ``fraction=None``: the :meth:`estimated_noise_share`.
-        """
-        if fraction is None:
-            fraction = self.estimated_noise_share()
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"flagged: fraction must be in [0, 1], got {fraction}")
-        return self.index[: int(round(fraction * len(self)))]
-
-    def estimated_noise_share(self) -> float:
-        """Share of training examples (in [0, 1]) whose suggested label differs
-        from the given one: an estimate of the share of wrong labels when you
-        do not know it.
-
-        It also counts the clean examples the members get wrong, so it errs
-        somewhat high (noisy-label study, seed 0, with checkpoints: MNIST 5k
-        with 10 / 20 / 40% flipped, 0.117 / 0.220 / 0.415; digits 0.138 /
-        0.235 / 0.429), and it misses the flips the members have fitted: low
-        under class-dependent noise (MNIST 5k, 20%: 0.147) and far too low once a
-        long-trained model has memorised them (40 epochs: 0.022 for 10%).
-        See docs/applications.md.
-        """
-        return float(np.mean(self.suggested_label != self.given_label))
-
-    def suspicion(self) -> np.ndarray:
-        """Suspicion scores in TRAINING order, ``(n_train,)`` (for metrics)."""
-        out = np.empty(len(self))
-        out[self.index] = self.score
-        return out
-
-    def suggestions(self) -> np.ndarray:
-        """Suggested labels in training order, ``(n_train,)``."""
-        out = np.empty(len(self), dtype=np.int64)
-        out[self.index] = self.suggested_label
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """Columns as lists (JSON-friendly)."""
-        d = {c: getattr(self, c).tolist() for c in self._COLUMNS}
-        d.update(
-            method=self.method, members=list(self.members), diagnostics=dict(self.diagnostics),
-            uncentred_classes=list(self.uncentred_classes),
-        )  # fmt: skip
-        return d
-
-    def summary(self) -> str:
-        """A few lines: the method, the estimated share of wrong labels, the
-        most suspicious examples and the classes left uncentred."""
-        lines = [
-            f"{len(self)} training examples ranked by suspicion (method {self.method}; higher = more likely "
-            "mislabelled)",
-            f"estimated share of wrong labels: {self.estimated_noise_share():.1%}",
-        ]
-        top = self.top(5)
-        rows = ", ".join(f"{i} (label {g} -> {s})" for i, g, s in zip(top.index, top.given_label, top.suggested_label))
-        lines.append(f"most suspicious: {rows}")
-        if self.uncentred_classes:
-            which = ", ".join(f"class {c}" for c in self.uncentred_classes)
-            lines.append(
-                f"not centred (fewer than {MIN_CENTRED_CLASS} training examples, raw self-influence kept): {which}"
-            )
-        return "\n".join(lines)
-
-    def to_records(self) -> list[dict[str, Any]]:
-        """One dict per row, most suspicious first."""
-        cols = [getattr(self, c).tolist() for c in self._COLUMNS]
-        return [dict(zip(self._COLUMNS, row)) for row in zip(*cols)]
-
-    def to_pandas(self):
-        """A ``pandas.DataFrame`` (needs pandas)."""
-        import pandas as pd
-
-        return pd.DataFrame({c: getattr(self, c) for c in self._COLUMNS})
-
-
-def _z(a: np.ndarray) -> np.ndarray:
-    sd = a.std()
-    return (a - a.mean()) / sd if sd > 0 else a - a.mean()
-
-
-def _small_classes(y: np.ndarray) -> list[int]:
-    """The labels given to fewer than ``MIN_CENTRED_CLASS`` examples (not centred)."""
-    classes, counts = np.unique(y, return_counts=True)
-    return [int(c) for c, k in zip(classes, counts) if k < MIN_CENTRED_CLASS]
-
-
-def _class_centred(score: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``score`` minus its median over the examples with the same label, for the
-    classes with at least ``MIN_CENTRED_CLASS`` examples (the others as they are)."""
-    out = score.astype(float).copy()
-    small = set(_small_classes(y))
-    for c in np.unique(y):
-        if int(c) not in small:
-            m = y == c
-            out[m] -= np.median(score[m])
-    return out
-
-
-def _top_overlap(a: np.ndarray, b: np.ndarray, share: float = 0.1) -> float:
-    """Share of the ``share`` highest of ``a`` that are also among the highest of ``b``."""
-    k = max(1, int(round(share * len(a))))
-    top = lambda v: set(np.argsort(-v, kind="stable")[:k].tolist())  # noqa: E731
-    return len(top(a) & top(b)) / k
-
-
-def _forward_kwargs(influence_kwargs: dict) -> dict:
-    """The ``influence_kwargs`` that the forward-only passes of :mod:`hessfree.output_space` take too."""
-    return {key: v for key, v in influence_kwargs.items() if key in ("batch_size", "device", "progress")}
-
-
-def _auto(est: Any, val: tuple, train: tuple, task: Task, members: Any, influence_kwargs: dict):
-    """Choose between ``self`` and ``class_utility`` (see the module docstring)."""
-    own, own_rows = _suspicion(est, "self", val, train, task, members, influence_kwargs)
-    pair = est().pairwise(val, reduce=None)  # (M, n_val, n), once for both validation scores
-    cls, cls_rows = _class_utility(pair, val)
-    util = -pair.sum(0).mean(0)  # minus the influence on the mean validation loss (= "utility")
-    raw = own_rows.sum(0)  # before the class centring, which already lifts part of a systematic flip
-    diag = {"overlap_class_utility_utility": _top_overlap(cls, util), "overlap_class_utility_self": _top_overlap(cls, raw)}
-    if diag["overlap_class_utility_utility"] > diag["overlap_class_utility_self"]:
-        return cls, cls_rows, "auto -> class_utility", diag
-    # no sign of systematic noise: the class centring (a hedge against it) is not needed
-    return raw, own_rows, "auto -> self, not centred", diag
-
-
-def _suspicion(est: Any, method: str, val: tuple | None, train: tuple, task: Task, members: Any,
-               influence_kwargs: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Suspicion ``(n,)`` and per-member suspicion rows ``(M, n)``; ``est()``
-    returns the fitted estimator (built on first use)."""
-    if method == "self":
-        rows = output_self_influence(task, train, members, reduce=None, **_forward_kwargs(influence_kwargs))
-        y = train[1].reshape(-1).cpu().numpy()
-        return _class_centred(rows.sum(0), y), rows
-    if method == "self_weights":
-        rows = est().self_influence(reduce=None)
-        rows = np.log(np.maximum(rows, np.finfo(float).tiny))
-        return rows.mean(0), rows
-    if method == "combined":
-        own, own_rows = _suspicion(est, "self", val, train, task, members, influence_kwargs)
-        cls, _ = _suspicion(est, "class_utility", val, train, task, members, influence_kwargs)
-        return _z(own) + _z(cls), own_rows
-    if val is None:
-        raise ValueError(f"method={method!r} needs validation data: pass val=(X_val, y_val), or use method='self'")
-    if method == "utility":
-        rows = -est().influence(Utility(val), reduce=None)
-        return rows.sum(0), rows
-    return _class_utility(est().pairwise(val, reduce=None), val)
-
-
-def _class_utility(pair: np.ndarray, val: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Minus the worst per-class mean influence, from pairwise scores ``(M, n_val, n)``."""
-    yv = val[1].reshape(-1).cpu().numpy()
-    classes = np.unique(yv)
-    per_class = np.stack([pair[:, yv == c].mean(1) for c in classes], axis=1)  # (M, C, n)
-    rows = -per_class.min(1)
-    return -per_class.sum(0).min(0), rows
 
 
 def suggest_labels(

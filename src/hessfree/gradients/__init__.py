@@ -7,9 +7,10 @@ and ``"loop"`` (one backward pass per example, the reference). See
 :mod:`.projected` for how they are checked against the loop.
 """
 
+from ..params import ParamSpec, modules_in_call_order, select_parameters
 from .functional import flat_per_example_grads, flatten, per_example_grads
-from .projected import ENGINES, per_example_gradients
-from .selection import ParamSpec, modules_in_call_order, select_parameters
+from .model_grads import per_example_gradients
+from .projected import ENGINES
 
 __all__ = [
     "ENGINES",

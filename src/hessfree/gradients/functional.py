@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch.func import grad, vmap
 
-from ..data import Batch, batch_size_of, slice_batch
+from ..data import Batch, batch_size_of, map_batch, slice_batch
 
 if TYPE_CHECKING:
     from ..members import MemberView
 
 
-def _check_vmappable(batch: Batch) -> None:
+def check_vmappable(batch: Batch) -> None:
     leaves = batch.items() if isinstance(batch, Mapping) else enumerate(batch)
     for key, leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
@@ -51,7 +51,7 @@ def per_example_grads(view: MemberView, names: list[str], batch: Batch) -> dict[
         ``{name: (B, *param.shape)}`` for the selected parameter names,
         in loss units per parameter unit.
     """
-    _check_vmappable(batch)
+    check_vmappable(batch)
     view.task.check_batch(batch)
     selected = {n: view.params[n] for n in names}
     return vmap(grad(example_loss_fn(view, names)), in_dims=(None, 0))(selected, batch)
@@ -87,3 +87,10 @@ def flat_per_example_grads(view: MemberView, names: list[str], batch: Batch) -> 
 def flatten(grads: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     """One gradient (not per example) flattened in ``names`` order, ``(D,)``."""
     return torch.cat([grads[n].reshape(-1) for n in names])
+
+
+def probe_of(batch: Batch, size: int = 2) -> Batch:
+    """The first ``size`` examples of ``batch`` (cloned, so no larger tensor is kept):
+    two examples suffice to catch a rule that mixes examples up."""
+    n = min(size, batch_size_of(batch))
+    return map_batch(slice_batch(batch, 0, n), lambda t: t.clone())

@@ -30,37 +30,16 @@ import warnings
 import torch
 from torch import nn
 
-from ..data import Batch, batch_size_of, slice_batch
+from ..data import Batch, batch_size_of
 from ..errors import EngineError
 from ..projections import Dense, Factorized, Projection
-from .functional import _check_vmappable, per_example_grads, per_example_grads_loop
+from .functional import check_vmappable, per_example_grads, per_example_grads_loop
+from .functional import probe_of as probe_of  # re-exported: its earlier home
+from .norms import close_to, gradient_norms, hook_sqnorms
 from .plan import Plan, Unit, make_plan
 from .rules import Unattributable, batch_major, capture, layer_kind, row_col, vector_grads
 
 ENGINES = ("auto", "hooks", "vmap", "loop")
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 5e-2)
-
-
-def _close(got: torch.Tensor, ref: torch.Tensor, total: torch.Tensor) -> bool:
-    """Every example's gradient of one parameter within the dtype's tolerance of the
-    reference: relative to its own norm, with a floor of a few hundred rounding
-    errors of the example's whole gradient (``total``, ``(B,)``), so a parameter
-    whose true gradient is zero (a key bias under softmax) passes on rounding noise.
-    Norms in the gradients' own dtype (no fp64 copy of large gradients)."""
-    tol = _tolerance(ref.dtype)
-    floor = 100 * torch.finfo(ref.dtype).eps * total
-    b = ref.shape[0]
-    err = torch.linalg.vector_norm((got.to(ref.dtype) - ref).reshape(b, -1), dim=1)
-    return bool((err <= tol * torch.linalg.vector_norm(ref.reshape(b, -1), dim=1) + floor + 1e-30).all())
-
-
-def _norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example norm of the whole gradient ``(B,)``."""
-    b = next(iter(grads.values())).shape[0]
-    return sum(torch.linalg.vector_norm(g.reshape(b, -1), dim=1).pow(2) for g in grads.values()).sqrt()
 
 
 class ProjectedFeatures:
@@ -162,14 +141,14 @@ class ProjectedFeatures:
         if self.engine == "loop":
             return
         ref = per_example_grads_loop(view, self.names, probe)
-        total = _norms(ref)
+        total = gradient_norms(ref)
         if self.engine == "vmap":
             try:
                 got = per_example_grads(view, self.names, probe)
             except Exception as e:  # vmap's own refusals (data-dependent control flow, in-place writes, ...)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise EngineError(f"engine='vmap' cannot run this model: {first}; use engine='auto' or 'loop'") from e
-            bad = [n for n in self.names if not _close(got[n], ref[n], total)]
+            bad = [n for n in self.names if not close_to(got[n], ref[n], total)]
             if bad:
                 raise EngineError(
                     f"engine='vmap' disagrees with the per-example loop on {bad[:4]}; use engine='auto' or 'loop'"
@@ -194,7 +173,7 @@ class ProjectedFeatures:
                     ) from e
                 self._fallback |= set(self.names)
                 break
-            bad |= {n for n, g in got.items() if not _close(g, ref[n], total)}
+            bad |= {n for n, g in got.items() if not close_to(g, ref[n], total)}
             if not bad:
                 return
             self._fallback |= bad
@@ -204,7 +183,7 @@ class ProjectedFeatures:
     def per_example_grads(self, view, batch: Batch) -> dict[str, torch.Tensor]:
         """Exact per-example gradients ``{name: (B, *shape)}`` by this map's engine."""
         if self.engine == "vmap":
-            _check_vmappable(batch)
+            check_vmappable(batch)
             view.task.check_batch(batch)
             return per_example_grads(view, self.names, batch)
         if self.engine == "loop":
@@ -413,88 +392,5 @@ class ProjectedFeatures:
         if self.engine in ("vmap", "loop") or not self.plan.batched:
             f = self.features(view, batch)
             return torch.einsum("bd,bd->b", f, f).double().cpu()
-        b = batch_size_of(batch)
-        dtype = self._exact_dtype(view)
-        subs = dict(view.module.named_modules())
-        cap = capture(view, batch, self.plan.hooked, self.names, self.plan.broadcast, self._clone)
-        calls = cap.calls
-        by_unit = {m: u for u in self.plan.units for m, _ in u.uses}
-        per_unit: dict[int, int] = {}
-        for c in calls:
-            if c.module in by_unit:
-                per_unit[id(by_unit[c.module])] = per_unit.get(id(by_unit[c.module]), 0) + 1
-        if any(v > 1 for v in per_unit.values()):  # shared layers: the calls' gradients add up first
-            f = self.features(view, batch)
-            return torch.einsum("bd,bd->b", f.double(), f.double()).cpu()
-        total = torch.zeros(b, dtype=torch.float64)
-        rest: dict[str, torch.Tensor] = dict(cap.broadcast)
-        for call in calls:
-            if call.grad is None:
-                continue
-            mod = subs[call.module]
-            u = by_unit.get(call.module)
-            if u is not None:
-                kind = dict(u.uses)[call.module]
-                if kind == "embedding":  # (r_t . r_s) is 1 where the tokens are equal: no one-hot is formed
-                    idx = batch_major(call.a, b, "input", call.module).reshape(b, -1)
-                    dd = batch_major(call.grad, b, "output", call.module).reshape(b, idx.shape[1], -1).double()
-                    same = (idx.unsqueeze(2) == idx.unsqueeze(1)).double()
-                    if mod.padding_idx is not None:
-                        keep = (idx != mod.padding_idx).double()
-                        same = same * keep.unsqueeze(2) * keep.unsqueeze(1)
-                    total += (same * (dd @ dd.transpose(1, 2))).sum((1, 2)).cpu()
-                    continue
-                r, c = row_col(kind, mod, call, b, None, None, u.bias is not None, dtype)
-                t = r.shape[1]
-                if t == 1:
-                    sq = r.pow(2).sum((1, 2)) * c.pow(2).sum((1, 2))
-                elif t * t <= u.numel:
-                    sq = ((r @ r.transpose(1, 2)) * (c @ c.transpose(1, 2))).sum((1, 2))
-                else:
-                    sq = torch.bmm(r.transpose(1, 2), c).pow(2).sum((1, 2))
-                total += sq.double().cpu()
-            if call.module in self.plan.vector:
-                kind, sel = self.plan.vector[call.module]
-                for n, g in vector_grads(kind, mod, call, b, sel).items():
-                    rest[n] = rest[n] + g if n in rest else g
-        if self.plan.fallback:
-            rest.update(per_example_grads_loop(view, self.plan.fallback, batch))
-        for g in rest.values():
-            total += g.reshape(b, -1).double().pow(2).sum(1).cpu()
-        return total
-
-
-def probe_of(batch: Batch, size: int = 2) -> Batch:
-    """The first ``size`` examples of ``batch`` (cloned, so no larger tensor is kept):
-    two examples suffice to catch a rule that mixes examples up."""
-    from ..data import map_batch
-
-    n = min(size, batch_size_of(batch))
-    return map_batch(slice_batch(batch, 0, n), lambda t: t.clone())
-
-
-def per_example_gradients(task, batch: Batch, params=None, engine: str = "auto") -> dict[str, torch.Tensor]:
-    """Per-example gradients of ``task.model`` at its current parameters.
-
-    A convenience for inspection and tests: the model is evaluated in eval mode
-    (restored afterwards), ``params`` selects parameters as in
-    :class:`hessfree.Influence` and ``engine`` is one of :data:`ENGINES`.
-
-    Returns:
-        ``{name: (B, *param.shape)}``, in loss units per parameter unit.
-    """
-    from ..members import MemberSpec, MemberView
-    from .selection import select_parameters
-
-    model = task.model
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
-        example = slice_batch(batch, 0, 1)
-        view = MemberView(MemberSpec(name="model"), model, task, example, device)
-        names = select_parameters(model, params, view.call_order)
-        with view:
-            return ProjectedFeatures(None, view, names, engine, probe_of(batch)).per_example_grads(view, batch)
-    finally:
-        model.train(was)
+        features = lambda: self.features(view, batch)  # noqa: E731
+        return hook_sqnorms(view, batch, self.plan, self.names, self._clone, self._exact_dtype(view), features)

@@ -31,7 +31,6 @@ pass, so each example's gradient flows through its own copy.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -39,17 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .._replay import replay, replaying
 from ..data import Batch, batch_size_of
 
 _KNOWN_AFFINE = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CHANNEL_AFFINE = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_replay = threading.local()
-
-
-def replaying() -> bool:
-    """True while a rule re-runs a layer to read its normalised output (forward
-    hooks that change outputs, such as dropout members' masks, must stand aside)."""
-    return getattr(_replay, "active", False)
 
 
 class Unattributable(RuntimeError):
@@ -270,12 +263,8 @@ def _normalised(mod: nn.Module, call: Call) -> torch.Tensor:
     """The layer's output at weight 1 and bias 0 (``x_hat``), with hooks standing aside."""
     own = _own(mod)
     params = {k: torch.ones_like(v) if k == "weight" else torch.zeros_like(v) for k, v in own.items()}
-    _replay.active = True
-    try:
-        with torch.no_grad():
-            return functional_call(mod, params, call.args, call.kwargs)
-    finally:
-        _replay.active = False
+    with replay(), torch.no_grad():
+        return functional_call(mod, params, call.args, call.kwargs)
 
 
 def matrix_shape(kind: str, mod: nn.Module) -> tuple[int, int]:

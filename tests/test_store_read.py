@@ -1,0 +1,108 @@
+"""The store's streamed reads (``GradientStore.blocks``) give exactly the rows that were
+written, in blocks that stay valid, and still verify every batch they return."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hessfree.scoring import stream_scores
+from hessfree.store import GradientStore, StoreCorruptError
+from hessfree.store import _read as read
+
+
+def _store(path, sizes, dim=7, dtype="float32", seed=0):
+    """A complete one-member store of batches of the given ``sizes``; returns it and the rows."""
+    n = sum(sizes)
+    store = GradientStore.open(path, {"n": n, "dims": [dim], "dtype": dtype})
+    rows = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    records, s = [], 0
+    for c in sizes:
+        records.append(store.write(0, s, rows[s : s + c], np.zeros(c)))
+        s += c
+    store.record(0, 0, records)
+    store.mark_complete()
+    store.release()
+    return GradientStore.open_existing(path), rows
+
+
+@pytest.mark.parametrize("block", [1, 5, 16, 37, 1000])
+def test_blocks_are_the_written_rows_at_any_block_size(tmp_path, block, monkeypatch):
+    monkeypatch.setattr(read, "TASK_BYTES", 64)  # several tasks per block, and groups of batches
+    sizes = [16, 16, 3, 40, 1, 16, 9]  # uneven batches: blocks cut through them
+    store, rows = _store(tmp_path / "s", sizes)
+    got = list(store.blocks(0, 2, 99, block))
+    assert [s for s, _ in got] == list(range(2, 99, block))
+    # every block is its own tensor: holding all of them keeps each one's rows
+    torch.testing.assert_close(torch.cat([b for _, b in got]), rows[2:99], rtol=0, atol=0)
+    torch.testing.assert_close(store.rows(0, 10, 60), rows[10:60], rtol=0, atol=0)
+
+
+def test_half_precision_blocks_equal_the_rounded_rows(tmp_path):
+    store, rows = _store(tmp_path / "s", [8, 8, 8], dtype="bfloat16")
+    got = torch.cat([b for _, b in store.blocks(0, 0, 24, 5)])
+    torch.testing.assert_close(got, rows.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_streamed_scores_equal_a_plain_product(tmp_path):
+    store, rows = _store(tmp_path / "s", [32] * 10, dim=12)
+    q = torch.randn(3, 12, dtype=torch.float64)
+    out = np.empty((3, 320), dtype=np.float32, order="F")
+    stream_scores(q.float(), store.blocks(0, 0, 320, 64), out)
+    np.testing.assert_allclose(out, (q @ rows.double().T).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_damaged_batch_is_found_when_a_later_block_reaches_it(tmp_path):
+    store, rows = _store(tmp_path / "s", [16] * 6)
+    f = tmp_path / "s" / "m0.features"
+    raw = bytearray(f.read_bytes())
+    raw[70 * 7 * 4 + 3] ^= 0xFF  # a byte of row 70: batch 64-79
+    f.write_bytes(bytes(raw))
+    blocks = store.blocks(0, 0, 96, 32)
+    s, first = next(blocks)  # rows 0-31 are sound (the damaged rows are being read ahead)
+    torch.testing.assert_close(first, rows[:32], rtol=0, atol=0)
+    next(blocks)
+    with pytest.raises(StoreCorruptError, match="rows 64-79 no longer match"):
+        next(blocks)
+    with pytest.raises(StoreCorruptError, match="rows 64-79"):
+        store.rows(0, 70, 71)
+
+
+def test_a_truncated_file_is_refused_before_reading(tmp_path):
+    store, _ = _store(tmp_path / "s", [16] * 4)
+    f = tmp_path / "s" / "m0.features"
+    f.write_bytes(f.read_bytes()[: 40 * 7 * 4])
+    with pytest.raises(StoreCorruptError, match="should have"):
+        list(store.blocks(0, 0, 64, 16))
+
+
+def test_stopping_early_leaves_no_reader_behind(tmp_path):
+    store, rows = _store(tmp_path / "s", [16] * 8)
+    blocks = store.blocks(0, 0, 128, 16)
+    next(blocks)
+    blocks.close()  # the read-ahead finishes before the file is closed
+    torch.testing.assert_close(store.rows(0, 0, 128), rows, rtol=0, atol=0)
+
+
+def test_the_checksum_is_zlibs_crc32():
+    """Stores record zlib's CRC-32; the faster implementation must give the same values."""
+    import zlib
+
+    for size in (0, 1, 5000, 1 << 20):
+        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        assert read.crc32(data) == zlib.crc32(data)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_reads_with_threads_of_its_own(tmp_path):
+    import os
+
+    store, rows = _store(tmp_path / "s", [16] * 4)
+    torch.testing.assert_close(store.rows(0, 0, 64), rows, rtol=0, atol=0)  # the parent's threads exist now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's exit code carries the result
+        ok = torch.equal(torch.cat([b for _, b in store.blocks(0, 0, 64, 16)]), rows)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
