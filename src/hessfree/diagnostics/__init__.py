@@ -8,5 +8,6 @@
 """
 
 from .projection import ProjectionQuality, ProjectionQualityWarning, projection_quality
+from .trust import TrustReport, trust
 
-__all__ = ["ProjectionQuality", "ProjectionQualityWarning", "projection_quality"]
+__all__ = ["ProjectionQuality", "ProjectionQualityWarning", "TrustReport", "projection_quality", "trust"]
