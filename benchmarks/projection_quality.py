@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _util import markdown_table, write_json
 from torch import nn
 
 import hessfree as hf
-from _util import markdown_table, write_json
 
 OUT = Path(__file__).parent / "results" / "projection_quality"
 DIMS = [4096, 1024, 256, 64]
