@@ -23,14 +23,17 @@ that has learned something; nothing is downloaded):
     python benchmarks/projection_quality.py                    # all models, n = 200
     python benchmarks/projection_quality.py --models mlp cnn --n 100
 
-Prints a markdown table and writes ``projection_quality.json`` and
-``projection_quality.md`` under ``--out`` (default
-``benchmarks/results/projection_quality``).
+Writes ``<model>.json`` per model (so models can run in separate processes),
+then ``projection_quality.json`` and ``projection_quality.md`` (a markdown table
+of every model measured so far) under ``--out`` (default
+``benchmarks/results/projection_quality``). Seconds are wall time to featurize
+and score the sample (``fit`` + ``pairwise``) on a shared 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import time
 import warnings
@@ -45,6 +48,7 @@ import hessfree as hf
 
 OUT = Path(__file__).parent / "results" / "projection_quality"
 DIMS = [4096, 1024, 256, 64]
+MODELS = ("mlp", "cnn", "gpt2", "llama_lora")
 VOCAB, SEQ = 512, 32
 
 
@@ -130,14 +134,14 @@ def build(name: str):
     return task, data, desc
 
 
-def measure(name: str, n: int, dims: list[int]) -> list[dict]:
+def measure(name: str, n: int, dims: list[int], batch_size: int) -> list[dict]:
     task, data, desc = build(name)
     rows = []
     for kind in (hf.projections.Dense, hf.projections.Factorized):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # poor correlations are what this table reports
             res = hf.diagnostics.projection_quality(task, data, kind(dims[0], seed=0), dims=dims[1:], n_sample=n,
-                                                    batch_size=50, max_bytes=2 * 2**30)  # fmt: skip
+                                                    batch_size=batch_size, max_bytes=2 * 2**30)  # fmt: skip
         for r in res.by_dim:
             rows.append({"model": name, "description": desc, "D": res.exact_dim, "projection": kind.__name__,
                          "n": res.n_train, **r, "exact_seconds": res.seconds_exact, "exponent": res.exponent,
@@ -146,27 +150,33 @@ def measure(name: str, n: int, dims: list[int]) -> list[dict]:
     return rows
 
 
+COLUMNS = ["model", "D", "projection", "k", "pearson", "spearman", "relative_error", "top10_overlap", "seconds",
+           "k_for_0.9"]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "gpt2", "llama_lora"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--n", type=int, default=200, help="training examples in the sample")
-    ap.add_argument("--dims", type=int, nargs="+", default=DIMS, help="k, largest first")
+    ap.add_argument("--dims", type=int, nargs="+", default=DIMS, help="the k to measure")
+    ap.add_argument("--batch-size", type=int, default=200,
+                    help="examples per batch (a Dense matrix is generated once per batch when it exceeds its cache)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    rows = []
-    cols = ["model", "D", "projection", "k", "pearson", "spearman", "relative_error", "top10_overlap", "seconds",
-            "k_for_0.9"]  # fmt: skip
-    for name in args.models:  # the files are rewritten after each model: a long run keeps what it finished
-        rows += measure(name, args.n, sorted(args.dims, reverse=True))
-        md = markdown_table(rows, cols, {"seconds": "{:.2f}"})
-        meta = {"n": args.n, "dims": args.dims, "models": args.models, "threads": args.threads,
+    for name in args.models:  # one file per model (models can run in separate processes), then the combined table
+        start = time.perf_counter()
+        rows = measure(name, args.n, sorted(args.dims, reverse=True), args.batch_size)
+        meta = {"n": args.n, "dims": args.dims, "batch_size": args.batch_size, "threads": args.threads,
                 "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "seconds": time.perf_counter() - start}  # fmt: skip
-        write_json(args.out / "projection_quality.json", {"meta": meta, "rows": rows})
-        (args.out / "projection_quality.md").write_text(md + "\n")
+        write_json(args.out / f"{name}.json", {"meta": meta, "rows": rows})
+    done = [json.loads((args.out / f"{m}.json").read_text()) for m in MODELS if (args.out / f"{m}.json").exists()]
+    rows = [r for d in done for r in d["rows"]]
+    md = markdown_table(rows, COLUMNS, {"seconds": "{:.2f}"})
+    write_json(args.out / "projection_quality.json", {"runs": done})
+    (args.out / "projection_quality.md").write_text(md + "\n")
     print(md)
 
 

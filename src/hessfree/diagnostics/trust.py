@@ -278,6 +278,9 @@ def _verdict(r: dict, min_spearman: float, max_angle: float, margin: float) -> t
     ]
     gt = r["ground_truth"]
     if gt is None:
+        if not (agree and aligned):
+            reasons.append("this says the two disagree, not which one agrees with retraining: pass train_fn= "
+                           "for a leave-group-out spot check")
         return agree and aligned, reasons
     gap = gt["hessian"] - gt["identity"]
     reasons.append(f"against retraining hessian={name!r} is {gap:+.3f} from the identity "
