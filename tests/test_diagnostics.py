@@ -63,14 +63,14 @@ def test_small_k_warns_with_a_k_that_works_and_large_k_does_not():
     model, x, y = _mlp_data(n=80)
     task = hf.ClassificationTask(model)
     with pytest.warns(ProjectionQualityWarning, match=r"k=8 correlate .* k=\d+ is predicted to reach 0.9"):
-        small = projection_quality(task, (x, y), hf.projections.Dense(8), n_sample=80)
+        small = projection_quality(task, (x, y), hf.projections.Dense(8), n_sample=80, metric="pearson")
     assert not small.adequate and small.pearson < 0.9 and small.k_for_target is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProjectionQualityWarning)
-        big = projection_quality(task, (x, y), hf.projections.Dense(small.k_for_target), n_sample=80)
+        big = projection_quality(task, (x, y), hf.projections.Dense(small.k_for_target), n_sample=80, metric="pearson")
         assert big.pearson >= 0.88  # the suggested k reaches (about) the target: the noise really falls like 1/k
         large = projection_quality(task, (x, y), hf.projections.Dense(2048, seed=1), n_sample=80)
-    assert large.pearson > 0.95 and large.adequate
+    assert large.spearman > 0.9 and large.adequate and large.metric == "spearman"
     # measured at k, k/4 and k/16; the fitted exponent is near the JL value 1 for a dense matrix
     assert [r["k"] for r in large.by_dim] == [2048, 512, 128]
     assert large.exponent_fitted and 0.6 < large.exponent < 1.5
