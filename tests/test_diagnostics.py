@@ -216,6 +216,10 @@ def test_trust_refuses_bad_arguments_by_name():
     task = hf.ClassificationTask(model)
     with pytest.raises(ValueError, match="spot_check must be one of"):
         trust(task, (x, y), (x, y), hessian="exact", spot_check="loo")
+    with pytest.raises(ValueError, match="n_groups=2"):
+        trust(task, (x, y), (x, y), hessian="exact", n_groups=2)
+    with pytest.raises(ValueError, match="holds 20 training examples but train has 10"):
+        trust(hf.Influence(task, progress=False).fit((x, y)), (x[:10], y[:10]), (x, y), hessian="exact")
     with pytest.raises(ValueError, match="compares the identity with itself"):
         trust(task, (x, y), (x, y), hessian="identity")
     with pytest.raises(ValueError, match="made with hessian='identity'"):

@@ -199,6 +199,11 @@ def trust(
         raise ValueError(f"spot_check must be one of {SPOT_CHECKS}, got {spot_check!r}")
     if not -1 <= min_spearman <= 1 or not 0 <= max_angle <= 180:
         raise ValueError(f"min_spearman must be in [-1, 1] and max_angle in [0, 180]; got {min_spearman}, {max_angle}")
+    if not (isinstance(n_groups, int) and n_groups >= 5) or not (isinstance(n_subsets, int) and n_subsets >= 5):
+        raise ValueError(f"n_groups and n_subsets must be integers >= 5 (a rank correlation over fewer means "
+                         f"little); got n_groups={n_groups!r}, n_subsets={n_subsets!r}")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     if isinstance(hessian, str) and hessian == "identity":
         raise ValueError("hessian='identity' compares the identity with itself; choose 'fisher', 'exact' or 'cg'")
     est = None
@@ -227,12 +232,12 @@ def trust(
     except NotFittedError:
         s_id = est.fit(train).influence(target)
     seconds["identity"] = time.perf_counter() - start
+    if s_id.shape[0] != n:
+        raise ValueError(f"the estimator holds {s_id.shape[0]} training examples but train has {n}; fit it on train")
     start = time.perf_counter()
     s_c = curv.fit(train).influence(target)
     directions = target_directions(curv, target)
     seconds["hessian"] = time.perf_counter() - start
-    if s_id.shape != s_c.shape or s_id.shape[0] != n:
-        raise ValueError(f"the estimator holds {s_id.shape[0]} training examples but train has {n}; fit it on train")
 
     name = _hessian_name(hessian)
     k = top_k or max(5, min(100, n // 20))
