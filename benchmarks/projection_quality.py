@@ -150,13 +150,30 @@ def measure(name: str, n: int, dims: list[int], batch_size: int) -> list[dict]:
     return rows
 
 
+def wide_table(rows: list[dict]) -> str:
+    """One line per model and projection: Spearman (Pearson) at each k, seconds, the k for Spearman 0.9."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["D"], r["projection"]), []).append(r)
+    dims = sorted({r["k_requested"] for r in rows}, reverse=True)
+    head = ["model", "D", "projection", *[f"k = {k}" for k in dims], f"seconds at k = {dims[0]}", "k for Spearman 0.9"]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for (model, D, proj), rs in groups.items():
+        by_k = {r["k_requested"]: r for r in rs}
+        cells = [f"{by_k[k]['spearman']:.2f} ({by_k[k]['pearson']:.2f})" if k in by_k else "" for k in dims]
+        top = by_k.get(dims[0], {})
+        secs = f"{top['seconds']:.1f}" if top else ""
+        out.append("| " + " | ".join([model, str(D), proj, *cells, secs, str(rs[0]["k_for_0.9"])]) + " |")
+    return "\n".join(out)
+
+
 COLUMNS = ["model", "D", "projection", "k", "pearson", "spearman", "relative_error", "top10_overlap", "seconds",
            "k_for_0.9"]  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=list(MODELS), help="none: only rebuild the tables from the files")
     ap.add_argument("--n", type=int, default=200, help="training examples in the sample")
     ap.add_argument("--dims", type=int, nargs="+", default=DIMS, help="the k to measure")
     ap.add_argument("--batch-size", type=int, default=200,
@@ -174,7 +191,7 @@ def main() -> None:
         write_json(args.out / f"{name}.json", {"meta": meta, "rows": rows})
     done = [json.loads((args.out / f"{m}.json").read_text()) for m in MODELS if (args.out / f"{m}.json").exists()]
     rows = [r for d in done for r in d["rows"]]
-    md = markdown_table(rows, COLUMNS, {"seconds": "{:.2f}"})
+    md = wide_table(rows) + "\n\n" + markdown_table(rows, COLUMNS, {"seconds": "{:.2f}"})
     write_json(args.out / "projection_quality.json", {"runs": done})
     (args.out / "projection_quality.md").write_text(md + "\n")
     print(md)
