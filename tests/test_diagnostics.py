@@ -90,6 +90,34 @@ def test_projection_quality_from_an_estimator_with_queries_and_a_saved_json(tmp_
     assert saved["pearson"] == pytest.approx(res.pearson) and saved["projection"]["type"] == "Factorized"
 
 
+class _Pairs(torch.utils.data.Dataset):
+    """A map-style dataset that is not a TensorDataset (items built on access)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_projection_quality_samples_datasets_and_loaders_like_tensors():
+    model, x, y = _mlp_data(n=40)
+    task, proj = hf.ClassificationTask(model), hf.projections.Factorized(128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProjectionQualityWarning)
+        ref = projection_quality(task, (x, y), proj, n_sample=15, dims=[], seed=4)
+        for data in (_Pairs(x, y), torch.utils.data.DataLoader(_Pairs(x, y), batch_size=7)):
+            got = projection_quality(task, data, proj, n_sample=15, dims=[], seed=4)
+            np.testing.assert_allclose(got.exact_scores, ref.exact_scores, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(got.projected_scores, ref.projected_scores, rtol=1e-4, atol=1e-6)
+    idx = np.sort(np.random.default_rng(4).choice(40, size=15, replace=False))
+    G = _loop_gradients(model, x[idx], y[idx])
+    np.testing.assert_allclose(ref.exact_scores, (G @ G.T).numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_memory_guard_cuts_the_sample_and_refuses_a_useless_budget():
     model, x, y = _mlp_data(n=60)
     D = sum(p.numel() for p in model.parameters())
