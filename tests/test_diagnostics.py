@@ -85,7 +85,7 @@ def test_projection_quality_from_an_estimator_with_queries_and_a_saved_json(tmp_
         res = projection_quality(est, (x, y), queries=q, n_sample=50, save_to=tmp_path)
     G, H = _loop_gradients(model, x, y), _loop_gradients(model, *q)
     np.testing.assert_allclose(res.exact_scores, (H @ G.T).numpy(), rtol=1e-4, atol=1e-6)
-    assert res.exact_scores.shape == (20, 50)
+    assert res.exact_scores.shape == (20, 50) and (res.n_query, res.n_train) == (20, 50)
     saved = json.loads((tmp_path / "projection_quality.json").read_text())
     assert saved["pearson"] == pytest.approx(res.pearson) and saved["projection"]["type"] == "Factorized"
 

@@ -271,6 +271,7 @@ def projection_quality(
     note = (f"sample cut to {n} examples so that the exact gradients fit max_bytes={max_bytes}"
             if n < min(n_sample, n_data) else "")
     train_s = take(data, sample_indices(n_data, n, seed), batch_size, "data")
+    n_query = n if queries is None else min(n, size_of(queries, "queries"))
     query_s = train_s if queries is None else take(queries, sample_indices(size_of(queries, "queries"), n, seed + 1),
                                                       batch_size, "queries")
 
@@ -301,7 +302,7 @@ def projection_quality(
     k_target = None if k_star > D else min(2 ** math.ceil(math.log2(max(k_star, 1))), D)
     result = ProjectionQuality(
         projection=[p.describe() for p in projs] if len(projs) > 1 else projs[0].describe(),
-        n_train=n, n_query=n, exact_dim=D, k=urow["k"], pearson=urow["pearson"], spearman=urow["spearman"],
+        n_train=n, n_query=n_query, exact_dim=D, k=urow["k"], pearson=urow["pearson"], spearman=urow["spearman"],
         relative_error=urow["relative_error"], top10_overlap=urow["top10_overlap"], by_dim=rows, exponent=b,
         exponent_fitted=fitted, target_correlation=target_correlation, metric=metric, k_for_target=k_target,
         seconds_exact=seconds_exact, note=note, exact_scores=exact, projected_scores=user[1],
