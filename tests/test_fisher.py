@@ -228,9 +228,9 @@ def test_report_above_eig_max_dim_uses_cheap_estimates():
     phi = _per_example_grads(model, x, y)
     fisher, lam = _fisher(phi)
     evals = np.linalg.eigvalsh(fisher)
-    assert rep["min_eigenvalue"] is None
-    assert rep["max_eigenvalue"] == pytest.approx(evals[-1] - lam, rel=1e-3)
-    # the 1-norm condition number lies within a factor k of the 2-norm one; LAPACK's estimate near it
-    cond1 = np.linalg.cond(fisher, 1)
-    assert cond1 / 3 <= rep["condition_number_1norm_estimate"] <= cond1 * 1.0001
+    assert rep["eigenvalues"].startswith("largest by Lanczos")
+    assert rep["max_eigenvalue"] == pytest.approx(evals[-1] - lam, rel=1e-5)
+    assert rep["min_eigenvalue"] is None and rep["condition_number"] is None
+    assert rep["condition_number_bound"] == pytest.approx(evals[-1] / lam, rel=1e-5)
+    assert rep["condition_number_bound"] >= evals[-1] / evals[0] * (1 - 1e-6)  # equal: softmax gradients leave a null direction
     assert set(rep["seconds"]) == {"gram", "cholesky", "report"}

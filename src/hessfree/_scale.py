@@ -14,10 +14,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
+from ._io import atomic_write_json, check_settings
+from ._store_writer import batch_tiling, batches_at, data_differ, describe_loss, hashes_at, same_on_every_rank
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
+from .feature_source import StoreFeatures
 from .scoring import merge_top_k, top_k_blocked
 from .store import (
     DTYPES,
@@ -65,10 +67,10 @@ class StoreMixin:
         skip = skip or set()
         yield from source.batches_where(lambda b: b % world == rank and b not in skip)
 
-    def _store_rows(self) -> tuple[int, int]:
-        """The contiguous block of store rows this rank scores."""
+    @staticmethod
+    def _store_rows(n: int) -> tuple[int, int]:
+        """The contiguous block of the ``n`` store rows this rank scores."""
         rank, world = rank_and_world()
-        n = self.n_train
         return rank * n // world, (rank + 1) * n // world
 
     # ---- the store -----------------------------------------------------------------------
@@ -93,7 +95,7 @@ class StoreMixin:
             "dims": self._dims,
             "dtype": self.store_dtype,
             "estimator": f"{type(self).__module__}.{type(self).__qualname__}",
-            "loss": _describe_loss(self.task),
+            "loss": describe_loss(self.task),
             "probe_loss": self._probe_losses(),
         }
         layouts = [self._engines[m].legacy_layout for m in range(len(self._specs))]
@@ -102,6 +104,19 @@ class StoreMixin:
         if with_data:
             config.update(n=self.source.n, data=fingerprint_data(self.source))
         return config
+
+    def _check_arguments(self) -> None:
+        """Compare the arguments the stored features depend on (members, params,
+        projection, store dtype) with ``<store>/arguments.json``, when it exists."""
+        path = self._store_path / "arguments.json"
+        if path.exists():
+            saved, now = json.loads(path.read_text()), self.arguments.features_dict()
+            check_settings(path, {k: saved.get(k) for k in now}, now, StoreMismatchError,
+                           fix="pass the arguments the store was written with, or use a new store folder")  # fmt: skip
+
+    def _save_arguments(self) -> None:
+        """Write ``<store>/arguments.json`` (every option of this estimator, as JSON)."""
+        atomic_write_json(self._store_path / "arguments.json", self.arguments.to_dict())
 
     def _probe_losses(self) -> list[float]:
         """The (sample-weighted) training losses of the stored examples at the model, in
@@ -117,10 +132,10 @@ class StoreMixin:
         rank, world = rank_and_world()
         source = self.source
         config = self._store_config(with_data=True)
-        tiling = _tiling(source)
+        tiling = batch_tiling(source)
         t = time.perf_counter()
         # tensors are hashed whole up front (no loading); a loader's batches as they are loaded
-        hashes = _hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash}
+        hashes = hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash}
         hash_s = time.perf_counter() - t
         probe = to_device(self._probe, torch.device("cpu"))
 
@@ -132,6 +147,7 @@ class StoreMixin:
 
         # rank 0 creates (or checks) the store first; every rank then checks it against its
         # own model and data. A failure on any rank is raised on every rank (no rank hangs).
+        _collectively(self._check_arguments)  # before any gradient is computed
         store = _collectively(create if rank == 0 else None)
         try:
             if rank != 0:
@@ -140,7 +156,7 @@ class StoreMixin:
                 _collectively(None)
             store.add_integrity_time(hash_s)
             # the same data on every rank: all of it for tensors, the first batch for a loader
-            _same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()]), store.path)
+            same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()]), store.path)
             self._store = store
             if store.complete:
                 _collectively(lambda: self._check_stored_data(store, hashes), "found training data that differ from the store's")
@@ -150,7 +166,9 @@ class StoreMixin:
                               "could not write its share of the store", RankFailedError)  # fmt: skip
                 _collectively(store.mark_complete if rank == 0 else None, "could not complete the store")
                 _collectively(lambda: self._check_completed(store, hashes), "found the completed store inconsistent")
-            self._sqnorms = store.sqnorms()
+            self._train_source = StoreFeatures(store, *self._store_rows(store.n))
+            self._sqnorms = self._train_source.sqnorms()
+            _collectively(self._save_arguments if rank == 0 else None, "could not save arguments.json")
         finally:
             if store is not None:
                 store.release()
@@ -173,14 +191,14 @@ class StoreMixin:
                                     "delete the folder and run est.fit(train) again")  # fmt: skip
         t = time.perf_counter()
         if self.source.in_memory:
-            got = hashes if set(hashes) == set(ranges) else _hashes_at(self.source, ranges)
+            got = hashes if set(hashes) == set(ranges) else hashes_at(self.source, ranges)
         else:
             own = [r for b, r in enumerate(ranges) if b % world == rank]
-            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(self.source, own)}
+            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in batches_at(self.source, own)}
         store.add_integrity_time(time.perf_counter() - t)
         differ = [r[:2] for r in recs if r[:2] in got and got[r[:2]] != r[2]]
         if differ:
-            raise _data_differ(store, differ)
+            raise data_differ(store, differ)
 
     def _write_store(self, store: GradientStore, rank: int, tiling: list[tuple[int, int]], hashes: dict) -> None:
         n, n_members = self.source.n, len(self._specs)
@@ -194,11 +212,11 @@ class StoreMixin:
         if self.source.in_memory:
             got = {r: known[r] for r in written}
         else:
-            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(self.source, written)}
+            got = {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in batches_at(self.source, written)}
         store.add_integrity_time(time.perf_counter() - t)
         differ = [r for r in written if any(recs[m][r][2] != got.get(r) for m in range(n_members))]
         if differ:
-            raise _data_differ(store, differ)
+            raise data_differ(store, differ)
         todo = [n - sum(c for _, c in recs[m]) for m in range(n_members)]
         bar = self._bar(sum(todo), "per-example gradients -> store")
         try:
@@ -218,7 +236,7 @@ class StoreMixin:
                     if (offset, count) in known:
                         seen.append(known[(offset, count)])
                     if h is None or any(s != h for s in seen):
-                        raise _data_differ(store, [(offset, count)])
+                        raise data_differ(store, [(offset, count)])
                     known[(offset, count)] = h
                     (_, feats), = self._featurize(view, self._names[m], _One(offset, batch), "training", bar)
                     sq = torch.einsum("bd,bd->b", feats, feats).double().cpu().numpy()
@@ -251,7 +269,11 @@ class StoreMixin:
         self.source = None
         self.n_train = store.n
         self._store = store
-        self._sqnorms = store.sqnorms()
+        self._check_arguments()
+        self._train_source = StoreFeatures(store, *self._store_rows(store.n))
+        self._sqnorms = self._train_source.sqnorms()
+        if rank_and_world()[0] == 0:
+            self._save_arguments()
         self._mark_fitted()
         return self
 
@@ -273,7 +295,8 @@ class StoreMixin:
         self._check_fitted()
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        if self._store is None and len(self._cache) < len(self._specs):
+        features = self._train_source
+        if not all(features.has(m) for m in range(len(self._specs))):  # recomputed: the full matrix
             full = torch.from_numpy(self.pairwise(test))
             kk = min(k, full.shape[1])
             scores, idx = torch.topk(full, kk, dim=1, largest=largest)
@@ -285,26 +308,12 @@ class StoreMixin:
             q = [self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")]
             queries.append(torch.cat(q).float().cpu())
             weights.append(view.weight)
-        parts = [top_k_blocked(queries, readers, weights, lo, hi, k, self.score_block_rows, largest) for lo, hi, readers in self._segments()]
+        readers = [lambda s, e, m=m: features.rows(m, s, e) for m in range(len(self._specs))]
+        parts = [top_k_blocked(queries, readers, weights, lo, hi, k, self.score_block_rows, largest)
+                 for lo, hi in features.segments()]  # fmt: skip
         parts = [p for shard in all_gather(parts) for p in shard]
         scores, idx = merge_top_k(parts, k, largest)
         return TopK(idx.numpy(), scores.double().numpy())
-
-    def _segments(self):
-        """``(start, stop, readers)`` row ranges this rank holds, with a reader per member."""
-        if self._store is not None:
-            lo, hi = self._store_rows()
-            store = self._store
-            readers = [lambda s, e, m=m: store.rows(m, s, e) for m in range(len(self._specs))]
-            return [(lo, hi, readers)] if hi > lo else []
-        first = self._cache[0]
-        if isinstance(first, list):
-            out = []
-            for j, (offset, f) in enumerate(first):
-                chunks = [self._cache[m][j][1] for m in range(len(self._specs))]
-                out.append((offset, offset + f.shape[0], [lambda s, e, c=c, o=offset: c[s - o : e - o] for c in chunks]))
-            return out
-        return [(0, self.n_train, [lambda s, e, m=m: self._cache[m][s:e] for m in range(len(self._specs))])]
 
 
 def _collectively(fn, what: str = "could not open the store", raises: type[Exception] = StoreMismatchError):
@@ -341,102 +350,6 @@ def _own_records(store: GradientStore, m: int, rank: int) -> list[tuple]:
     if not f.exists():
         return []
     return [tuple(r) for r in json.loads(f.read_text())]
-
-
-def _tiling(source: DataSource) -> list[tuple[int, int]]:
-    """``(offset, count)`` of every batch of ``source``, in order (a loader's batch
-    sampler is read for the sizes; no item is loaded)."""
-    n, bs = source.n, source.fixed_batch_size
-    if bs is not None:
-        return [(s, min(bs, n - s)) for s in range(0, n, bs)]
-    out, offset = [], 0
-    for idx in source._loader.batch_sampler:
-        out.append((offset, len(idx)))
-        offset += len(idx)
-    return out
-
-
-def _batches_at(source: DataSource, ranges: list[tuple[int, int]]):
-    """``(offset, batch)`` for the row ranges ``ranges`` of ``source``: slices of tensors,
-    or a loader's items at exactly those ranges (same dataset, collate function and
-    workers). A loader with a custom batch sampler is iterated and must yield them."""
-    ranges = sorted(ranges)
-    if not ranges:
-        return
-    if source.in_memory:
-        for o, c in ranges:
-            yield o, slice_batch(source._tensors, o, o + c)
-        return
-    loader = source._loader
-    if source.fixed_batch_size is not None:
-        index_lists = [list(range(o, o + c)) for o, c in ranges]
-        sub = DataLoader(loader.dataset, batch_sampler=index_lists, collate_fn=loader.collate_fn,
-                         num_workers=loader.num_workers, pin_memory=loader.pin_memory)  # fmt: skip
-        for (o, _), batch in zip(ranges, sub):
-            yield o, tuple(batch) if isinstance(batch, list) else batch
-        return
-    want = set(ranges)
-    for offset, batch in source.batches():
-        if (offset, batch_size_of(batch)) in want:
-            want.discard((offset, batch_size_of(batch)))
-            yield offset, batch
-    if want:
-        o, c = min(want)
-        raise StoreMismatchError(
-            f"the store was written in batches this loader does not yield (rows {o}-{o + c - 1}); pass the loader "
-            "the store was written with, or call est.fit() without data to reuse the store"
-        )
-
-
-def _hashes_at(source: DataSource, ranges: list[tuple[int, int]]) -> dict[tuple[int, int], str]:
-    return {(o, batch_size_of(batch)): batch_hash(batch) for o, batch in _batches_at(source, ranges)}
-
-
-def _data_differ(store: GradientStore, ranges: list[tuple[int, int]]) -> StoreMismatchError:
-    o, c = min(ranges)
-    more = f" (and {len(ranges) - 1} more batches)" if len(ranges) > 1 else ""
-    return StoreMismatchError(
-        f"the training data differ from the data the store at {str(store.path)!r} was written with: rows "
-        f"{o}-{o + c - 1}{more} hold another input, label or sample weight (or a Dataset with random transforms "
-        "gives other values each time); use a new store path for these data, or delete the old store"
-    )
-
-
-def _same_on_every_rank(digest: str, path: Path) -> None:
-    """Raise on every rank when the ranks' data hashes differ (under torch.distributed)."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return
-    got = all_gather(digest)
-    bad = [r for r, d in enumerate(got) if d != got[0]]
-    if bad:
-        if rank == 0:
-            raise StoreMismatchError(f"another rank (rank {bad[0]}) was given different training data than rank 0 "
-                                     f"for the store at {str(path)!r}; give every rank the same data")  # fmt: skip
-        raise StoreMismatchError(f"rank {rank} was given different training data than rank 0 for the store at "
-                                 f"{str(path)!r}; give every rank the same data")  # fmt: skip
-
-
-def _describe_loss(task) -> dict[str, Any]:
-    """The task's class and options (and an ``nn.Module`` loss's class, options and
-    tensors): the part of the loss a store checks by name."""
-
-    def simple(v):
-        if isinstance(v, (str, int, float, bool, type(None))):
-            return v
-        if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool, type(None))) for x in v):
-            return list(v)
-        return type(v).__name__
-
-    options = {k: simple(v) for k, v in sorted(vars(task).items()) if not k.startswith("_") and k not in ("model", "loss_fn")}
-    fn = getattr(task, "loss_fn", None)
-    if isinstance(fn, torch.nn.Module):
-        options["loss_fn"] = {
-            "class": f"{type(fn).__module__}.{type(fn).__qualname__}",
-            "options": {k: simple(v) for k, v in sorted(vars(fn).items()) if not k.startswith("_") and k != "training"},
-            "tensors": fingerprint_tensors({**dict(fn.named_parameters()), **dict(fn.named_buffers())}),
-        }
-    return {"task": f"{type(task).__module__}.{type(task).__qualname__}", "options": options}
 
 
 __all__ = ["StoreMismatchError", "TopK"]

@@ -6,9 +6,9 @@ import time
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 from scipy.linalg.blas import dsyrk
-from scipy.linalg.lapack import dpocon
 
 from ..distributed import all_reduce_sum
 from .base import MemberInputs, QueryTransform
@@ -57,15 +57,18 @@ class EmpiricalFisher(QueryTransform):
         max_dim: refuse feature sizes ``k`` above this (a ``ValueError`` before any
             gradient is computed suggests ``projection=Factorized(k)``).
         eig_max_dim: up to this ``k`` the report gives the exact eigenvalue range
-            and condition number (``eigvalsh``, ``O(k^3)``); above it, in ``O(k^2)``,
-            the largest eigenvalue by power iteration and LAPACK's estimate of the
-            1-norm condition number from the Cholesky factor.
+            and condition number (LAPACK ``eigh``, ``O(k^3)``, several times a
+            Cholesky); above it Lanczos estimates from the Cholesky factor
+            (``O(k^2)`` per step), computed when the report is first read: the
+            largest eigenvalue and the bound ``(max + lambda) / lambda`` on the
+            condition number (``condition_number_bound``; the smallest
+            eigenvalue of ``Phi^T Phi / n`` is >= 0, and not computed).
 
     ``report[member]`` (``est.hessian_report_``) holds ``dim`` (k), ``n``,
     ``damping``, ``damping_rule``, ``min_eigenvalue`` / ``max_eigenvalue`` of
-    ``Phi^T Phi / n`` (undamped), ``condition_number`` of the damped ``F`` (or
-    ``condition_number_1norm_estimate`` above ``eig_max_dim``) and ``seconds``
-    (``gram``, ``cholesky``, ``report``).
+    ``Phi^T Phi / n`` (undamped), ``condition_number`` of the damped ``F``,
+    ``eigenvalues`` (how they were found: exactly, or estimated above
+    ``eig_max_dim``) and ``seconds`` (``gram``, ``cholesky``, ``report``).
 
     Raises:
         ValueError: ``k > max_dim``; a damped Fisher that is not positive definite
@@ -80,7 +83,7 @@ class EmpiricalFisher(QueryTransform):
         damping: float | None = None,
         damping_ratio: float = 0.1,
         max_dim: int = 20000,
-        eig_max_dim: int = 1024,
+        eig_max_dim: int = 512,
     ):
         super().__init__()
         if damping is not None and (not np.isfinite(damping) or damping < 0):
@@ -91,6 +94,23 @@ class EmpiricalFisher(QueryTransform):
             raise ValueError(f"max_dim must be >= 1, got {max_dim}")
         self.damping, self.damping_ratio = damping, float(damping_ratio)
         self.max_dim, self.eig_max_dim = int(max_dim), int(eig_max_dim)
+
+    @property
+    def report(self) -> dict[str, dict[str, Any]]:
+        for name, (chol, lam) in list(self._pending.items()):  # k > eig_max_dim: estimated on first read
+            t = time.perf_counter()
+            hi = _largest_eigenvalue(chol)
+            rep = self._report[name]
+            rep.update(min_eigenvalue=None, max_eigenvalue=hi - lam, condition_number=None,
+                       condition_number_bound=hi / lam if lam > 0 else float("inf"),
+                       eigenvalues="largest by Lanczos (eigsh, tol 1e-6); smallest >= 0 (not computed)")  # fmt: skip
+            rep["seconds"]["report"] += time.perf_counter() - t
+            del self._pending[name]
+        return self._report
+
+    @report.setter
+    def report(self, value: dict[str, dict[str, Any]]) -> None:
+        self._report, self._pending = value, {}
 
     def options(self) -> dict[str, Any]:
         return {"method": self.name, "damping": self.damping, "damping_ratio": self.damping_ratio,
@@ -163,16 +183,14 @@ class EmpiricalFisher(QueryTransform):
         report = {"method": self.name, "dim": k, "n": n, "damping": lam, "damping_rule": rule,
                   "mean_eigenvalue": mean_eig}  # fmt: skip
         if k <= self.eig_max_dim:
-            evals = torch.linalg.eigvalsh(fisher)
+            evals = scipy.linalg.eigh(fisher.cpu().numpy(), eigvals_only=True)  # LAPACK; torch's is slow on CPU
             lo, hi = float(evals[0]), float(evals[-1])
-            report.update(min_eigenvalue=lo, max_eigenvalue=hi, condition_number=(hi + lam) / max(lo + lam, 1e-300))
-        else:  # O(k^2): power iteration, and LAPACK's 1-norm estimate from the Cholesky factor
-            damped = fisher + lam * torch.eye(k, dtype=fisher.dtype, device=fisher.device)
-            rcond, _ = dpocon(chol.cpu().numpy(), float(damped.abs().sum(0).max()), uplo="L")
-            report.update(min_eigenvalue=None, max_eigenvalue=_top_eigenvalue(fisher),
-                          condition_number_1norm_estimate=1.0 / max(float(rcond), 1e-300))  # fmt: skip
+            report.update(min_eigenvalue=lo, max_eigenvalue=hi, condition_number=(hi + lam) / max(lo + lam, 1e-300),
+                          eigenvalues="eigh")  # fmt: skip
+        else:
+            self._pending[member.name] = (chol, lam)  # estimated when the report is first read
         report["seconds"] = {"gram": t1 - t0, "cholesky": t2 - t1, "report": time.perf_counter() - t2}
-        self.report[member.name] = report
+        self._report[member.name] = report
         self._state[member.name] = (chol, lam)
         return chol, lam
 
@@ -187,16 +205,13 @@ class EmpiricalFisher(QueryTransform):
         return out.to(device=vectors.device, dtype=vectors.dtype if vectors.dtype == torch.float64 else torch.float32)
 
 
-def _top_eigenvalue(a: torch.Tensor, iterations: int = 50) -> float:
-    """The largest eigenvalue of the symmetric PSD matrix ``a`` by power iteration (seeded)."""
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(a.shape[0], generator=gen, dtype=torch.float64).to(a.device)
-    lam = 0.0
-    for _ in range(iterations):
-        w = a @ v
-        norm = float(w.norm())
-        if norm == 0.0:
-            return 0.0
-        lam = float(v @ w) / float(v @ v)
-        v = w / norm
-    return lam
+def _largest_eigenvalue(chol: torch.Tensor) -> float:
+    """Largest eigenvalue of ``F = L L^T`` by Lanczos (scipy ``eigsh``, relative
+    tolerance 1e-6) from the Cholesky factor alone, ``O(k^2)`` per step."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    low = chol.cpu().numpy()
+    k = low.shape[0]
+    fwd = LinearOperator((k, k), matvec=lambda v: low @ (low.T @ v.reshape(-1)), dtype=np.float64)
+    start = np.random.default_rng(0).standard_normal(k)
+    return float(eigsh(fwd, k=1, which="LA", tol=1e-6, v0=start, return_eigenvectors=False)[0])

@@ -1,0 +1,95 @@
+"""The estimator's feature maps: per-example (projected) gradients of each member.
+
+:class:`FeatureMaps` is inherited by :class:`hessfree.Influence`: one
+:class:`~hessfree.gradients.projected.ProjectedFeatures` per member, built and
+checked once, the public ``feature_map`` / ``features`` / ``param_names`` /
+``feature_dim``, and the finite-checked stream of feature blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .data import DataSource, to_device
+from .gradients.projected import ProjectedFeatures
+from .members import MemberView
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """fp32 arithmetic for fp32/fp16/bf16 models; fp64 models keep fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class FeatureMaps:
+    # ---- features (per-example gradients; projection plugs in here) ------------
+    def _features(self, view: MemberView, names: list[str], batch) -> torch.Tensor:
+        """Per-example feature vectors ``(B, D)`` whose inner products give scores."""
+        return _compute_dtype(self._engine(view, names).features(view, batch))
+
+    def _engine(self, view: MemberView, names: list[str]) -> ProjectedFeatures:
+        """The feature map of ``view``'s member (built, and checked on the probe, once)."""
+        m = view.member_index
+        if m not in self._engines:
+            proj = self._member_projections[m] if self._member_projections else None
+            checked = self._checked.setdefault((id(view.module), tuple(names)), {})
+            self._engines[m] = ProjectedFeatures(proj, view, names, self.engine, self._probe, checked)
+        return self._engines[m]
+
+    _feature_map = _engine
+
+    @property
+    def feature_dim(self) -> list[int]:
+        """Length of each member's feature vector (the realised projection dimension,
+        or the number of selected parameters without projection)."""
+        self._check_fitted()
+        return list(self._dims)
+
+    def param_names(self, member: int = 0) -> list[str]:
+        """The selected parameter names of ``member``: the order of flat gradients
+        (``flatten``) that :meth:`feature_map` maps into feature space."""
+        self._check_fitted()
+        return list(self._names[member])
+
+    def feature_map(self, member: int = 0) -> ProjectedFeatures:
+        """The map from flat gradients of ``member`` (in :meth:`param_names` order)
+        to its feature space: ``feature_map(m).project_flat(g)`` for ``g`` of shape
+        ``(D,)`` or ``(B, D)`` gives ``(dim,)`` / ``(B, dim)``, with the same
+        matrices used for the training features (the identity without projection)."""
+        self._check_fitted()
+        for m, view in self._views():
+            if m == member:
+                return self._feature_map(view, self._names[m])
+        raise IndexError(f"member={member} is out of range: the estimator has {len(self._specs)} members")
+
+    def features(self, data: Any, member: int = 0) -> torch.Tensor:
+        """Per-example feature vectors of ``data`` at ``member``: the (projected)
+        per-example gradients whose inner products give every score.
+
+        Returns:
+            ``(n, feature_dim[member])`` fp32 (fp64 for an fp64 model without
+            projection); loss units per parameter unit.
+        """
+        self._check_fitted()
+        source = DataSource(data, batch_size=self.batch_size, name="data")
+        for m, view in self._views():
+            if m == member:
+                return torch.cat([f.cpu() for _, f in self._featurize(view, self._names[m], source, "data")])
+        raise IndexError(f"member={member} is out of range: the estimator has {len(self._specs)} members")
+
+    def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None, shard: bool = False):
+        batches = self._own_batches(source) if shard else source.batches()
+        for offset, batch in batches:
+            feats = self._features(view, names, to_device(batch, self.device))
+            finite = torch.isfinite(feats.sum(dim=1))  # NaN/inf propagate; no temporary of feats' size
+            if not bool(finite.all()):
+                i = offset + int(torch.nonzero(~finite)[0, 0])
+                raise FloatingPointError(
+                    f"non-finite (NaN or inf) gradient for {what} example {i} at member {view.name!r}; "
+                    "check that example's inputs and label, and the loss (log of 0, division by 0)"
+                )
+            if bar is not None:
+                bar.update(feats.shape[0])
+            yield offset, feats
+            del feats  # hold one batch of features at a time, not two
