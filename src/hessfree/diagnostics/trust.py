@@ -14,7 +14,8 @@ and ``H^{-1} grad f`` grows from 3 to 81 degrees.
 * the Spearman rank correlation between identity and curvature-corrected scores,
 * the overlap of their top-k most helpful and most harmful examples,
 * the angle between ``grad f`` and its preconditioned version (per member; the largest is used),
-* with ``train_fn``: a spot check against retraining (leave-group-out or LDS,
+* with ``train_fn``: a spot check against retraining (leave-group-out, or the
+  linear datamodeling score of Park et al. 2023, "TRAK";
   :func:`hessfree.metrics.loo` / :func:`hessfree.metrics.lds_score`) for both,
 
 and a verdict. Without retraining the identity is called adequate when the
@@ -179,7 +180,8 @@ def trust(
         train: the training data (anything ``Influence.fit`` accepts).
         target: an :mod:`hessfree.targets` target, or held-out data (then ``Utility(data)``: mean loss).
         hessian, damping, hessian_options: the curvature to compare with, as for ``hf.Influence``
-            (``"fisher"``: the damped empirical Fisher of the stored features; ``"exact"``, ``"cg"``, ...).
+            (``"fisher"``: the damped empirical Fisher of the stored features, the curvature of
+            TRAK; ``"exact"``, ``"cg"``, ...).
         projection, members, params: as for ``hf.Influence`` (the same for both estimators).
         train_fn: ``train_fn(indices) -> model`` trains a fresh model on those
             examples, as the model was trained (seeded). With it, a spot check against retraining:
