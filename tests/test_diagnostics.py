@@ -227,7 +227,7 @@ def test_trust_fisher_at_a_small_damping_recommends_the_fisher():
     assert rep.verdict == "use hessian='fisher'" and rep.ground_truth["hessian"] > 0.9 and rep.angle_deg > 60
 
 
-def test_trust_without_retraining_uses_the_agreement_thresholds():
+def test_trust_without_retraining_uses_the_agreement_thresholds(tmp_path):
     lam = 0.01
     x, y = _fair_data(150, 0)
     xv, yv = _fair_data(400, 1)
@@ -235,8 +235,11 @@ def test_trust_without_retraining_uses_the_agreement_thresholds():
         scale = torch.tensor([1.0, stretch], dtype=torch.float64)
         model = _logreg(x * scale, y, lam)
         est = hf.Influence(hf.ClassificationTask(model), progress=False)  # an identity estimator, not yet fitted
-        rep = trust(est, (x * scale, y), hf.targets.Utility((xv * scale, yv)), hessian="exact", damping=lam)
+        rep = trust(est, (x * scale, y), hf.targets.Utility((xv * scale, yv)), hessian="exact", damping=lam,
+                    save_to=tmp_path)
         assert rep.adequate is adequate and rep.ground_truth is None and rep.top_k == 7
+        saved = json.loads((tmp_path / "trust.json").read_text())
+        assert saved["verdict"] == rep.verdict and saved["spearman"] == pytest.approx(rep.spearman)
 
 
 def test_trust_refuses_bad_arguments_by_name():

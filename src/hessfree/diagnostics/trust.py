@@ -39,10 +39,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write_json
 from ..errors import NotFittedError
 from ..hessian import target_directions
 from ..influence import Influence
@@ -52,6 +54,7 @@ from ..task import Task
 from ._sample import size_of
 
 SPOT_CHECKS = ("groups", "lds")
+RESULT_FILE = "trust.json"
 
 
 @dataclass
@@ -171,6 +174,7 @@ def trust(
     engine: str = "auto",
     batch_size: int = 256,
     progress: bool | None = False,
+    save_to: str | Path | None = None,
 ) -> TrustReport:
     """Compare identity-Hessian scores with curvature-corrected ones on ``target``.
 
@@ -189,6 +193,7 @@ def trust(
             (default ``max(1, n // 100)``) examples, ``"lds"`` retrains on ``n_subsets`` halves.
         top_k: size of the compared top sets (default ``max(5, min(100, n // 20))``).
         min_spearman, max_angle, margin: the verdict's thresholds (see the module docstring).
+        save_to: a folder (e.g. the estimator's ``store``): writes ``trust.json`` (``to_dict()``) there.
 
     Returns:
         :class:`TrustReport` (``print`` it, or ``to_dict()`` for JSON).
@@ -270,7 +275,10 @@ def trust(
                    "retraining better; try a smaller damping (damping_ratio= in hessian_options for 'fisher')")
     else:
         verdict = f"use hessian={name!r}"
-    return TrustReport(verdict=verdict, adequate=adequate, reasons=reasons, **report)
+    result = TrustReport(verdict=verdict, adequate=adequate, reasons=reasons, **report)
+    if save_to is not None:
+        atomic_write_json(Path(save_to) / RESULT_FILE, result.to_dict())
+    return result
 
 
 def _verdict(r: dict, min_spearman: float, max_angle: float, margin: float) -> tuple[bool, list[str]]:
