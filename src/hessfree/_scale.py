@@ -271,7 +271,7 @@ class StoreMixin:
         self._setup_members()
         now = self._store_config(with_data=False)
         old = {k: v for k, v in store.config.items() if k not in ("n", "data", "format")}
-        GradientStore._compare(self._store_path, old, now)
+        GradientStore.check_config(self._store_path, old, now)
         self.source = None
         self.n_train = store.n
         self._store = store

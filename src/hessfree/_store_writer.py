@@ -6,50 +6,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from .data import DataSource, batch_hash, batch_size_of, slice_batch
+from .data import DataSource, batch_hash, batch_size_of
 from .distributed import all_gather, rank_and_world
 from .store import GradientStore, StoreMismatchError, fingerprint_tensors
 
 
 def batch_tiling(source: DataSource) -> list[tuple[int, int]]:
-    """``(offset, count)`` of every batch of ``source``, in order (a loader's batch
-    sampler is read for the sizes; no item is loaded)."""
-    n, bs = source.n, source.fixed_batch_size
-    if bs is not None:
-        return [(s, min(bs, n - s)) for s in range(0, n, bs)]
-    out, offset = [], 0
-    for idx in source._loader.batch_sampler:
-        out.append((offset, len(idx)))
-        offset += len(idx)
-    return out
+    """``(offset, count)`` of every batch of ``source``, in order (no item is loaded)."""
+    return source.tiling()
 
 
 def batches_at(source: DataSource, ranges: list[tuple[int, int]]):
-    """``(offset, batch)`` for the row ranges ``ranges`` of ``source``: slices of tensors,
-    or a loader's items at exactly those ranges (same dataset, collate function and
-    workers). A loader with a custom batch sampler is iterated and must yield them."""
-    ranges = sorted(ranges)
-    if not ranges:
-        return
-    if source.in_memory:
-        for o, c in ranges:
-            yield o, slice_batch(source._tensors, o, o + c)
-        return
-    loader = source._loader
-    if source.fixed_batch_size is not None:
-        index_lists = [list(range(o, o + c)) for o, c in ranges]
-        sub = DataLoader(loader.dataset, batch_sampler=index_lists, collate_fn=loader.collate_fn,
-                         num_workers=loader.num_workers, pin_memory=loader.pin_memory)  # fmt: skip
-        for (o, _), batch in zip(ranges, sub):
-            yield o, tuple(batch) if isinstance(batch, list) else batch
-        return
+    """``(offset, batch)`` for the row ranges ``ranges`` of ``source`` (see
+    :meth:`DataSource.batches_at`); a range the loader does not yield as one of its
+    batches raises :class:`StoreMismatchError`."""
     want = set(ranges)
-    for offset, batch in source.batches():
-        if (offset, batch_size_of(batch)) in want:
-            want.discard((offset, batch_size_of(batch)))
-            yield offset, batch
+    for offset, batch in source.batches_at(sorted(ranges)):
+        want.discard((offset, batch_size_of(batch)))
+        yield offset, batch
     if want:
         o, c = min(want)
         raise StoreMismatchError(

@@ -61,6 +61,7 @@ class MemberView:
         self.params = {k: v.to(device) for k, v in params.items()}
         self._masks: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._cudnn_was: bool | None = None
         self._example = example
         self._call_order: list[str] | None = None
         for m in spec.masks:
@@ -144,12 +145,25 @@ class MemberView:
                 return out * mask.to(device=out.device, dtype=out.dtype).view(shape)
 
             self._handles.append(module.register_forward_hook(hook))
+        if torch.backends.cudnn.enabled and _has_cuda_rnn(self.module):
+            # cuDNN has no backward for recurrent layers in eval mode ("cudnn RNN backward can
+            # only be called in training mode"); PyTorch's own kernels have, with the same numbers
+            self._cudnn_was, torch.backends.cudnn.enabled = True, False
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._cudnn_was is not None:
+            torch.backends.cudnn.enabled, self._cudnn_was = self._cudnn_was, None
+
+
+def _has_cuda_rnn(module: nn.Module) -> bool:
+    """Whether ``module`` holds a recurrent layer (GRU, LSTM, RNN) with parameters on a GPU."""
+    return any(
+        isinstance(m, nn.RNNBase) and any(p.is_cuda for p in m.parameters(recurse=False)) for m in module.modules()
+    )
 
 
 def model_device(model: nn.Module) -> torch.device:

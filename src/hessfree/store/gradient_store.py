@@ -159,7 +159,6 @@ class GradientStore:
         check_settings(path, old, new, StoreMismatchError,
                        fix="use a new store path for this model, loss, data and configuration, or delete the old store")  # fmt: skip
 
-    _compare = check_config  # the earlier name, kept for callers not yet moved
 
     # ---- creating ------------------------------------------------------------------------
     def _files(self) -> list[tuple[str, int]]:

@@ -1,0 +1,123 @@
+"""Stage 1 of :func:`hessfree.selection.select`: a seeded LoRA adapter and its AdamW warm-up,
+saved after each epoch (resumable)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ._io import atomic_save
+from ._progress import progress_bar
+from .llm import LanguageModelTask, collate
+from .selection_config import SelectionConfig
+
+# ---- the adapter -----------------------------------------------------------------------------
+
+
+def add_lora(model: nn.Module, config: SelectionConfig) -> nn.Module:
+    """``model`` with a fresh LoRA adapter (seeded), or ``model`` itself when it has one."""
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        return model
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("selection needs peft: pip install 'hessfree[llm]'") from e
+    torch.manual_seed(config.seed)
+    lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets), lora_dropout=0.0)
+    return peft.get_peft_model(model, lora)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) parameters, detached copies."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---- stage 1: warm-up ------------------------------------------------------------------------
+
+
+def warmup(
+    model: nn.Module,
+    examples: Dataset,
+    config: SelectionConfig,
+    folder: str | os.PathLike,
+    pad_id: int = 0,
+    progress: bool | None = None,
+) -> tuple[list[Path], list[float]]:
+    """Train the LoRA adapter on a random ``warmup_fraction`` of ``examples``.
+
+    Returns the checkpoint paths (one per epoch) and the mean learning rate of
+    each epoch. Resumes from the last complete epoch found in ``folder``; the
+    model's adapter ends at the last checkpoint.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(examples)
+    gen = torch.Generator().manual_seed(config.seed)
+    n_warm = max(1, math.ceil(config.warmup_fraction * n))
+    subset = torch.randperm(n, generator=gen)[:n_warm].tolist()
+    steps_per_epoch = math.ceil(n_warm / config.batch_size)
+    total = steps_per_epoch * config.warmup_epochs
+    task = LanguageModelTask(model, reduction=config.reduction)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; add a LoRA adapter (hf.selection.add_lora)")
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
+    paths = [folder / f"ckpt{e}.pt" for e in range(config.warmup_epochs)]
+    lrs: list[float] = []
+    named = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
+    was = model.training
+    model.train()
+    bar = progress_bar(total, "LoRA warm-up", progress)
+    try:
+        for e, path in enumerate(paths):
+            if path.exists():  # resume: adapter, optimizer and schedule as saved
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                with torch.no_grad():
+                    for k, v in saved["adapter"].items():
+                        named[k].copy_(v)
+                opt.load_state_dict(saved["optimizer"])
+                sched.load_state_dict(saved["scheduler"])
+                lrs.append(float(saved["lr"]))
+                bar.update(steps_per_epoch)
+                continue
+            order = torch.randperm(n_warm, generator=torch.Generator().manual_seed(config.seed * 1000 + e + 1))
+            epoch_lrs = []
+            for s in range(0, n_warm, config.batch_size):
+                batch = collate([examples[subset[int(j)]] for j in order[s : s + config.batch_size]], pad_id=pad_id)
+                epoch_lrs.append(opt.param_groups[0]["lr"])
+                loss = task.per_example_loss(model, batch).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+            lr = float(np.mean(epoch_lrs))
+            state = {"adapter": adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "lr": lr}
+            atomic_save(path, state)
+            lrs.append(lr)
+    finally:
+        bar.close()
+        model.train(was)
+    return paths, lrs
+
+
+def checkpoint_states(model: nn.Module, paths: Sequence[Path]) -> list[dict[str, torch.Tensor]]:
+    """Full state dicts (the base weights shared, not copied) with each checkpoint's adapter.
+
+    Built from ``named_parameters`` and ``named_buffers`` (not ``state_dict``), so tied
+    weights such as an LM head that shares the embedding appear once."""
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    base.update({k: v.detach() for k, v in model.named_buffers()})
+    out = []
+    for p in paths:
+        adapter = torch.load(p, map_location="cpu", weights_only=True)["adapter"]
+        out.append({**base, **adapter})
+    return out
