@@ -408,3 +408,27 @@ def test_attribute_command_end_to_end_equals_the_library_call(tmp_path):
         np.testing.assert_allclose([t["score"] for t in g["top"]], [t["score"] for t in r["top"]], rtol=1e-6)
     bad = runner.invoke(app, [str(a) for a in args[:-4]] + ["--k", "0"])
     assert bad.exit_code == 2 and "--k" in bad.output
+
+
+def test_trust_compares_the_scores_with_the_damped_empirical_fisher_of_a_direct_loop(setup, tmp_path):
+    """``trust=True``: identity and Fisher scores of each query file's mean loss, each equal to numpy
+    on loop gradients (F_c = G_c^T G_c / n + lambda_c I, lambda_c = 0.1 * trace(G_c^T G_c / n) / D)."""
+    from scipy.stats import spearmanr
+
+    (report,) = run(setup, tmp_path / "out", trust=True)
+    ident, fisher = np.zeros(len(TRAIN)), np.zeros(len(TRAIN))
+    for c in range(3):
+        m = at_checkpoint(setup, c)
+        g = torch.stack([grad_of(m, token_losses(m, r).mean()) for r in TRAIN]).double().numpy()
+        q = torch.stack([grad_of(m, token_losses(m, r).mean()) for r in QUERIES]).double().numpy().mean(0)
+        gram = g.T @ g / len(TRAIN)
+        lam = 0.1 * np.trace(gram) / gram.shape[0]
+        ident += LRS[c] * g @ q
+        fisher += LRS[c] * g @ np.linalg.solve(gram + lam * np.eye(gram.shape[0]), q)
+    t = report.trust
+    np.testing.assert_allclose(t.scores_identity, ident, rtol=1e-5, atol=1e-9 * np.abs(ident).max())
+    np.testing.assert_allclose(t.scores_hessian, fisher, rtol=1e-5, atol=1e-9 * np.abs(fisher).max())
+    assert t.spearman == pytest.approx(spearmanr(ident, fisher).statistic, abs=1e-9)
+    assert t.hessian == "fisher" and t.n_train == len(TRAIN)
+    saved = json.loads((tmp_path / "out" / "queries.trust" / "trust.json").read_text())
+    assert saved["verdict"] == t.verdict and saved["spearman"] == pytest.approx(t.spearman)

@@ -312,7 +312,8 @@ class Influence(FeatureMaps, StoreMixin):
                 raise FloatingPointError(f"the {target.name} target gradient is not finite at member {view.name!r}")
             q = self._query(view, names, g)
             for offset, feats in self._train_features(m, view):
-                rows[m, offset : offset + feats.shape[0]] = view.weight * (feats @ q).double().cpu().numpy()
+                dt = torch.promote_types(feats.dtype, q.dtype)  # a float32 store of a float64 model
+                rows[m, offset : offset + feats.shape[0]] = view.weight * (feats.to(dt) @ q.to(dt)).double().cpu().numpy()
         return self._reduce(all_reduce_sum(rows), reduce)
 
     def pairwise(self, test: Any, reduce: str | None = "sum") -> np.ndarray:
@@ -334,7 +335,8 @@ class Influence(FeatureMaps, StoreMixin):
             names = self._names[m]
             queries = torch.cat([self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")])
             for offset, feats in self._train_features(m, view):
-                block = view.weight * (queries @ feats.T).double().cpu().numpy()
+                dt = torch.promote_types(feats.dtype, queries.dtype)  # a float32 store of a float64 model
+                block = view.weight * (queries.to(dt) @ feats.to(dt).T).double().cpu().numpy()
                 if reduce is None:
                     out[m, :, offset : offset + feats.shape[0]] = block
                 else:

@@ -67,12 +67,15 @@ class AttributionReport:
         jsonl: ``<out_dir>/<stem>.attribution.jsonl``, one line per query.
         markdown: ``<out_dir>/<stem>.attribution.md``, the same as a readable report.
         records: the lines of ``jsonl``, as dicts.
+        trust: with ``trust=True``, the :class:`hessfree.diagnostics.TrustReport` of the
+            query file's mean loss (also written as ``<out_dir>/<stem>.trust/trust.json``).
     """
 
     query_file: Path
     jsonl: Path
     markdown: Path
     records: list[dict[str, Any]]
+    trust: Any = None
 
 
 # ---- reading files ------------------------------------------------------------------------------------
@@ -95,6 +98,7 @@ def attribute(
     reduction: str = "mean",
     batch_size: int = 8,
     seed: int = 0,
+    trust: bool = False,
     progress: bool | None = None,
 ) -> list[AttributionReport]:
     """The ``k`` training examples that helped each query most, by TracIn-CP, as files.
@@ -148,6 +152,10 @@ def attribute(
         reduction: the per-example loss: ``"mean"`` nats per response token or ``"sum"``.
         batch_size: examples per gradient batch.
         seed: seed of the projection matrices.
+        trust: also run :func:`hessfree.diagnostics.trust` on each query file's mean
+            loss: identity scores against the damped empirical Fisher of the same
+            (projected) training gradients, with a verdict on whether the identity is
+            adequate; the Fisher needs the training gradients a second time (kept in memory).
         progress: progress bars (``None``: only on a terminal).
 
     Returns:
@@ -171,6 +179,8 @@ def attribute(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(per_token, bool):
         raise TypeError(f"per_token must be True or False, got {per_token!r}")
+    if not isinstance(trust, bool):
+        raise TypeError(f"trust must be True or False, got {trust!r}")
     train_path = Path(train_file)
     queries = [Path(query_files)] if isinstance(query_files, (str, os.PathLike)) else [Path(q) for q in query_files]
     if not queries:
@@ -252,7 +262,14 @@ def attribute(
             records = _attribute_file(est, out_dir / "store", tokenizer, rows, encoded, train, k, per_token, reduction, batch_size, pad_id)
             jsonl = atomic_write_text(out_dir / f"{stem}.attribution.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             md = atomic_write_text(out_dir / f"{stem}.attribution.md", _markdown(q, train_path, records, est, per_token))
-            reports.append(AttributionReport(q, jsonl, md, records))
+            verdict = None
+            if trust:
+                from ..diagnostics import trust as trust_check
+
+                verdict = trust_check(est, make_loader(train_enc, batch_size, pad_id), make_loader(encoded, batch_size, pad_id),
+                                      hessian="fisher", batch_size=batch_size, progress=progress,
+                                      save_to=out_dir / f"{stem}.trust")  # fmt: skip
+            reports.append(AttributionReport(q, jsonl, md, records, verdict))
     finally:
         lm.train(was)
     return reports

@@ -277,6 +277,7 @@ def trust(
         verdict = f"use hessian={name!r}"
     result = TrustReport(verdict=verdict, adequate=adequate, reasons=reasons, **report)
     if save_to is not None:
+        Path(save_to).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(save_to) / RESULT_FILE, result.to_dict())
     return result
 
