@@ -28,6 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,10 +209,30 @@ def disk_scoring() -> dict:
             "ratio": (flop / topk_s) / (flop / mm_s)}
 
 
+def fisher() -> dict:
+    """``hessian="fisher"`` on the GPU (Gram by addmm, Cholesky there) against numpy on the same features."""
+    torch.manual_seed(0)
+    n, n_test = SIZES["mlp_n"] // 4, 64
+    mlp = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(DEV)
+    x, y = torch.randn(n + n_test, 784, device=DEV), torch.randint(0, 10, (n + n_test,), device=DEV)
+    train, test = (x[:n], y[:n]), (x[n:], y[n:])
+    est = hf.Influence(hf.ClassificationTask(mlp), projection=hf.projections.Factorized(512, seed=1), hessian="fisher",
+                       batch_size=256, progress=False).fit(train)
+    got = est.pairwise(test)
+    phi = est.features(train).double().cpu().numpy()
+    q = est.features(test).double().cpu().numpy()
+    gram = phi.T @ phi / n
+    lam = 0.1 * np.trace(gram) / gram.shape[0]
+    want = q @ np.linalg.solve(gram + lam * np.eye(gram.shape[0]), phi.T)
+    rel = float(np.abs(got - want).max() / np.abs(want).max())
+    return {"n": n, "k": phi.shape[1], "feature_device": str(est.features(test).device), "max_rel_err": rel,
+            "result": "equal" if rel < 1e-4 else "DIFFERS"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--only", nargs="+", default=["conformance", "throughput", "disk"])
+    ap.add_argument("--only", nargs="+", default=["conformance", "fisher", "throughput", "disk"])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks that the script runs")
     args = ap.parse_args()
     global DEV
@@ -231,7 +252,7 @@ def main() -> None:
         pass
     out: dict = {"info": info}
     t0 = time.perf_counter()
-    for part, fn in (("conformance", conformance), ("throughput", throughput), ("disk", disk_scoring)):
+    for part, fn in (("conformance", conformance), ("fisher", fisher), ("throughput", throughput), ("disk", disk_scoring)):
         if part in args.only:
             try:
                 out[part] = fn()
@@ -259,6 +280,8 @@ def main() -> None:
                          f"{r['fit_factorized4096_ex_per_s']:.0f} | {r['features_factorized4096_ex_per_s']:.0f} | "
                          f"{r['ratio_fit_to_train']:.2f} | {r['ratio_steady_to_train']:.2f} | "
                          f"{r['max_rel_err_vs_loop_3ex']:.1e} |")
+    if isinstance(out.get("fisher"), dict):
+        lines += ["", "## hessian='fisher' on the GPU against numpy", "", json.dumps(out["fisher"])]
     if isinstance(out.get("disk"), dict):
         lines += ["", "## Disk store scoring", "", json.dumps(out["disk"])]
     text = "\n".join(lines) + "\n"
