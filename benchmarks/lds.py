@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 import traceback
@@ -200,10 +199,16 @@ def run_model(key: str, out: Path, args) -> dict:
         print(f"  {name}: LDS {row['lds']:.3f} ± {row['se']:.3f} in {row['seconds']:.1f} s "
               f"(cpu {row['cpu_seconds']:.1f} s)", flush=True)
     ref = scores_by.get("IP (identity)")
-    for row in rows:  # sign check against the independent IP computation (same convention: positive helps)
-        if ref is not None and row["method"] in scores_by:
-            rho = [metrics.spearman(a, b) for a, b in zip(scores_by[row["method"]], ref)]
-            row["spearman_vs_ip"] = float(np.mean(rho))
+    for row in rows:
+        sc = scores_by.get(row["method"])
+        if sc is None:
+            continue
+        # sign check independent of the LDS: with positive = helps, the 20 top-scored training images of a
+        # test image mostly share its label (a flipped sign puts other digits on top)
+        top = np.argsort(-sc, axis=1)[:, :20]
+        row["top20_same_label"] = float((s.y.numpy()[top] == s.yq.numpy()[:, None]).mean())
+        if ref is not None:
+            row["spearman_vs_ip"] = float(np.mean([metrics.spearman(a, b) for a, b in zip(sc, ref)]))
     result = {"model": label, "n_params": sum(p.numel() for p in model.parameters()), "n_train": n_train,
               "n_targets": n_targets, "n_subsets": args.subsets, "alpha": 0.5, "k": args.k,
               "test_accuracy": accuracy(model, xt, yt), "seconds_train_one_model": t_train.wall,
@@ -238,7 +243,7 @@ def plot(results: dict, path: Path) -> None:
 
     colors = {"hessfree": "tab:blue", "traker": "tab:orange", "kronfluence": "tab:green", "dattri": "tab:red"}
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
-    for ax, (key, res) in zip(axes[0], results.items()):
+    for ax, res in zip(axes[0], results.values()):
         for r in res["rows"]:
             if "lds" not in r:
                 continue
@@ -257,9 +262,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def markdown(results: dict) -> str:
-    cols = ["method", "lds", "se", "seconds", "cpu_seconds", "lds_per_second", "spearman_vs_ip"]
+    cols = ["method", "lds", "se", "seconds", "cpu_seconds", "lds_per_second", "top20_same_label", "spearman_vs_ip"]
     md = []
-    for key, res in results.items():
+    for res in results.values():
         md += [f"## {res['model']} ({res['n_params']:,} parameters), MNIST {res['n_train']}: "
                f"LDS over {res['n_subsets']} subsets (alpha 0.5), {res['n_targets']} test targets\n",
                f"Test accuracy {res['test_accuracy']:.3f}; one training {res['seconds_train_one_model']:.1f} s; "
