@@ -16,8 +16,9 @@ method that uses them):
 
 * hessfree: IP (identity, exact gradients), TracIn-CP (8 epoch checkpoints),
   IP over 5 independently trained models, ``hessian="fisher"`` (damped
-  empirical Fisher of the projected features, Dense projection to k) with 1
-  and 5 models, CG on all layers (damping 0.1).
+  empirical Fisher of the projected features, default damping rule) with a
+  Dense projection to k (1 and 5 models) and a Factorized one (1 model), and
+  on the exact gradients (k = D) when D <= 20,000; CG on all layers (damping 0.1).
 * TRAK (``traker``, CPU ``BasicProjector``, k dimensions) with 1 and 5 models.
 * Kronfluence EK-FAC on the final model.
 * dattri's ``TRAKAttributor`` with 1 model.
@@ -134,6 +135,7 @@ def hessfree_scores(s: Setting, model, **kw) -> np.ndarray:
 def methods(s: Setting, model, res, seeds, k: int):
     """(name, family, uses the 4 extra models, thunk returning (n_test, n_train) scores)."""
     ens = [model, *seeds]
+    n_params = sum(p.numel() for p in model.parameters())
     dense = lambda: hf.projections.Dense(k)  # noqa: E731  (a fresh projection per run: no shared cache)
     return [
         ("IP (identity)", "hessfree", False, lambda: hessfree_scores(s, model)),
@@ -144,6 +146,11 @@ def methods(s: Setting, model, res, seeds, k: int):
          lambda: hessfree_scores(s, model, projection=dense(), hessian="fisher")),
         (f"fisher, Dense k={k}, 5 models", "hessfree", True,
          lambda: hessfree_scores(s, model, members=hf.members.Models(ens), projection=dense(), hessian="fisher")),
+        (f"fisher, Factorized k={k}, 1 model", "hessfree", False,
+         lambda: hessfree_scores(s, model, projection=hf.projections.Factorized(k), hessian="fisher")),
+        *([("fisher, exact gradients (k = D), 1 model", "hessfree", False,
+            lambda: hessfree_scores(s, model, projection=hf.projections.Factorized(None), hessian="fisher"))]
+          if n_params <= 20000 else []),  # the k x k Fisher of every parameter: small models only
         ("CG, all layers (damping 0.1)", "hessfree", False,
          lambda: hessfree_scores(s, model, hessian="cg", damping=0.1, hessian_options={"max_iter": 100, "tol": 1e-3})),
         (f"TRAK k={k}, 1 model", "traker", False,
@@ -209,6 +216,10 @@ def run_model(key: str, out: Path, args) -> dict:
         row["top20_same_label"] = float((s.y.numpy()[top] == s.yq.numpy()[:, None]).mean())
         if ref is not None:
             row["spearman_vs_ip"] = float(np.mean([metrics.spearman(a, b) for a, b in zip(sc, ref)]))
+    previous = out / f"lds_{key}.json"
+    if args.only and previous.exists():  # a partial run keeps the other methods' rows of the last run
+        done = {r["method"] for r in rows}
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["method"] not in done] + rows
     result = {"model": label, "n_params": sum(p.numel() for p in model.parameters()), "n_train": n_train,
               "n_targets": n_targets, "n_subsets": args.subsets, "alpha": 0.5, "k": args.k,
               "test_accuracy": accuracy(model, xt, yt), "seconds_train_one_model": t_train.wall,
@@ -285,7 +296,8 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=50, help="LDS subsets (>= 50 for the study)")
     ap.add_argument("--k", type=int, default=2048, help="projection dimension of every projected method")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these strings")
+    ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these strings "
+                    "(the other rows of lds_<model>.json are kept)")
     ap.add_argument("--quick", action="store_true", help="1,000 training images, 20 targets: a smoke run")
     ap.add_argument("--verbose", action="store_true", help="print the traceback of a failed method")
     args = ap.parse_args()
