@@ -34,6 +34,8 @@ Install (benchmark-only; torch first, so no dependency pulls a CUDA build):
 Run:
 
     .venv-peers/bin/python benchmarks/lds.py --out benchmarks/results/lds          # MLP and CNN
+    .venv-peers/bin/python benchmarks/lds.py --k 512 --only k=512 --out benchmarks/results/lds/k512 \
+        --retrainings benchmarks/results/lds                                          # projected rows at k=512
     .venv-peers/bin/python benchmarks/lds.py --model mlp --quick --out /tmp/lds     # smoke run
 
 Writes ``lds_<model>.json``, ``lds.md`` and ``lds.png`` (LDS vs seconds) into
@@ -173,7 +175,7 @@ def run_model(key: str, out: Path, args) -> dict:
     masks = metrics.subset_masks(n_train, args.subsets, alpha=0.5, seed=0)
     with Clock() as t_gt:
         outputs = metrics.retrain_subsets(lambda idx: s.fit(idx)[0], s.measure, masks,
-                                          results_path=out / f"subsets_{key}_{n_train}_{args.subsets}.json",
+                                          results_path=(args.retrainings or out) / f"subsets_{key}_{n_train}_{args.subsets}.json",
                                           progress=None)  # fmt: skip
     with Clock() as t_seeds:
         seeds = [s.fit(seed=seed)[0] for seed in range(1, 5)]
@@ -186,6 +188,10 @@ def run_model(key: str, out: Path, args) -> dict:
         try:
             with Clock() as t:
                 sc = np.asarray(thunk(), dtype=float)
+            bad = [j for j in range(sc.shape[0]) if not np.all(np.isfinite(sc[j])) or np.ptp(sc[j]) == 0]
+            if bad:  # no ranking to correlate: a method failure, not an LDS of 0
+                raise ValueError(f"scores not finite or constant for {len(bad)} of {sc.shape[0]} test images "
+                                 f"(first: {bad[0]}), e.g. {sc[bad[0], :3].tolist()}")
         except Exception as exc:  # a peer that does not install or run: report and go on
             err = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             print(f"  {name}: FAILED {err}", flush=True)
@@ -266,7 +272,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{res['model']}, MNIST {res['n_train']}, {res['n_subsets']} subsets", fontsize=10)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in colors.items()]
-    axes[0][0].legend(handles=handles, fontsize=8, loc="upper left")
+    axes[0][0].legend(handles=handles, fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -294,6 +300,8 @@ def main() -> None:
     ap.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/lds"))
     ap.add_argument("--subsets", type=int, default=50, help="LDS subsets (>= 50 for the study)")
+    ap.add_argument("--retrainings", type=Path, default=None,
+                    help="folder of the saved subset retrainings (default: --out); they are reused when present")
     ap.add_argument("--k", type=int, default=2048, help="projection dimension of every projected method")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--only", nargs="*", help="run only methods whose name contains one of these strings "
