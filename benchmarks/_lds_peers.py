@@ -124,7 +124,8 @@ def dattri_trak(make_model: Callable[[], nn.Module], models: Sequence[nn.Module]
     """dattri's ``TRAKAttributor`` (its own implementation of TRAK) over
     ``models`` (their state dicts as dattri "checkpoints"), ``proj_dim``
     dimensions, output function the margin ``log(p / (1 - p))`` of the correct
-    class as in dattri's documentation; positive scores help.
+    class as in dattri's documentation (computed from the logits, so it stays
+    finite when ``p`` rounds to 1 in float32); positive scores help.
     Returns ``(n_test, n_train)``."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
@@ -136,9 +137,12 @@ def dattri_trak(make_model: Callable[[], nn.Module], models: Sequence[nn.Module]
         logits = torch.func.functional_call(model, params, xb.unsqueeze(0))
         return -F.cross_entropy(logits, yb.unsqueeze(0))
 
-    def margin(params, batch):
-        lp = log_p(params, batch)
-        return lp - torch.log1p(-torch.exp(lp))
+    def margin(params, batch):  # log(p / (1 - p)) = z_y - logsumexp(z_other), finite when p rounds to 1
+        xb, yb = batch
+        logits = torch.func.functional_call(model, params, xb.unsqueeze(0))
+        mine = torch.arange(logits.shape[-1]) == yb  # one-hot of the label, without data-dependent ops (vmap)
+        correct = (logits * mine).sum(-1)
+        return (correct - torch.logsumexp(logits.masked_fill(mine, -torch.inf), dim=-1)).sum()
 
     def correct_prob(params, batch):
         return torch.exp(log_p(params, batch))
