@@ -181,7 +181,9 @@ def load_model(args):
 
 
 def chat(tok, user: str) -> str:
-    return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    # an empty system turn: the template's default system prompt would double the tokens of a short pair
+    return tok.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": user}],
+                                   tokenize=False, add_generation_prompt=True)
 
 
 def encode_rows(tok, rows, max_length):
@@ -241,57 +243,103 @@ def answer_losses(model, tok, facts, args) -> np.ndarray:
 # ---- rankers ---------------------------------------------------------------------------------------
 
 
-def tracin(model, tok, enc_train, enc_query, args, work: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+def last_checkpoint(model, run_dir: Path) -> int:
+    """Load the last ``checkpoint-N`` of the Trainer run into ``model`` (the fine-tuned model); returns N."""
+    last = hf.integrations.trainer_checkpoints(run_dir, need_rates=False)[-1]
+    state = hf.members.load_checkpoint(last.path, model)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    return last.step
+
+
+def tracin(model, tok, enc_train, enc_query, args, work: Path, hessian: str = "identity") -> tuple[dict, dict]:
+    """TracIn-CP scores ``(n_query, n_train)``, dot and cosine, over the Trainer checkpoints.
+
+    ``hessian="identity"``: ``sum_c eta_c g_q . g_i`` (dot) and ``sum_c eta_c cos(g_q, g_i) / sum_c eta_c``;
+    otherwise the estimator's curvature transform is applied to the query (``g_q^T H_c^-1 g_i``), and the
+    cosine divides by ``sqrt(g_q^T H_c^-1 g_q) sqrt(g_i^T H_c^-1 g_i)``. The store in ``work/store`` holds the
+    projected training gradients; a complete store from an earlier run is reused as it is.
+    """
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ckpts = hf.members.Checkpoints.from_trainer(work / "run")
     model.eval()
+    kw = {} if hessian == "identity" else {"hessian": hessian}
+    t0 = time.perf_counter()
     est = hf.Influence(hf.LanguageModelTask(model), members=ckpts, projection=hf.projections.Factorized(args.dim),
-                       store=work / "store", batch_size=args.grad_batch, progress=False)
+                       store=work / "store", batch_size=args.grad_batch, progress=False, **kw)
     est.fit(collate(enc_train, pad_id=pad))
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     queries = collate(enc_query, pad_id=pad)
-    per = est.pairwise(queries, reduce=None)  # (M, n_q, n_train), each term eta_c g_q . g_i
+    per = est.pairwise(queries, reduce=None)  # (M, n_q, n_train), each term eta_c g_q^T H^-1 g_i
     w = est.member_weights  # eta_c
-    train_sq = est.self_influence(reduce=None) / w[:, None]  # ||g_i||^2 per member
+    train_sq = est.self_influence(reduce=None) / w[:, None]  # g_i^T H^-1 g_i per member
     cos = np.zeros(per.shape[1:])
     for m in range(per.shape[0]):
-        q = est.features(queries, member=m).double().norm(dim=1).numpy()
-        cos += per[m] / (q[:, None] * np.sqrt(train_sq[m])[None, :] + 1e-30)  # eta_c cos_c
-    info = {"steps": list(ckpts.steps), "lrs": [float(x) for x in w], "lr_sources": list(ckpts.lr_sources)}
-    return per.sum(0), cos / w.sum(), info
+        q_sq = query_self(est, queries, m, hessian)
+        cos += per[m] / (np.sqrt(q_sq)[:, None] * np.sqrt(train_sq[m])[None, :] + 1e-30)  # eta_c cos_c
+    info = {"steps": list(ckpts.steps), "lrs": [float(x) for x in w], "lr_sources": list(ckpts.lr_sources),
+            "fit_s": fit_s, "score_s": time.perf_counter() - t0}
+    return {"dot": per.sum(0), "cos": cos / w.sum()}, info
+
+
+def query_self(est, queries, m: int, hessian: str) -> np.ndarray:
+    """``g_q^T H_m^-1 g_q`` of each query at member ``m`` (``||g_q||^2`` for the identity)."""
+    q = est.features(queries, member=m).double()
+    if hessian == "identity":
+        return (q * q).sum(1).numpy()
+    solved = None
+    for i, view in est._views():
+        if i == m:
+            solved = est._query_rows(view, est._names[m], q).double()
+    return (solved * q).sum(1).numpy()
 
 
 def tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def bm25_scores(train, queries) -> np.ndarray:
+def query_text(q: dict, with_answer: bool) -> str:
+    return q["prompt"] + " " + q["response"] if with_answer else q["prompt"]
+
+
+def bm25_scores(train, queries, with_answer: bool = True) -> np.ndarray:
     from rank_bm25 import BM25Okapi
 
     bm = BM25Okapi([tokens(r["prompt"] + " " + r["response"]) for r in train])
-    return np.stack([bm.get_scores(tokens(q["prompt"] + " " + q["response"])) for q in queries])
+    return np.stack([bm.get_scores(tokens(query_text(q, with_answer))) for q in queries])
 
 
 @torch.no_grad()
-def embed_scores(train, queries) -> np.ndarray:
+def embed_scores(train, queries, with_answer: bool = True) -> np.ndarray:
     embed = minilm_embedder()
     t = embed([r["prompt"] + " " + r["response"] for r in train])
-    q = embed([r["prompt"] + " " + r["response"] for r in queries])
+    q = embed([query_text(r, with_answer) for r in queries])
     return (q @ t.T).numpy()
 
 
+def ranks_of(scores: np.ndarray, planted: list[int]) -> np.ndarray:
+    """1-based ranks of the ``planted`` rows in a descending ``scores`` order; ties share their mean rank."""
+    from scipy.stats import rankdata
+
+    return rankdata(-scores, method="average")[planted]
+
+
 def retrieval(scores: np.ndarray, planted: list[list[int]], sel: list[int]) -> dict:
-    r3, r10, rr = [], [], []
-    for j in sel:
-        order = np.argsort(-scores[j], kind="stable")
-        rank = np.empty(len(order), dtype=int)
-        rank[order] = np.arange(1, len(order) + 1)
-        ranks = rank[planted[j]]
-        r3.append(np.mean(ranks <= 3))
-        r10.append(np.mean(ranks <= 10))
-        rr.append(1.0 / ranks.min())
+    """recall@3 / recall@10 (share of the 3 planted rows in the top k), hit@10 (at least one planted row in the
+    top 10) and MRR (reciprocal rank of the best-ranked planted row), averaged over the queries ``sel``."""
     if not sel:
-        return {"recall@3": float("nan"), "recall@10": float("nan"), "mrr": float("nan")}
-    return {"recall@3": float(np.mean(r3)), "recall@10": float(np.mean(r10)), "mrr": float(np.mean(rr))}
+        return {k: float("nan") for k in ("recall@3", "recall@10", "hit@10", "mrr")}
+    r = [ranks_of(scores[j], planted[j]) for j in sel]
+    return {"recall@3": float(np.mean([np.mean(x <= 3) for x in r])),
+            "recall@10": float(np.mean([np.mean(x <= 10) for x in r])),
+            "hit@10": float(np.mean([x.min() <= 10 for x in r])),
+            "mrr": float(np.mean([1.0 / x.min() for x in r]))}
+
+
+TRAIN_KEYS = ("facts", "pool", "lora_r", "epochs", "lr", "batch_size", "checkpoints", "max_length", "seed")
 
 
 def main() -> None:
@@ -303,27 +351,35 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--checkpoints", type=int, default=4, help="checkpoints saved over the run (about)")
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints saved over the run (about)")
+    ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--dim", type=int, default=4096, help="Factorized projection dimension")
     ap.add_argument("--grad-batch", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=5, help="answers compared per query (1 planted)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hessian", nargs="*", default=["identity", "fisher"],
+                    help="curvature transforms of the TracIn-CP scores (a missing one is reported as such)")
+    ap.add_argument("--fresh", action="store_true", help="retrain and refeaturize even when the work folder has a run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting when the cores are shared)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None, help="results name (default: quick or full)")
     args = ap.parse_args()
     if args.quick:
         args.facts, args.pool, args.lora_r, args.epochs = 8, 100, 2, 1
         args.max_length, args.dim, args.lr, args.checkpoints = 64, 512, 2e-3, 3
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    name = "quick" if args.quick else "full"
-    work = OUT / f"work-{name}"
-    shutil.rmtree(work, ignore_errors=True)
+    name = args.name or ("quick" if args.quick else "full")
+    work = OUT / f"work-{name}"  # Trainer checkpoints, gradient store and stage records, kept for rescoring
+    key = {k: getattr(args, k) for k in TRAIN_KEYS}
+    record = work / "train.json"
+    cached = not args.fresh and record.is_file() and json.loads(record.read_text()).get("key") == key
+    if not cached:
+        shutil.rmtree(work, ignore_errors=True)
     stages: dict[str, dict] = {}
 
-    def stage(key, t0):
-        stages[key] = {"wall_s": time.perf_counter() - t0, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
-        print(f"[{key}] {stages[key]['wall_s']:.1f} s, peak RSS {stages[key]['peak_rss_mb']:.0f} MiB", flush=True)
+    def stage(k, t0, **extra):
+        stages[k] = {"wall_s": time.perf_counter() - t0, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(), **extra}
+        print(f"[{k}] {stages[k]['wall_s']:.1f} s, peak RSS {stages[k]['peak_rss_mb']:.0f} MiB", flush=True)
 
     t0 = time.perf_counter()
     train, facts, planted = build(args)
@@ -341,70 +397,107 @@ def main() -> None:
         base_losses = answer_losses(model, tok, facts, args)
     stage("eval_base", t0)
 
-    t0 = time.perf_counter()
-    model.train()
-    run = finetune(model, tok, enc_train, args, work)
-    stage("finetune", t0)
+    if cached:
+        saved = json.loads(record.read_text())
+        run, stages["finetune"] = saved["run"], saved["stage"] | {"cached": True}
+        print(f"[finetune] reusing the Trainer run in {work / 'run'}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        model.train()
+        run = finetune(model, tok, enc_train, args, work)
+        stage("finetune", t0)
+        write_json(record, {"key": key, "run": run, "stage": stages["finetune"]})
 
     t0 = time.perf_counter()
+    run["final_checkpoint"] = last_checkpoint(model, work / "run")  # the same weights, fresh or reused
     model.eval()
     ft_losses = answer_losses(model, tok, facts, args)
     learned = [bool(np.argmin(r) == 0) for r in ft_losses]
     stage("eval_finetuned", t0)
 
-    scores = {}
-    t0 = time.perf_counter()
-    scores["tracin-dot"], scores["tracin-cos"], tinfo = tracin(model, tok, enc_train, enc_query, args, work)
-    stage("tracin", t0)
-    t0 = time.perf_counter()
-    scores["bm25"] = bm25_scores(train, queries)
-    stage("bm25", t0)
-    t0 = time.perf_counter()
-    scores["embed"] = embed_scores(train, queries)
-    stage("embed", t0)
+    scores, stage_of, tinfo, unavailable = {}, {}, {}, {}
+    for h in args.hessian:
+        tag = "tracin" if h == "identity" else f"tracin-{h}"
+        t0 = time.perf_counter()
+        try:
+            s, tinfo[h] = tracin(model, tok, enc_train, enc_query, args, work, hessian=h)
+        except (ValueError, TypeError, NotImplementedError, hf.errors.HessfreeError) as e:
+            unavailable[tag] = f"{type(e).__name__}: {e}"
+            print(f"[{tag}] not available: {unavailable[tag]}", flush=True)
+            continue
+        prev = work / f"{tag}.json"  # the featurization time of the run that filled the store
+        if prev.is_file():
+            tinfo[h]["first_fit_s"] = json.loads(prev.read_text())["fit_s"]
+        else:
+            write_json(prev, tinfo[h])
+        stage(tag, t0, **tinfo[h])
+        for kind in ("dot", "cos"):
+            scores[f"{tag}-{kind}"], stage_of[f"{tag}-{kind}"] = s[kind], tag
+    baselines = {"bm25": bm25_scores, "embed": embed_scores}
+    for base, fn in baselines.items():
+        for with_answer in (True, False):
+            tag = base if with_answer else f"{base}-question"
+            t0 = time.perf_counter()
+            scores[tag], stage_of[tag] = fn(train, queries, with_answer), tag
+            stage(tag, t0)
 
     all_q = list(range(len(facts)))
     yes = [j for j in all_q if learned[j]]
     no = [j for j in all_q if not learned[j]]
-    stage_of = {"tracin-dot": "tracin", "tracin-cos": "tracin", "bm25": "bm25", "embed": "embed"}
+    # how firmly each fact was learned: best wrong answer's loss minus the planted answer's (> 0: learned)
+    margin = ft_losses[:, 1:].min(1) - ft_losses[:, 0]
     rows = []
     for method, s in scores.items():
         a, y, n = retrieval(s, planted, all_q), retrieval(s, planted, yes), retrieval(s, planted, no)
-        rows.append({"method": method, **a, "mrr[learned]": y["mrr"], "recall@10[learned]": y["recall@10"],
-                     "mrr[not learned]": n["mrr"], "recall@10[not learned]": n["recall@10"],
-                     "wall_s": stages[stage_of[method]]["wall_s"], "peak_rss_mb": stages[stage_of[method]]["peak_rss_mb"]})
+        rr = np.array([1.0 / ranks_of(s[j], planted[j]).min() for j in all_q])
+        rows.append({"method": method, **a, "hit@10[learned]": y["hit@10"], "mrr[learned]": y["mrr"],
+                     "hit@10[not learned]": n["hit@10"], "mrr[not learned]": n["mrr"],
+                     "spearman(margin, rr)": spearman(margin, rr),
+                     "wall_s": stages[stage_of[method]]["wall_s"],
+                     "peak_rss_mb": stages[stage_of[method]]["peak_rss_mb"]})
     acc_base = float(np.mean([np.argmin(r) == 0 for r in base_losses]))
     acc_ft = float(np.mean(learned))
-    cols = ["method", "recall@3", "recall@10", "mrr", "mrr[learned]", "recall@10[learned]", "mrr[not learned]",
-            "recall@10[not learned]", "wall_s", "peak_rss_mb"]
+    cols = ["method", "recall@3", "recall@10", "hit@10", "mrr", "hit@10[learned]", "mrr[learned]",
+            "hit@10[not learned]", "mrr[not learned]", "spearman(margin, rr)", "wall_s", "peak_rss_mb"]
     table = markdown_table(rows, cols, {"wall_s": "{:.1f}", "peak_rss_mb": "{:.0f}"})
-    stage_rows = [{"stage": k, **v} for k, v in stages.items()]
-    stage_table = markdown_table(stage_rows, ["stage", "wall_s", "rss_mb", "peak_rss_mb"],
+    stage_rows = [{"stage": k, **v, "cached": "yes" if v.get("cached") else ""} for k, v in stages.items()]
+    stage_table = markdown_table(stage_rows, ["stage", "wall_s", "rss_mb", "peak_rss_mb", "cached"],
                                  {"wall_s": "{:.1f}", "rss_mb": "{:.0f}", "peak_rss_mb": "{:.0f}"})
     label = ("QUICK SMOKE SIZE (--quick): checks that the pipeline runs; not the study's result"
-             if args.quick else "full size")
+             if args.quick else "full size" if name == "full" else f"custom size ({name})")
+    t = tinfo.get("identity", next(iter(tinfo.values()), {}))
     summary = (f"{label}\n\n{len(train)} training rows, {len(facts)} planted facts x 3 paraphrases, "
                f"{len(facts)} queries; LoRA r={args.lora_r}, {args.epochs} epoch(s), lr {args.lr}, "
-               f"{run['steps']} steps, checkpoints at steps {tinfo['steps']}, projection dim {args.dim}\n"
+               f"{run['steps']} steps, checkpoints at steps {t.get('steps')} (learning rates "
+               f"{[f'{x:.2e}' for x in t.get('lrs', [])]}), projection dim {args.dim}, max_length {args.max_length}\n"
                f"answer accuracy ({args.candidates} candidates, chance {1 / args.candidates:.2f}): "
                f"base {acc_base:.2f}, fine-tuned {acc_ft:.2f} ({len(yes)} learned, {len(no)} not learned)")
+    if unavailable:
+        summary += "\n" + "\n".join(f"{k}: not available ({v})" for k, v in unavailable.items())
     print(summary)
     print(table)
     print(stage_table)
     payload = {"label": label, "args": vars(args), "n_train": len(train), "accuracy_base": acc_base,
                "accuracy_finetuned": acc_ft, "learned": learned, "train_loss": run["train_loss"], "steps": run["steps"],
-               "checkpoints": tinfo, "rows": rows, "stages": stages,
+               "run": run, "tracin": tinfo, "unavailable": unavailable, "rows": rows, "stages": stages,
                "facts": [{k: f[k] for k in ("fact", "relation", "subject", "answer", "query")} | {
                    "train_indices": planted[i], "answer_losses_base": base_losses[i].tolist(),
                    "answer_losses_finetuned": ft_losses[i].tolist(),
+                   "planted_ranks": {m: ranks_of(s[i], planted[i]).tolist() for m, s in scores.items()},
                    "top10": {m: np.argsort(-s[i], kind="stable")[:10].tolist() for m, s in scores.items()}}
                    for i, f in enumerate(facts)]}
     write_json(OUT / f"{name}.json", payload)
-    (OUT / f"{name}.md").write_text(f"# Fact tracing ({label})\n\n```\npython benchmarks/fact_tracing.py"
-                                    f"{' --quick' if args.quick else ''}\n```\n\n{summary}\n\n{table}\n\n"
-                                    f"Stages (peak RSS is the process peak so far):\n\n{stage_table}\n")
-    shutil.rmtree(work, ignore_errors=True)
+    cmd = "python " + " ".join(["benchmarks/fact_tracing.py", *sys.argv[1:]])
+    (OUT / f"{name}.md").write_text(f"# Fact tracing ({label})\n\n```\n{cmd}\n```\n\n{summary}\n\n{table}\n\n"
+                                    f"Stages (peak RSS is the process peak so far; a cached stage was timed "
+                                    f"in the run that produced it):\n\n{stage_table}\n")
     print(json.dumps({"wrote": [str(OUT / f"{name}.json"), str(OUT / f"{name}.md")]}))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) > 2 else float("nan")
 
 
 if __name__ == "__main__":
