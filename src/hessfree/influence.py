@@ -25,8 +25,9 @@ from .errors import ModelChangedError, NotFittedError
 from .gradients.functional import flatten
 from .gradients.projected import ProjectedFeatures, probe_of
 from .gradients.selection import ParamSpec, select_parameters
-from .hessian import InverseHessian, make_inverse_hessian
-from .hessian import self_influence as _hessian_self_influence
+from .hessian import QueryTransform, make_inverse_hessian
+from .hessian.base import MemberInputs
+from .hessian.hvp import Objective
 from .members import MemberView, as_members, member_views, model_device
 from .projections import Projection, expand_members
 from .targets import Target
@@ -72,14 +73,21 @@ class Influence(StoreMixin):
             label, sample weight, the loss or the model changed.
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` on disk
             (arithmetic is always fp32).
-        hessian: ``"identity"`` (default, the Hessian-free product) or a
-            comparator for studies: ``"exact"``, ``"cg"``, ``"lissa"``,
-            ``"datainf"`` or an :mod:`hessfree.hessian` instance. With a
-            comparator, scores are ``g_i^T (H + damping I)^{-1} grad f`` with
-            ``H`` the Hessian of the mean training loss (``score_i / n`` predicts
-            the rise of f when example i is removed and the model retrained);
-            convergence is in :attr:`hessian_report_`.
-        damping: ``lambda`` added to the Hessian's diagonal (comparators only).
+        hessian: ``"identity"`` (default, the Hessian-free product),
+            ``"fisher"`` (curvature-corrected scores from the stored features:
+            the damped empirical Fisher ``Phi^T Phi / n + damping I`` of the
+            (projected) training features, inverted once per member; works with
+            ``projection=`` and ``store=``; see
+            :class:`hessfree.hessian.EmpiricalFisher`), or a comparator for
+            studies on exact gradients: ``"exact"``, ``"cg"``, ``"lissa"``,
+            ``"datainf"``, or an :mod:`hessfree.hessian` instance. Scores become
+            ``g_i^T (H + damping I)^{-1} grad f`` with ``H`` the Hessian of the
+            mean training loss or its approximation (``score_i / n`` predicts the
+            rise of f when example i is removed and the model retrained);
+            damping, eigenvalues and convergence are in :attr:`hessian_report_`.
+        damping: ``lambda`` added to the curvature's diagonal (not with the
+            identity); ``None``: the method's default (for ``"fisher"``
+            ``0.1 x`` the mean eigenvalue of ``Phi^T Phi / n``, per member).
         hessian_options: further settings of the comparator, e.g.
             ``{"max_iter": 100, "tol": 1e-6}`` for CG or
             ``{"iterations": 500, "scale": 10.0}`` for LiSSA.
@@ -109,7 +117,7 @@ class Influence(StoreMixin):
         projection: Projection | list[Projection] | None = None,
         store: str | os.PathLike | None = None,
         store_dtype: str = "float32",
-        hessian: str | InverseHessian = "identity",
+        hessian: str | QueryTransform = "identity",
         damping: float | None = None,
         hessian_options: dict | None = None,
         engine: str = "auto",
@@ -130,10 +138,13 @@ class Influence(StoreMixin):
         self._store_path, self.store_dtype = self._check_store_args(store, store_dtype)
         self._store = None
         self.hessian = make_inverse_hessian(hessian, damping, hessian_options)
-        if self.hessian is not None and (self._projections or self._store_path is not None):
+        if self.hessian is not None and self.hessian.space == "parameters" and (
+            self._projections or self._store_path is not None
+        ):
             raise ValueError(
                 f"hessian={hessian!r} needs exact per-example gradients; use it with projection=None "
-                "and store=None (Hessian comparators are for studies on small models)"
+                "and store=None (Hessian comparators are for studies on small models), or use "
+                "hessian='fisher', which works with projections and stores"
             )
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -165,16 +176,38 @@ class Influence(StoreMixin):
         """Per-example feature vectors ``(B, D)`` whose inner products give scores."""
         return _compute_dtype(self._engine(view, names).features(view, batch))
 
+    def _member_inputs(self, m: int, view: MemberView) -> MemberInputs:
+        """What a query transform may read about member ``m`` (never the estimator)."""
+        names = self._names[m]
+        source, device = getattr(self, "source", None), self.device
+        return MemberInputs(
+            name=view.name,
+            index=m,
+            n_train=self.n_train,
+            params=tuple((k, view.params[k].numel()) for k in names),
+            dim=self._dims[m],
+            train_blocks=lambda: self._train_features(m, view),
+            objective=None if source is None else (lambda: Objective(view, names, source, device)),
+        )
+
+    def _transform(self, view: MemberView, rows: torch.Tensor) -> torch.Tensor:
+        """The query transform applied to ``(Q, D)`` rows, in their dtype and device."""
+        out = self.hessian.transform(self._member_inputs(view.member_index, view), rows)
+        return out.to(device=rows.device, dtype=rows.dtype)
+
     def _query(self, view: MemberView, names: list[str], grad_flat: torch.Tensor) -> torch.Tensor:
-        """Map a target gradient ``(D,)`` into feature space (identity Hessian,
-        or ``(H + damping I)^{-1}`` with a Hessian comparator)."""
-        if self.hessian is not None:
-            q = _compute_dtype(grad_flat)
-            grad_flat = self.hessian.solve(self, view, names, q[None])[0].to(device=q.device, dtype=q.dtype)
+        """Map a target gradient ``(D,)`` into feature space and apply the query
+        transform (identity; ``(H + damping I)^{-1}`` before projection for a
+        parameter-space comparator, ``F^{-1}`` after it for the empirical Fisher)."""
+        q = _compute_dtype(grad_flat)
+        if self.hessian is not None and self.hessian.space == "parameters":
+            q = self._transform(view, q[None])[0]
         engine = self._engine(view, names)
         if engine.projection is not None:
-            return engine.project_flat(grad_flat.float())
-        return _compute_dtype(grad_flat)
+            q = engine.project_flat(q.float())
+        if self.hessian is not None and self.hessian.space == "features":
+            q = self._transform(view, q[None])[0]
+        return q
 
     def _engine(self, view: MemberView, names: list[str]) -> ProjectedFeatures:
         """The feature map of ``view``'s member (built, and checked on the probe, once)."""
@@ -273,8 +306,6 @@ class Influence(StoreMixin):
         if train is None:
             return self._fit_from_store()
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
-        if self.hessian is not None:
-            self.hessian.reset()
         first = next(iter(self.source))
         self._first_batch_hash = batch_hash(first) if self._store_path is not None else None  # checked across ranks
         self._probe = to_device(probe_of(first), self.device)
@@ -292,10 +323,37 @@ class Influence(StoreMixin):
     def _mark_fitted(self) -> None:
         self._fingerprint = _fingerprint(self._modules())
         self._fitted = True
+        if self.hessian is not None:  # e.g. the Fisher's factorization, once, on every rank together
+            for m, view in self._views():
+                self.hessian.prepare(self._member_inputs(m, view))
+
+    def target_directions(self, target: Target) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each member: the query vector before and after the query transform,
+        each ``(D,)`` float64: ``grad f`` and ``(H + damping I)^{-1} grad f`` for a
+        parameter-space comparator; the projected ``grad f`` (``grad f`` itself
+        without projection) and ``F^{-1}`` times it for ``hessian="fisher"``;
+        the (projected) ``grad f`` twice for the identity. The angle between the two says
+        how far identity-Hessian scores are from curvature-corrected ones."""
+        self._check_fitted()
+        target.validate(self.task)
+        out = []
+        for m, view in self._views():
+            names = self._names[m]
+            g = _compute_dtype(flatten(target.gradient(view, names), names))
+            engine = self._engine(view, names)
+            if engine.projection is not None and (self.hessian is None or self.hessian.space == "features"):
+                g = engine.project_flat(g.float())
+                q = g if self.hessian is None else self._transform(view, g[None])[0]
+            else:
+                q = self._query(view, names, g)
+            out.append((g.double().cpu().numpy(), q.double().cpu().numpy()))
+        return out
 
     def _setup_members(self) -> None:
         """Expand members by projection seeds; resolve parameter names and feature sizes."""
         self._specs, self._member_projections = expand_members(self.members.specs(), self._projections)
+        if self.hessian is not None:
+            self.hessian.reset()
         self._engines: dict[int, ProjectedFeatures] = {}
         self._checked: dict[tuple, dict] = {}
         self._names: list[list[str]] = []
@@ -306,6 +364,8 @@ class Influence(StoreMixin):
             names = select_parameters(view.module, self.params, view.call_order)
             self._names.append(names)
             self._dims.append(self._engine(view, names).dim)
+        if self.hessian is not None:
+            self.hessian.check_dims(self._dims)  # before any gradient is computed
 
     def _fill_memory(self) -> None:
         # a failure on any rank is raised on every rank before the collective sum
@@ -432,28 +492,36 @@ class Influence(StoreMixin):
         return out / self._n_user_members if reduce == "mean" else out
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
-        """Map per-example test features ``(B, D)`` to query space (identity, or
-        ``(H + damping I)^{-1}`` applied to each row with a Hessian comparator)."""
-        if self.hessian is not None:
-            return self.hessian.solve(self, view, names, feats).to(device=feats.device, dtype=feats.dtype)
-        return feats
+        """Map per-example test features ``(B, D)`` to query space (the query
+        transform applied to each row; the features themselves for the identity)."""
+        return feats if self.hessian is None else self._transform(view, feats)
 
     def self_influence(self, reduce: str | None = "sum") -> np.ndarray:
         """``sum_m w_m ||grad l(z_i; theta_m)||^2``, shape ``(n_train,)`` (or
         ``(n_members, n_train)`` with ``reduce=None``). Large values flag
         examples the model finds hard or mislabelled; units: loss² per
         parameter² (per unit learning rate for checkpoints). With a Hessian
-        comparator: ``sum_m w_m g_i^T (H_m + damping I)^{-1} g_i``."""
+        comparator: ``sum_m w_m g_i^T (H_m + damping I)^{-1} g_i`` (with
+        ``hessian="fisher"``: ``sum_m w_m phi_i^T F_m^{-1} phi_i``)."""
         self._check_fitted()
         if self.hessian is not None:
-            return self._reduce(_hessian_self_influence(self, self.hessian), reduce)
+            if self.hessian.collective and rank_and_world()[1] > 1:
+                raise ValueError(f"self_influence with hessian={self.hessian.name!r} under torch.distributed is not "
+                                 "supported (each solve needs every rank's rows); run it in one process")  # fmt: skip
+            rows = np.zeros((len(self._specs), self.n_train))
+            for m, view in self._views():
+                for offset, feats in self._train_features(m, view):
+                    solved = self._transform(view, feats)
+                    rows[m, offset : offset + feats.shape[0]] = view.weight * (solved * feats).sum(1).double().cpu().numpy()
+            return self._reduce(all_reduce_sum(rows), reduce)
         rows = self._sqnorms * np.array([s.weight for s in self._specs])[:, None]  # fitted and current: checked above
         return self._reduce(rows, reduce)
 
     @property
     def hessian_report_(self) -> dict[str, dict]:
-        """Per member, what the Hessian comparator did on its last solve
-        (iterations, relative residual, eigenvalues, ...); empty for the identity."""
+        """Per member, what the query transform did on its last solve or
+        factorization (damping, iterations, relative residual, eigenvalues, ...);
+        empty for the identity."""
         return {} if self.hessian is None else dict(self.hessian.report)
 
     def target_values(self, target: Target) -> np.ndarray:

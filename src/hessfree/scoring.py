@@ -67,7 +67,7 @@ def top_k_blocked(
         e = min(s + block_rows, stop)
         block = torch.zeros(n_q, e - s)
         for q, read, w in zip(queries, readers, weights):
-            block.addmm_(q, read(s, e).T, alpha=float(w))
+            block.addmm_(q.float(), read(s, e).float().T, alpha=float(w))
         cand_s = torch.cat([best_s, block], dim=1)
         cand_i = torch.cat([best_i, torch.arange(s, e).expand(n_q, -1)], dim=1)
         kk = min(k, cand_s.shape[1])

@@ -1,10 +1,25 @@
-"""The interface shared by the inverse-Hessian comparators.
+"""Query transforms: the interface between the estimator and any curvature correction.
 
-An :class:`InverseHessian` turns vectors ``v`` (target gradients, test-example
-gradients) into ``(H + lambda I)^{-1} v`` for one member, where ``H`` is the
-Hessian of the MEAN training loss over the data the estimator was fitted on
-(see :mod:`hessfree.hessian.hvp`). The estimator then takes inner products
-with the per-example training gradients, so that
+A :class:`QueryTransform` maps query vectors (a target gradient, test-example
+gradients) of one member to the vectors the estimator takes inner products
+with. It never sees the estimator: everything it may read about a member comes
+in a :class:`MemberInputs` (the member's name and index, the number of training
+examples, the selected parameters, a callable streaming this rank's training
+features block by block, and a callable building the training objective).
+
+Two kinds exist, told apart by :attr:`QueryTransform.space`:
+
+* ``"parameters"``: applied to flat gradients BEFORE any projection (the
+  inverse-Hessian comparators :class:`~hessfree.hessian.Exact`, ``CG``,
+  ``LiSSA``, ``DataInf``; they need exact per-example gradients);
+* ``"features"``: applied to feature vectors AFTER projection
+  (:class:`~hessfree.hessian.EmpiricalFisher`; works with projections and stores).
+
+An :class:`InverseHessian` turns vectors ``v`` into ``(H + lambda I)^{-1} v``
+for one member, where ``H`` is the Hessian of the MEAN training loss over the
+data the estimator was fitted on (see :mod:`hessfree.hessian.hvp`). The
+estimator then takes inner products with the per-example training gradients, so
+that
 
     score_i = grad l(z_i)^T (H + lambda I)^{-1} grad f
 
@@ -19,93 +34,149 @@ and Liang's notation with H of the mean loss.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from .hvp import Objective
 
-if TYPE_CHECKING:
-    from ..influence import Influence
-    from ..members import MemberView
+BlockStream = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+"""A callable returning ``(offset, (b, D))`` training-feature blocks (this rank's rows)."""
 
 
-class InverseHessian:
-    """Base class: ``solve`` maps ``(k, D)`` vectors to ``(H + damping I)^{-1}`` times them.
+@dataclass(frozen=True)
+class MemberInputs:
+    """What a query transform may read about one member (built by the estimator).
 
     Attributes:
-        report: one dict per member (keyed by member name) describing the last
-            solve (iterations, residuals, eigenvalues, ... depending on the method).
+        name: the member's name (the key of :attr:`QueryTransform.report`).
+        index: the member's row in ``reduce=None`` results.
+        n_train: number of training examples ``n`` (all ranks together).
+        params: ``(name, numel)`` of the selected parameters, in flat-gradient order.
+        dim: length of the member's feature vectors.
+        train_blocks: streams this rank's training features ``(offset, (b, dim))``;
+            under torch.distributed a transform sums over ranks itself.
+        objective: builds the member's training :class:`Objective` (``None`` when
+            the training data are not at hand, e.g. a store reopened without data).
     """
 
-    name = "inverse-hessian"
+    name: str
+    index: int
+    n_train: int
+    params: tuple[tuple[str, int], ...]
+    dim: int
+    train_blocks: BlockStream
+    objective: Callable[[], Objective] | None = None
 
-    def __init__(self, damping: float | None = None):
-        if damping is not None and (not np.isfinite(damping) or damping < 0):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-        self.damping = damping
+
+class QueryTransform:
+    """Base class of query transforms (identity, curvature corrections).
+
+    Subclasses implement :meth:`transform`; :meth:`check_dims` may refuse
+    feature sizes before any long work starts.
+
+    Attributes:
+        space: ``"parameters"`` (applied to flat gradients before projection) or
+            ``"features"`` (applied to feature vectors after projection).
+        collective: ``True`` when :meth:`transform` is a collective call under
+            torch.distributed (every rank must pass the same vectors).
+        report: one dict per member (keyed by member name) describing the last
+            preparation or solve.
+    """
+
+    name = "transform"
+    space = "features"
+    collective = False
+
+    def __init__(self) -> None:
         self.report: dict[str, dict[str, Any]] = {}
-        self._state: dict[str, Any] = {}
-
-    @property
-    def lam(self) -> float:
-        return 0.0 if self.damping is None else float(self.damping)
+        self._state: dict[Any, Any] = {}
 
     def reset(self) -> None:
         """Forget cached factorizations (called by ``Influence.fit``)."""
         self.report, self._state = {}, {}
 
-    def objective(self, est: Influence, view: MemberView, names: list[str]) -> Objective:
-        """The member's training objective, kept (with its gradient graphs) between solves."""
-        key = ("objective", view.name)
-        if key not in self._state:
-            self._state[key] = Objective(view, names, est.source, est.device)
-        return self._state[key]
+    def check_dims(self, dims: list[int]) -> None:
+        """Raise ``ValueError`` when a member's feature size is unsupported (called
+        after the members are set up, before any gradient is computed)."""
 
-    def solve(self, est: Influence, view: MemberView, names: list[str], vectors: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I)^{-1} v`` for each row of ``vectors`` ``(k, D)``; float32 ``(k, D)``."""
+    def prepare(self, member: MemberInputs) -> None:
+        """Precompute what every later query of ``member`` reuses (called at the end of
+        ``fit``; a collective call under torch.distributed). Default: nothing."""
+
+    def transform(self, member: MemberInputs, vectors: torch.Tensor) -> torch.Tensor:
+        """Map query rows ``(Q, D)`` of ``member`` to ``(Q, D)`` (float32, or float64 for float64 input)."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
         """The method's settings (saved with results)."""
-        return {"method": self.name, "damping": self.damping}
+        return {"method": self.name}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if k != "method")
         return f"{type(self).__name__}({args})"
 
 
-def member_index(est: Influence, view: MemberView) -> int:
-    names = [s.name for s in est._specs]
-    return names.index(view.name)
+class Identity(QueryTransform):
+    """The identity: scores are plain inner products of (projected) gradients."""
+
+    name = "identity"
+
+    def transform(self, member: MemberInputs, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors
 
 
-def target_directions(est: Influence, target: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    """For each member: the target gradient ``grad f`` ``(D,)`` and the direction the
-    estimator takes inner products with, ``(H + damping I)^{-1} grad f`` ``(D,)``
-    (``grad f`` itself for the identity). The angle between the two says how far
-    the identity-Hessian scores are from the Hessian-based ones."""
-    from ..gradients.functional import flatten
+class InverseHessian(QueryTransform):
+    """Base class: ``solve`` maps ``(k, D)`` vectors to ``(H + damping I)^{-1}`` times them."""
 
-    est._check_fitted()
-    target.validate(est.task)
-    out = []
-    for m, view in est._views():
-        names = est._names[m]
-        g = flatten(target.gradient(view, names), names).float()
-        q = est._query(view, names, g)
-        out.append((g.double().cpu().numpy(), q.double().cpu().numpy()))
-    return out
+    name = "inverse-hessian"
+    space = "parameters"
+
+    def __init__(self, damping: float | None = None):
+        super().__init__()
+        if damping is not None and (not np.isfinite(damping) or damping < 0):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        self.damping = damping
+
+    @property
+    def lam(self) -> float:
+        return 0.0 if self.damping is None else float(self.damping)
+
+    def objective(self, member: MemberInputs) -> Objective:
+        """The member's training objective, kept (with its gradient graphs) between solves."""
+        key = ("objective", member.name)
+        if key not in self._state:
+            if member.objective is None:
+                raise ValueError(f"hessian={self.name!r} needs the training data; call est.fit(train) with them")
+            self._state[key] = member.objective()
+        return self._state[key]
+
+    def solve(self, member: MemberInputs, vectors: torch.Tensor) -> torch.Tensor:
+        """``(H + damping I)^{-1} v`` for each row of ``vectors`` ``(k, D)``; float32 ``(k, D)``."""
+        raise NotImplementedError
+
+    def transform(self, member: MemberInputs, vectors: torch.Tensor) -> torch.Tensor:
+        return self.solve(member, vectors)
+
+    def options(self) -> dict[str, Any]:
+        return {"method": self.name, "damping": self.damping}
 
 
-def self_influence(est: Influence, solver: InverseHessian) -> np.ndarray:
-    """``w_m * g_i^T (H_m + damping I)^{-1} g_i`` for every member and training example,
-    ``(n_members, n_train)``."""
-    rows = np.zeros((len(est._specs), est.n_train))
-    for m, view in est._views():
-        names = est._names[m]
-        for offset, feats in est._train_features(m, view):
-            solved = solver.solve(est, view, names, feats).to(feats.device)
-            rows[m, offset : offset + feats.shape[0]] = view.weight * (solved * feats).sum(1).double().cpu().numpy()
-    return rows
+def target_directions(est: Any, target: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each member: the target gradient and the direction the estimator takes
+    inner products with. Same as ``est.target_directions(target)`` (see
+    :meth:`hessfree.Influence.target_directions`)."""
+    return est.target_directions(target)
+
+
+def self_influence(est: Any, solver: QueryTransform | None = None) -> np.ndarray:
+    """``w_m * g_i^T T_m g_i`` for every member and training example,
+    ``(n_members, n_train)``, with ``T_m`` the estimator's own query transform.
+    Same as ``est.self_influence(reduce=None)``."""
+    if solver is not None and solver is not est.hessian:
+        raise ValueError("self_influence(est, solver) uses the estimator's own transform; pass solver=None "
+                         "or build the estimator with hessian=solver")
+    return est.self_influence(reduce=None)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import InverseHessian, member_index
+from ..distributed import all_reduce_sum
+from .base import InverseHessian, MemberInputs
 
 
-def layer_slices(est, view, names: list[str]) -> list[tuple[str, slice]]:
-    """Contiguous feature slices, one per module (a weight and its bias share a layer)."""
+def layer_slices(params) -> list[tuple[str, slice]]:
+    """Contiguous feature slices, one per module (a weight and its bias share a layer),
+    from ``(name, numel)`` pairs in flat-gradient order."""
     out: list[tuple[str, slice]] = []
     start = 0
-    for k in names:
-        size = view.params[k].numel()
+    for k, size in params:
         layer = k.rsplit(".", 1)[0] if "." in k else ""
         if out and out[-1][0] == layer and out[-1][1].stop == start:
             out[-1] = (layer, slice(out[-1][1].start, start + size))
@@ -39,17 +40,17 @@ class DataInf(InverseHessian):
     """
 
     name = "datainf"
+    collective = True  # every solve sums over all ranks' training rows
 
-    def _prepare(self, est, view, names):
-        if view.name not in self._state:
-            m = member_index(est, view)
-            layers = layer_slices(est, view, names)
+    def _prepare(self, member: MemberInputs):
+        if member.name not in self._state:
+            layers = layer_slices(member.params)
             sq = torch.zeros(len(layers), dtype=torch.float64)
-            for _, feats in est._train_features(m, view):
+            for _, feats in member.train_blocks():
                 f = feats.double()
                 for j, (_, sl) in enumerate(layers):
                     sq[j] += f[:, sl].pow(2).sum().cpu()
-            mean_sq = sq / est.n_train
+            mean_sq = torch.from_numpy(all_reduce_sum(sq.numpy())) / member.n_train
             if self.damping is None:
                 lams = torch.tensor([0.1 * float(mean_sq[j]) / (sl.stop - sl.start) for j, (_, sl) in enumerate(layers)])
                 lams = lams.clamp_min(1e-12).double()
@@ -57,26 +58,27 @@ class DataInf(InverseHessian):
                 if self.damping <= 0:
                     raise ValueError("DataInf needs damping > 0 (or None for the paper's per-layer rule)")
                 lams = torch.full((len(layers),), float(self.damping), dtype=torch.float64)
-            self._state[view.name] = (m, layers, lams)
-            self.report[view.name] = {
+            self._state[member.name] = (layers, lams)
+            self.report[member.name] = {
                 "method": self.name,
                 "dim": sum(sl.stop - sl.start for _, sl in layers),
                 "layers": [name or "<root>" for name, _ in layers],
                 "damping_per_layer": [float(x) for x in lams],
             }
-        return self._state[view.name]
+        return self._state[member.name]
 
-    def solve(self, est, view, names, vectors):
-        m, layers, lams = self._prepare(est, view, names)
+    def solve(self, member, vectors):
+        layers, lams = self._prepare(member)
         v = vectors.double().cpu()
         acc = torch.zeros_like(v)
-        for _, feats in est._train_features(m, view):
+        for _, feats in member.train_blocks():
             g = feats.double().cpu()
             for j, (_, sl) in enumerate(layers):
                 gl = g[:, sl]
                 coef = (v[:, sl] @ gl.T) / (lams[j] + gl.pow(2).sum(1))[None, :]
                 acc[:, sl] += coef @ gl
+        acc = torch.from_numpy(all_reduce_sum(acc.numpy()))  # each rank streams its own rows
         out = torch.empty_like(v)
         for j, (_, sl) in enumerate(layers):
-            out[:, sl] = (v[:, sl] - acc[:, sl] / est.n_train) / lams[j]
+            out[:, sl] = (v[:, sl] - acc[:, sl] / member.n_train) / lams[j]
         return out.float()

@@ -33,9 +33,9 @@ class Exact(InverseHessian):
     def options(self):
         return {**super().options(), "max_dim": self.max_dim}
 
-    def factor(self, est, view, names) -> tuple[torch.Tensor, torch.Tensor]:
-        if view.name not in self._state:
-            obj = self.objective(est, view, names)
+    def factor(self, member) -> tuple[torch.Tensor, torch.Tensor]:
+        if member.name not in self._state:
+            obj = self.objective(member)
             if obj.dim > self.max_dim:
                 raise ValueError(
                     f"hessian='exact' needs the {obj.dim} x {obj.dim} Hessian ({8 * obj.dim**2 / 1e9:.2f} GB); "
@@ -45,7 +45,7 @@ class Exact(InverseHessian):
             h = obj.hessian(self.chunk)
             evals, evecs = torch.linalg.eigh(h)
             shifted = evals + self.lam
-            self.report[view.name] = {
+            self.report[member.name] = {
                 "method": self.name,
                 "dim": obj.dim,
                 "damping": self.lam,
@@ -56,17 +56,17 @@ class Exact(InverseHessian):
             }
             if bool((shifted == 0).any()):
                 raise ValueError(
-                    f"member {view.name!r}: H + damping*I is singular (damping={self.lam}); pass damping > 0"
+                    f"member {member.name!r}: H + damping*I is singular (damping={self.lam}); pass damping > 0"
                 )
-            self._state[view.name] = (evecs, shifted)
-        return self._state[view.name]
+            self._state[member.name] = (evecs, shifted)
+        return self._state[member.name]
 
-    def matrix(self, est, view, names) -> torch.Tensor:
+    def matrix(self, member) -> torch.Tensor:
         """The damped Hessian ``H + damping I`` itself, ``(D, D)`` float64."""
-        evecs, shifted = self.factor(est, view, names)
+        evecs, shifted = self.factor(member)
         return (evecs * shifted) @ evecs.T
 
-    def solve(self, est, view, names, vectors):
-        evecs, shifted = self.factor(est, view, names)
+    def solve(self, member, vectors):
+        evecs, shifted = self.factor(member)
         v = vectors.to(evecs.device, torch.float64)
         return (((v @ evecs) / shifted) @ evecs.T).float()

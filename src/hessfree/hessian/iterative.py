@@ -49,8 +49,8 @@ class CG(InverseHessian):
     def options(self):
         return {**super().options(), "max_iter": self.max_iter, "tol": self.tol}
 
-    def solve(self, est, view, names, vectors):
-        obj = self.objective(est, view, names)
+    def solve(self, member, vectors):
+        obj = self.objective(member)
         lam = self.lam
         b = vectors.to(obj.device, torch.float64)
         x = torch.zeros_like(b)
@@ -86,7 +86,7 @@ class CG(InverseHessian):
             active[idx] = rs_new.sqrt() > self.tol * bnorm[idx]
         res = _relative_residuals(obj, lam, x, b)
         converged = not bool(active.any()) and not bool(negative.any())
-        self.report[view.name] = {
+        self.report[member.name] = {
             "method": self.name,
             "dim": obj.dim,
             "damping": lam,
@@ -99,7 +99,7 @@ class CG(InverseHessian):
         }
         if not converged:
             warnings.warn(
-                f"CG did not converge for member {view.name!r}: relative residual {float(res.max()):.2e} after "
+                f"CG did not converge for member {member.name!r}: relative residual {float(res.max()):.2e} after "
                 f"{int(iters.max())} iterations (tol={self.tol}, negative curvature: {bool(negative.any())}); "
                 "raise max_iter or damping",
                 RuntimeWarning,
@@ -170,19 +170,19 @@ class LiSSA(InverseHessian):
             "seed": self.seed,
         }
 
-    def _scale(self, obj, view) -> float:
+    def _scale(self, obj, member) -> float:
         if self.scale is not None:
             return float(self.scale)
-        key = ("scale", view.name)
+        key = ("scale", member.name)
         if key not in self._state:
             self._state[key] = 1.1 * (obj.power_top_eigenvalue(seed=self.seed) + self.lam)
         return self._state[key]
 
-    def solve(self, est, view, names, vectors):
-        obj = self.objective(est, view, names)
-        lam, s = self.lam, self._scale(obj, view)
+    def solve(self, member, vectors):
+        obj = self.objective(member)
+        lam, s = self.lam, self._scale(obj, member)
         b = vectors.to(obj.device, torch.float64)
-        n = est.n_train
+        n = member.n_train
         stochastic = self.batch_size is not None and self.batch_size < n
         gen = torch.Generator().manual_seed(self.seed)
         total = torch.zeros_like(b)
@@ -196,7 +196,7 @@ class LiSSA(InverseHessian):
                 steps = max(steps, t + 1)
                 if not np.isfinite(float(x.abs().max())):
                     raise FloatingPointError(
-                        f"LiSSA diverged for member {view.name!r} (scale={s:.4g}): raise scale or damping"
+                        f"LiSSA diverged for member {member.name!r} (scale={s:.4g}): raise scale or damping"
                     )
                 if not stochastic and bool((update.norm(dim=1) <= self.tol * b.norm(dim=1)).all()):
                     met = True
@@ -205,7 +205,7 @@ class LiSSA(InverseHessian):
         x = total / (self.repeats if stochastic else 1) / s
         res = _relative_residuals(obj, lam, x, b)
         converged = met if not stochastic else bool((res <= self.tol).all())
-        self.report[view.name] = {
+        self.report[member.name] = {
             "method": self.name,
             "dim": obj.dim,
             "damping": lam,
@@ -218,7 +218,7 @@ class LiSSA(InverseHessian):
         }
         if not converged and not stochastic:
             warnings.warn(
-                f"LiSSA did not converge for member {view.name!r}: relative residual {float(res.max()):.2e} after "
+                f"LiSSA did not converge for member {member.name!r}: relative residual {float(res.max()):.2e} after "
                 f"{steps} iterations (scale={s:.4g}); raise iterations or damping",
                 RuntimeWarning,
                 stacklevel=3,
