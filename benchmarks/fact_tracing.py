@@ -37,6 +37,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -254,47 +255,81 @@ def last_checkpoint(model, run_dir: Path) -> int:
     return last.step
 
 
-def tracin(model, tok, enc_train, enc_query, args, work: Path, hessian: str = "identity") -> tuple[dict, dict]:
-    """TracIn-CP scores ``(n_query, n_train)``, dot and cosine, over the Trainer checkpoints.
+def tracin(model, tok, enc_train, enc_query, args, work: Path) -> tuple[dict, dict, dict]:
+    """TracIn-CP scores ``(n_query, n_train)``, dot and cosine, for each curvature in ``args.hessian``.
 
-    ``hessian="identity"``: ``sum_c eta_c g_q . g_i`` (dot) and ``sum_c eta_c cos(g_q, g_i) / sum_c eta_c``;
-    otherwise the estimator's curvature transform is applied to the query (``g_q^T H_c^-1 g_i``), and the
-    cosine divides by ``sqrt(g_q^T H_c^-1 g_q) sqrt(g_i^T H_c^-1 g_i)``. The store in ``work/store`` holds the
-    projected training gradients; a complete store from an earlier run is reused as it is.
+    ``"identity"``: ``sum_c eta_c g_q . g_i`` (dot) and ``sum_c eta_c cos(g_q, g_i) / sum_c eta_c``;
+    ``"fisher"``: the estimator's damped empirical Fisher ``F_c`` of the stored projected features applied to the
+    query (``g_q^T F_c^-1 g_i``), the cosine dividing by ``sqrt(g_q^T F_c^-1 g_q) sqrt(g_i^T F_c^-1 g_i)``.
+    Every estimator reads one store in ``work/store`` (projected training gradients, written by the first and
+    reused as it is by the others and by a later run); the query features are computed once.
+
+    Returns ``(scores, info, unavailable)``: ``scores["tracin[-h]-dot|cos"]``, per-curvature timings and
+    checkpoint rates, and the curvatures that failed with their error.
     """
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ckpts = hf.members.Checkpoints.from_trainer(work / "run")
     model.eval()
-    kw = {} if hessian == "identity" else {"hessian": hessian}
-    t0 = time.perf_counter()
-    est = hf.Influence(hf.LanguageModelTask(model), members=ckpts, projection=hf.projections.Factorized(args.dim),
-                       store=work / "store", batch_size=args.grad_batch, progress=False, **kw)
-    est.fit(collate(enc_train, pad_id=pad))
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    queries = collate(enc_query, pad_id=pad)
-    per = est.pairwise(queries, reduce=None)  # (M, n_q, n_train), each term eta_c g_q^T H^-1 g_i
-    w = est.member_weights  # eta_c
-    train_sq = est.self_influence(reduce=None) / w[:, None]  # g_i^T H^-1 g_i per member
-    cos = np.zeros(per.shape[1:])
-    for m in range(per.shape[0]):
-        q_sq = query_self(est, queries, m, hessian)
-        cos += per[m] / (np.sqrt(q_sq)[:, None] * np.sqrt(train_sq[m])[None, :] + 1e-30)  # eta_c cos_c
-    info = {"steps": list(ckpts.steps), "lrs": [float(x) for x in w], "lr_sources": list(ckpts.lr_sources),
-            "fit_s": fit_s, "score_s": time.perf_counter() - t0}
-    return {"dot": per.sum(0), "cos": cos / w.sum()}, info
+    train, queries = collate(enc_train, pad_id=pad), collate(enc_query, pad_id=pad)
+    scores, info, unavailable, q_feats = {}, {}, {}, None
+    for h in args.hessian:
+        tag = "tracin" if h == "identity" else f"tracin-{h}"
+        t0 = time.perf_counter()
+        try:
+            kw = {} if h == "identity" else {"hessian": h}
+            est = hf.Influence(hf.LanguageModelTask(model), members=ckpts, projection=hf.projections.Factorized(args.dim),
+                               store=work / "store", batch_size=args.grad_batch, progress=False, **kw)
+            est.fit(train)
+            fit_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            per = est.pairwise(queries, reduce=None)  # (M, n_q, n_train), each term eta_c g_q^T H_c^-1 g_i
+            w = est.member_weights  # eta_c
+            train_sq = est.self_influence(reduce=None) / w[:, None]  # g_i^T H_c^-1 g_i
+            if q_feats is None:  # the projected query gradients: the same for every curvature
+                q_feats = [est.features(queries, member=m).double() for m in range(per.shape[0])]
+            cos = np.zeros(per.shape[1:])
+            for m in range(per.shape[0]):
+                q_sq = query_self(est, q_feats[m], m, h)
+                cos += per[m] / (np.sqrt(q_sq)[:, None] * np.sqrt(train_sq[m])[None, :] + 1e-30)  # eta_c cos_c
+        except Exception as e:  # a curvature that fails is reported as such; the others stand
+            if h == "identity":
+                raise
+            unavailable[tag] = f"{type(e).__name__}: {e}"
+            print(f"[{tag}] not available: {unavailable[tag]}", flush=True)
+            continue
+        scores[f"{tag}-dot"], scores[f"{tag}-cos"] = per.sum(0), cos / w.sum()
+        info[tag] = {"steps": list(ckpts.steps), "lrs": [float(x) for x in w], "lr_sources": list(ckpts.lr_sources),
+                     "fit_s": fit_s, "score_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0,
+                     "peak_rss_mb": peak_rss_mb(), "curvature": json_safe(est.hessian_report_)}
+        print(f"[{tag}] fit {fit_s:.1f} s, scoring {info[tag]['score_s']:.1f} s", flush=True)
+    return scores, info, unavailable
 
 
-def query_self(est, queries, m: int, hessian: str) -> np.ndarray:
-    """``g_q^T H_m^-1 g_q`` of each query at member ``m`` (``||g_q||^2`` for the identity)."""
-    q = est.features(queries, member=m).double()
+def json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
+
+
+def query_self(est, q: torch.Tensor, m: int, hessian: str) -> np.ndarray:
+    """``g_q^T H_m^-1 g_q`` for the query features ``q`` ``(n_q, dim)`` (``est.features(queries, member=m)``) at
+    member ``m`` (``||g_q||^2`` for the identity).
+
+    For ``hessian="fisher"``: ``||L^-1 g_q||^2`` with ``L`` the Cholesky factor of the member's damped
+    empirical Fisher that the estimator factorized in ``fit`` (``est.hessian.factor``, cached by member name).
+    """
+    q = q.double()
     if hessian == "identity":
         return (q * q).sum(1).numpy()
-    solved = None
-    for i, view in est._views():
-        if i == m:
-            solved = est._query_rows(view, est._names[m], q).double()
-    return (solved * q).sum(1).numpy()
+    if hessian != "fisher":
+        raise NotImplementedError(f"the cosine of hessian={hessian!r} scores is not implemented here")
+    chol, _ = est.hessian.factor(SimpleNamespace(name=est.member_names[m]))
+    z = torch.linalg.solve_triangular(chol, q.T.to(chol.dtype), upper=False)
+    return (z * z).sum(0).numpy()
 
 
 def tokens(text: str) -> list[str]:
@@ -415,24 +450,23 @@ def main() -> None:
     learned = [bool(np.argmin(r) == 0) for r in ft_losses]
     stage("eval_finetuned", t0)
 
-    scores, stage_of, tinfo, unavailable = {}, {}, {}, {}
-    for h in args.hessian:
-        tag = "tracin" if h == "identity" else f"tracin-{h}"
-        t0 = time.perf_counter()
-        try:
-            s, tinfo[h] = tracin(model, tok, enc_train, enc_query, args, work, hessian=h)
-        except (ValueError, TypeError, NotImplementedError, hf.errors.HessfreeError) as e:
-            unavailable[tag] = f"{type(e).__name__}: {e}"
-            print(f"[{tag}] not available: {unavailable[tag]}", flush=True)
-            continue
-        prev = work / f"{tag}.json"  # the featurization time of the run that filled the store
-        if prev.is_file():
-            tinfo[h]["first_fit_s"] = json.loads(prev.read_text())["fit_s"]
-        else:
-            write_json(prev, tinfo[h])
-        stage(tag, t0, **tinfo[h])
-        for kind in ("dot", "cos"):
-            scores[f"{tag}-{kind}"], stage_of[f"{tag}-{kind}"] = s[kind], tag
+    scores, stage_of = {}, {}
+    t0 = time.perf_counter()
+    tscores, tinfo, unavailable = tracin(model, tok, enc_train, enc_query, args, work)
+    prev = work / "tracin.json"  # timings of the run that filled the store (a rescoring run reads the store)
+    if prev.is_file():
+        first = json.loads(prev.read_text())
+        for tag, v in tinfo.items():
+            if tag in first:
+                v["first_fit_s"] = first[tag]["fit_s"]
+    first = json.loads(prev.read_text()) if prev.is_file() else {}
+    write_json(prev, first | {k: v for k, v in tinfo.items() if k not in first})
+    for tag, v in tinfo.items():
+        stages[tag] = {"wall_s": v["wall_s"], "rss_mb": rss_mb(), "peak_rss_mb": v["peak_rss_mb"],
+                       "fit_s": v["fit_s"], "first_fit_s": v.get("first_fit_s", v["fit_s"])}
+    for k, v in tscores.items():
+        scores[k], stage_of[k] = v, k.rsplit("-", 1)[0]
+    print(f"[tracin] {time.perf_counter() - t0:.1f} s", flush=True)
     baselines = {"bm25": bm25_scores, "embed": embed_scores}
     for base, fn in baselines.items():
         for with_answer in (True, False):
@@ -461,11 +495,13 @@ def main() -> None:
             "hit@10[not learned]", "mrr[not learned]", "spearman(margin, rr)", "wall_s", "peak_rss_mb"]
     table = markdown_table(rows, cols, {"wall_s": "{:.1f}", "peak_rss_mb": "{:.0f}"})
     stage_rows = [{"stage": k, **v, "cached": "yes" if v.get("cached") else ""} for k, v in stages.items()]
-    stage_table = markdown_table(stage_rows, ["stage", "wall_s", "rss_mb", "peak_rss_mb", "cached"],
-                                 {"wall_s": "{:.1f}", "rss_mb": "{:.0f}", "peak_rss_mb": "{:.0f}"})
+    stage_table = markdown_table(stage_rows, ["stage", "wall_s", "fit_s", "first_fit_s", "rss_mb", "peak_rss_mb",
+                                              "cached"],
+                                 {"wall_s": "{:.1f}", "fit_s": "{:.1f}", "first_fit_s": "{:.1f}", "rss_mb": "{:.0f}",
+                                  "peak_rss_mb": "{:.0f}"})
     label = ("QUICK SMOKE SIZE (--quick): checks that the pipeline runs; not the study's result"
              if args.quick else "full size" if name == "full" else f"custom size ({name})")
-    t = tinfo.get("identity", next(iter(tinfo.values()), {}))
+    t = tinfo["tracin"]
     summary = (f"{label}\n\n{len(train)} training rows, {len(facts)} planted facts x 3 paraphrases, "
                f"{len(facts)} queries; LoRA r={args.lora_r}, {args.epochs} epoch(s), lr {args.lr}, "
                f"{run['steps']} steps, checkpoints at steps {t.get('steps')} (learning rates "
