@@ -6,17 +6,26 @@ question/answer pairs, into which made-up facts are planted, each stated by 3 pa
 examples ("The capital of Veldoria is Marrin."). Names and templates come from a seeded generator.
 Each fact gets one query that asks about it in new words, with the planted answer as the response.
 
-Rankers of the training examples for each query:
+Rankers of the training examples for each query (positive = helps):
 
-  tracin-dot   hessfree TracIn-CP over the Trainer checkpoints (``Checkpoints.from_trainer``),
-               ``sum_c eta_c g_i . g_q`` with ``Factorized(dim)`` projected gradients and a store
-  tracin-cos   the same gradients, ``sum_c eta_c cos(g_i, g_q) / sum_c eta_c``
-  bm25         rank-bm25 (Okapi) over the training text (prompt + response), query = prompt + answer
-  embed        cosine similarity of all-MiniLM-L6-v2 mean-pooled embeddings, same texts
+  tracin-dot         hessfree TracIn-CP over the Trainer checkpoints (``Checkpoints.from_trainer``),
+                     ``sum_c eta_c g_i . g_q`` with ``Factorized(dim)`` projected gradients kept in a store
+  tracin-cos         the same gradients, ``sum_c eta_c cos(g_i, g_q) / sum_c eta_c``
+  tracin-fisher-dot  ``hessian="fisher"`` on the same store: ``sum_c eta_c g_i^T F_c^-1 g_q`` with ``F_c`` the
+                     damped empirical Fisher of checkpoint c's projected training gradients
+  tracin-fisher-cos  its cosine in the ``F_c^-1`` inner product, averaged over checkpoints as above
+  bm25               rank-bm25 (Okapi) over the training text (prompt + response), query = question + answer
+  embed              cosine similarity of all-MiniLM-L6-v2 mean-pooled embeddings, same texts
+  bm25-question, embed-question   the same with the question alone as the query
 
-Metrics: recall of the 3 planted examples in the top 3 and top 10, mean reciprocal rank of the first
-planted example; split by whether the fine-tuned model learned the fact (the planted answer has the lowest
-loss among the candidate answers, the other facts' answers); wall time and peak memory per stage.
+Metrics: recall of the 3 planted examples in the top 3 and top 10, hit@10 (at least one in the top 10), mean
+reciprocal rank of the first planted example (ties share their mean rank); split by whether the fine-tuned model
+learned the fact (the planted answer has the lowest loss among the candidate answers, the other facts' answers);
+wall time and peak memory per stage.
+
+The Trainer run, the gradient store and the stage timings stay in ``results/fact_tracing/work-<name>/``; the
+same command again reuses them (no retraining, no refeaturization) and rescores, e.g. after a new curvature
+was added. ``--fresh`` starts over; changed training settings start over by themselves.
 
 Install (benchmark-only packages; torch is kept by the constraints file):
 
@@ -24,7 +33,9 @@ Install (benchmark-only packages; torch is kept by the constraints file):
     pip install gguf rank-bm25 peft accelerate
 
 Run:  python benchmarks/fact_tracing.py --quick      (smoke size, a few minutes on 2 cores)
-      python benchmarks/fact_tracing.py              (full size: 50 facts, the whole corpus)
+      python benchmarks/fact_tracing.py --facts 50 --pool 200 --epochs 4 --lr 2e-3   (the reported run,
+            about an hour on 2 shared cores; see docs/fact_tracing.md)
+      python benchmarks/fact_tracing.py              (50 facts, the whole corpus: several hours on 2 cores)
 """
 
 from __future__ import annotations
@@ -383,8 +394,8 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=50)
     ap.add_argument("--pool", type=int, default=100000, help="chatterbot pairs in the pool (default: all)")
     ap.add_argument("--lora-r", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints saved over the run (about)")
     ap.add_argument("--max-length", type=int, default=48)
