@@ -266,54 +266,111 @@ def last_checkpoint(model, run_dir: Path) -> int:
     return last.step
 
 
+def estimator(model, args, work: Path, hessian: str = "identity"):
+    """The TracIn-CP estimator over the Trainer checkpoints, reading and writing the store in ``work/store``."""
+    ckpts = hf.members.Checkpoints.from_trainer(work / "run")
+    kw = {} if hessian == "identity" else {"hessian": hessian}
+    return hf.Influence(hf.LanguageModelTask(model), members=ckpts, projection=hf.projections.Factorized(args.dim),
+                        store=work / "store", batch_size=args.grad_batch, progress=False, **kw), ckpts
+
+
+def fit_when_free(est, train, wait_s: float = 3600.0):
+    """``est.fit(train)``, waiting while other processes (``--rank``) are still writing the store."""
+    t_end = time.time() + wait_s
+    while True:
+        try:
+            return est.fit(train)
+        except hf.store.StoreLockedError as e:
+            if time.time() > t_end:
+                raise
+            print(f"[store] {e}; waiting", flush=True)
+            time.sleep(20)
+
+
 def tracin(model, tok, enc_train, enc_query, args, work: Path) -> tuple[dict, dict, dict]:
     """TracIn-CP scores ``(n_query, n_train)``, dot and cosine, for each curvature in ``args.hessian``.
 
     ``"identity"``: ``sum_c eta_c g_q . g_i`` (dot) and ``sum_c eta_c cos(g_q, g_i) / sum_c eta_c``;
     ``"fisher"``: the estimator's damped empirical Fisher ``F_c`` of the stored projected features applied to the
     query (``g_q^T F_c^-1 g_i``), the cosine dividing by ``sqrt(g_q^T F_c^-1 g_q) sqrt(g_i^T F_c^-1 g_i)``.
-    Every estimator reads one store in ``work/store`` (projected training gradients, written by the first and
-    reused as it is by the others and by a later run); the query features are computed once.
+    Every estimator reads one store in ``work/store`` (projected training gradients, written by the first, or
+    by ``--rank`` processes, and reused as it is by the others and by a later run).
+
+    The query gradients are computed once (``est.features``) and scored against the stored training features
+    (``hf.store.GradientStore``); the first ``args.check_queries`` queries are scored again by ``est.pairwise`` and
+    must agree (else ``RuntimeError``), so the shortcut is checked against the library path on every run.
 
     Returns ``(scores, info, unavailable)``: ``scores["tracin[-h]-dot|cos"]``, per-curvature timings and
     checkpoint rates, and the curvatures that failed with their error.
     """
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ckpts = hf.members.Checkpoints.from_trainer(work / "run")
     model.eval()
     train, queries = collate(enc_train, pad_id=pad), collate(enc_query, pad_id=pad)
-    scores, info, unavailable, q_feats = {}, {}, {}, None
+    check = collate(enc_query[: args.check_queries], pad_id=pad)
+    scores, info, unavailable, q_feats, phi = {}, {}, {}, None, None
     for h in args.hessian:
         tag = "tracin" if h == "identity" else f"tracin-{h}"
         t0 = time.perf_counter()
         try:
-            kw = {} if h == "identity" else {"hessian": h}
-            est = hf.Influence(hf.LanguageModelTask(model), members=ckpts, projection=hf.projections.Factorized(args.dim),
-                               store=work / "store", batch_size=args.grad_batch, progress=False, **kw)
-            est.fit(train)
+            est, ckpts = estimator(model, args, work, h)
+            fit_when_free(est, train)
             fit_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            per = est.pairwise(queries, reduce=None)  # (M, n_q, n_train), each term eta_c g_q^T H_c^-1 g_i
             w = est.member_weights  # eta_c
+            n_members = len(w)
+            if q_feats is None:  # the projected query gradients and the stored training ones: the same for every h
+                q_feats = [est.features(queries, member=m).double() for m in range(n_members)]
+                store = hf.store.GradientStore.open_existing(work / "store")
+                phi = [store.rows(m, 0, store.n).double() for m in range(n_members)]
             train_sq = est.self_influence(reduce=None) / w[:, None]  # g_i^T H_c^-1 g_i
-            if q_feats is None:  # the projected query gradients: the same for every curvature
-                q_feats = [est.features(queries, member=m).double() for m in range(per.shape[0])]
-            cos = np.zeros(per.shape[1:])
-            for m in range(per.shape[0]):
-                q_sq = query_self(est, q_feats[m], m, h)
-                cos += per[m] / (np.sqrt(q_sq)[:, None] * np.sqrt(train_sq[m])[None, :] + 1e-30)  # eta_c cos_c
-        except Exception as e:  # a curvature that fails is reported as such; the others stand
+            dot, cos = np.zeros((len(enc_query), len(enc_train))), np.zeros((len(enc_query), len(enc_train)))
+            per = []
+            for m in range(n_members):
+                solved = query_solve(est, q_feats[m], m, h)  # H_c^-1 g_q
+                term = (solved @ phi[m].T).numpy()  # g_q^T H_c^-1 g_i
+                q_sq = (solved * q_feats[m]).sum(1).numpy()
+                per.append(w[m] * term)
+                dot += w[m] * term
+                cos += w[m] * term / (np.sqrt(q_sq)[:, None] * np.sqrt(train_sq[m])[None, :] + 1e-30)
+            ref = est.pairwise(check, reduce=None)  # the library path on the first queries
+            got = np.stack(per)[:, : args.check_queries]
+            err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-30))
+            if not err < 1e-3:
+                raise RuntimeError(f"{tag}: scores from the stored features differ from est.pairwise by {err:.2e} "
+                                   "(relative to the largest score)")
+        except Exception as e:  # a curvature that fails is reported as such; the identity must work
             if h == "identity":
                 raise
             unavailable[tag] = f"{type(e).__name__}: {e}"
             print(f"[{tag}] not available: {unavailable[tag]}", flush=True)
             continue
-        scores[f"{tag}-dot"], scores[f"{tag}-cos"] = per.sum(0), cos / w.sum()
+        scores[f"{tag}-dot"], scores[f"{tag}-cos"] = dot, cos / w.sum()
         info[tag] = {"steps": list(ckpts.steps), "lrs": [float(x) for x in w], "lr_sources": list(ckpts.lr_sources),
                      "fit_s": fit_s, "score_s": time.perf_counter() - t1, "wall_s": time.perf_counter() - t0,
-                     "peak_rss_mb": peak_rss_mb(), "curvature": json_safe(est.hessian_report_)}
-        print(f"[{tag}] fit {fit_s:.1f} s, scoring {info[tag]['score_s']:.1f} s", flush=True)
+                     "peak_rss_mb": peak_rss_mb(), "pairwise_check_rel_err": err,
+                     "curvature": json_safe(est.hessian_report_)}
+        print(f"[{tag}] fit {fit_s:.1f} s, scoring {info[tag]['score_s']:.1f} s, check vs pairwise {err:.1e}", flush=True)
     return scores, info, unavailable
+
+
+def featurize_rank(model, tok, enc_train, args, work: Path) -> None:
+    """``--rank r --world w``: one torch.distributed (gloo) rank that fills its share of the store once the
+    Trainer run is complete; the scoring process then reuses the store."""
+    import torch.distributed as dist
+
+    record = work / "train.json"
+    while not record.is_file():
+        time.sleep(15)
+    last_checkpoint(model, work / "run")
+    dist.init_process_group("gloo", init_method=f"file://{args.dist_file}", rank=args.rank, world_size=args.world)
+    try:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        t0 = time.perf_counter()
+        est, _ = estimator(model, args, work)
+        est.fit(collate(enc_train, pad_id=pad))
+        print(f"[rank {args.rank}] store filled: {time.perf_counter() - t0:.1f} s", flush=True)
+    finally:
+        dist.destroy_process_group()
 
 
 def json_safe(x):
@@ -326,21 +383,18 @@ def json_safe(x):
     return x if isinstance(x, (str, int, float, bool, type(None))) else str(x)
 
 
-def query_self(est, q: torch.Tensor, m: int, hessian: str) -> np.ndarray:
-    """``g_q^T H_m^-1 g_q`` for the query features ``q`` ``(n_q, dim)`` (``est.features(queries, member=m)``) at
-    member ``m`` (``||g_q||^2`` for the identity).
-
-    For ``hessian="fisher"``: ``||L^-1 g_q||^2`` with ``L`` the Cholesky factor of the member's damped
-    empirical Fisher that the estimator factorized in ``fit`` (``est.hessian.factor``, cached by member name).
-    """
+def query_solve(est, q: torch.Tensor, m: int, hessian: str) -> torch.Tensor:
+    """``H_m^-1 g_q`` (float64) for the query features ``q`` ``(n_q, dim)`` (``est.features(queries, member=m)``)
+    at member ``m``: ``q`` itself for the identity; for ``hessian="fisher"``, a solve with the Cholesky factor of
+    the member's damped empirical Fisher that the estimator factorized in ``fit`` (``est.hessian.factor``, cached
+    by member name)."""
     q = q.double()
     if hessian == "identity":
-        return (q * q).sum(1).numpy()
+        return q
     if hessian != "fisher":
         raise NotImplementedError(f"the cosine of hessian={hessian!r} scores is not implemented here")
     chol, _ = est.hessian.factor(SimpleNamespace(name=est.member_names[m]))
-    z = torch.linalg.solve_triangular(chol, q.T.to(chol.dtype), upper=False)
-    return (z * z).sum(0).numpy()
+    return torch.cholesky_solve(q.T.to(chol.dtype), chol).T
 
 
 def tokens(text: str) -> list[str]:
@@ -408,6 +462,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting when the cores are shared)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="results name (default: quick or full)")
+    ap.add_argument("--check-queries", type=int, default=4, help="queries also scored by est.pairwise (a check)")
+    ap.add_argument("--rank", type=int, default=None, help="only fill this share of the store (torch.distributed)")
+    ap.add_argument("--world", type=int, default=1, help="number of --rank processes")
+    ap.add_argument("--dist-file", default=None, help="file for the gloo rendezvous of the --rank processes")
     args = ap.parse_args()
     if args.quick:
         args.facts, args.pool, args.lora_r, args.epochs = 8, 100, 2, 1
@@ -419,7 +477,7 @@ def main() -> None:
     key = {k: getattr(args, k) for k in TRAIN_KEYS}
     record = work / "train.json"
     cached = not args.fresh and record.is_file() and json.loads(record.read_text()).get("key") == key
-    if not cached:
+    if not cached and args.rank is None:
         shutil.rmtree(work, ignore_errors=True)
     stages: dict[str, dict] = {}
 
@@ -436,6 +494,9 @@ def main() -> None:
     stage("load", t0)
     print(f"{len(train)} training rows ({len(train) - 3 * len(facts)} chatterbot pairs + {3 * len(facts)} planted), "
           f"{len(facts)} queries", flush=True)
+    if args.rank is not None:
+        featurize_rank(model, tok, enc_train, args, work)
+        return
 
     t0 = time.perf_counter()
     with model.disable_adapter():
