@@ -580,6 +580,8 @@ def main() -> None:
                f"{[f'{x:.2e}' for x in t.get('lrs', [])]}), projection dim {args.dim}, max_length {args.max_length}\n"
                f"answer accuracy ({args.candidates} candidates, chance {1 / args.candidates:.2f}): "
                f"base {acc_base:.2f}, fine-tuned {acc_ft:.2f} ({len(yes)} learned, {len(no)} not learned)")
+    if run.get("note"):
+        summary += f"\n{run['note']}"
     if unavailable:
         summary += "\n" + "\n".join(f"{k}: not available ({v})" for k, v in unavailable.items())
     print(summary)
