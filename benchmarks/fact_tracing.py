@@ -571,8 +571,9 @@ def main() -> None:
                                               "cached"],
                                  {"wall_s": "{:.1f}", "fit_s": "{:.1f}", "first_fit_s": "{:.1f}", "rss_mb": "{:.0f}",
                                   "peak_rss_mb": "{:.0f}"})
-    label = ("QUICK SMOKE SIZE (--quick): checks that the pipeline runs; not the study's result"
-             if args.quick else "full size" if name == "full" else f"custom size ({name})")
+    n_pool, n_corpus = len(train) - 3 * len(facts), len(load_corpus())
+    label = ("QUICK SMOKE SIZE (--quick): checks that the pipeline runs; not the study's result" if args.quick
+             else "full size" if n_pool == n_corpus else f"reduced size: {n_pool} of the {n_corpus} chatterbot pairs")
     t = tinfo["tracin"]
     summary = (f"{label}\n\n{len(train)} training rows, {len(facts)} planted facts x 3 paraphrases, "
                f"{len(facts)} queries; LoRA r={args.lora_r}, {args.epochs} epoch(s), lr {args.lr}, "
