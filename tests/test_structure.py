@@ -22,7 +22,7 @@ Three checks over the source of ``src/hessfree`` (read with ``ast``; nothing is 
   module-level name fails too; modules whose own name starts with ``_`` (``_io``,
   ``_progress``) are package-internal helpers and may be imported freely.
 
-``CORE_ALLOWED`` lists the estimator-core modules exempt for now; everything else passes for real.
+Every module passes; there are no exemptions.
 """
 
 from __future__ import annotations
@@ -31,13 +31,9 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "hessfree"
 MAX_LINES = 400
-
-CORE_ALLOWED: frozenset[str] = frozenset()  # no exemptions
-
 
 def _module_name(path: Path) -> str:
     rel = path.relative_to(SRC).with_suffix("")
@@ -185,17 +181,15 @@ def _label(m: str) -> str:
 def test_no_import_cycles():
     bad = []
     for cycle in _cycles(_graph()):
-        if set(cycle) <= CORE_ALLOWED:
-            continue
         bad.append(" -> ".join(_label(m) for m in cycle))
     assert not bad, "import cycles (lazy and TYPE_CHECKING imports count):\n" + "\n".join(bad)
 
 
 def test_no_file_over_400_lines():
     bad = []
-    for m, (path, _) in MODULES.items():
+    for path, _ in MODULES.values():
         n = len(path.read_text().splitlines())
-        if n > MAX_LINES and m not in CORE_ALLOWED:
+        if n > MAX_LINES:
             bad.append(f"{path.relative_to(SRC.parent)}: {n} lines")
     assert not bad, f"files over {MAX_LINES} lines; split them into modules:\n" + "\n".join(bad)
 
@@ -252,8 +246,6 @@ def _private_reads() -> list[str]:
             anywhere[n].add(m)
     bad = []
     for m, (path, tree) in MODULES.items():
-        if m in CORE_ALLOWED:
-            continue
         where = path.relative_to(SRC.parent)
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and _private(node.attr) and not _owner_is_self(node):
@@ -284,7 +276,3 @@ def test_the_checks_can_fail():
     attrs = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and not _owner_is_self(n)]
     assert attrs == ["_y"]
 
-
-@pytest.mark.parametrize("module", sorted(CORE_ALLOWED))
-def test_allow_list_names_real_modules(module):
-    assert module in MODULES, f"{module} is in CORE_ALLOWED but is not a module of hessfree"

@@ -344,6 +344,17 @@ class Influence(FeatureMaps, StoreMixin):
         out = all_reduce_sum(out)
         return out / self._n_user_members if reduce == "mean" else out
 
+    def query_features(self, data: Any, member: int = 0) -> torch.Tensor:
+        """Per-example features of ``data`` at ``member`` mapped through the query transform:
+        ``F^-1 phi`` with ``hessian="fisher"`` (a comparator's solve likewise), ``phi`` itself
+        for the identity. Their inner products with the training features are the terms of
+        :meth:`pairwise` before the member weight. Returns ``(n, feature_dim[member])``."""
+        feats = self.features(data, member)
+        for m, view in self._views():
+            if m == member:
+                return self._query_rows(view, self._names[m], feats.to(self.device)).cpu()
+        raise IndexError(f"member={member} is out of range: the estimator has {len(self._specs)} members")
+
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
         """Map per-example test features ``(B, D)`` to query space (the query
         transform applied to each row; the features themselves for the identity)."""

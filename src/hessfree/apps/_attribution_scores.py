@@ -29,11 +29,11 @@ def _one_token_copies(example: dict[str, torch.Tensor]) -> tuple[list[dict[str, 
 
 
 def _features(est: Influence, m: int, examples: list[dict], batch_size: int, pad_id: int) -> torch.Tensor:
-    """Per-example features ``(n, dim)`` fp64 of ``examples`` at member ``m`` (the same
-    map as the training features and the queries of ``top_k``)."""
+    """Per-example query features ``(n, dim)`` fp64 of ``examples`` at member ``m`` (the same
+    map as the training features, through the estimator's query transform, as the queries of ``top_k``)."""
     from ..selection import make_loader
 
-    return est.features(make_loader(examples, batch_size, pad_id), member=m).double()
+    return est.query_features(make_loader(examples, batch_size, pad_id), member=m).double()
 
 
 def _attribute_file(est: Influence, store_path: Path, tokenizer: Any, rows: list[Example], encoded: list[dict], train: list[Example],
@@ -105,7 +105,8 @@ def _cell(text: str, width: int = 120) -> str:
     return text.replace("|", "\\|")
 
 
-def _markdown(query_file: Path, train_file: Path, records: list[dict[str, Any]], est: Influence, per_token: bool) -> str:
+def _markdown(query_file: Path, train_file: Path, records: list[dict[str, Any]], est: Influence, per_token: bool,
+              hessian: str = "identity") -> str:
     lrs = ", ".join(f"{w:.3g}" for w in est.member_weights)
     lines = [
         f"# Training examples that helped each query of `{query_file.name}`",
@@ -116,7 +117,9 @@ def _markdown(query_file: Path, train_file: Path, records: list[dict[str, Any]],
            if isinstance(est.members, Checkpoints) else
            "no checkpoints: the model as it is, weight 1. Score = the first-order decrease of the query's loss per unit "
            "learning rate; ")
-        + "positive = the training example helped the query. ± = the standard deviation of the per-checkpoint terms.",
+        + "positive = the training example helped the query. ± = the standard deviation of the per-checkpoint terms."
+        + (" Each term is curvature-corrected: g_train^T F^-1 g_query with F the damped empirical Fisher of that "
+           "checkpoint's training gradients (hessian='fisher')." if hessian == "fisher" else ""),
         "",
     ]
     for rec in records:
