@@ -31,7 +31,6 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-
 SRC = Path(__file__).resolve().parent.parent / "src" / "hessfree"
 MAX_LINES = 400
 
