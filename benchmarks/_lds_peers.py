@@ -16,18 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _peers import kronfluence_ce_task
 from torch import nn
-
-
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def trak_pairwise(
@@ -89,30 +79,15 @@ def kronfluence_pairwise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, xq:
     Returns ``(n_test, n_train)``."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
 
-    class _CE(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            xb, yb = batch
-            logits = model(xb)
-            if not sample:
-                return F.cross_entropy(logits, yb, reduction="sum")
-            with torch.no_grad():
-                sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-            return F.cross_entropy(logits, sampled, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            xb, yb = batch
-            return F.cross_entropy(model(xb), yb, reduction="sum")
-
-    task = _CE()
+    task = kronfluence_ce_task()
     m = prepare_model(copy.deepcopy(model).eval(), task)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("lds", m, task, cpu=True, disable_tqdm=True, output_dir=tmp, disable_model_save=True)
-        train = _Pairs(x, y)
+        train = torch.utils.data.TensorDataset(x, y)
         analyzer.fit_all_factors("ekfac", train, per_device_batch_size=256, factor_args=FactorArguments(strategy="ekfac"),
                                  overwrite_output_dir=True)  # fmt: skip
-        analyzer.compute_pairwise_scores("pw", "ekfac", query_dataset=_Pairs(xq, yq), train_dataset=train,
+        analyzer.compute_pairwise_scores("pw", "ekfac", query_dataset=torch.utils.data.TensorDataset(xq, yq), train_dataset=train,
                                          per_device_query_batch_size=len(yq), per_device_train_batch_size=256,
                                          score_args=ScoreArguments(), overwrite_output_dir=True)  # fmt: skip
         scores = analyzer.load_pairwise_scores("pw")["all_modules"]
@@ -150,8 +125,8 @@ def dattri_trak(make_model: Callable[[], nn.Module], models: Sequence[nn.Module]
     task = AttributionTask(loss_func=margin, model=model, checkpoints=[m.state_dict() for m in models])
     attributor = TRAKAttributor(task=task, correct_probability_func=correct_prob, device="cpu",
                                 projector_kwargs={"proj_dim": proj_dim, "device": "cpu"})
-    train_loader = torch.utils.data.DataLoader(_Pairs(x, y), batch_size=256)
-    test_loader = torch.utils.data.DataLoader(_Pairs(xq, yq), batch_size=len(yq))
+    train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
+    test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xq, yq), batch_size=len(yq))
     attributor.cache(train_loader)
     scores = attributor.attribute(test_loader)  # (n_train, n_test)
     return np.asarray(scores.detach(), dtype=float).T.copy()

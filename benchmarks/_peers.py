@@ -93,17 +93,6 @@ def measure(fn: Callable[[], Any], isolate: bool = True) -> tuple[Any, float, fl
     return payload
 
 
-class _Pairs(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
-
-
 def captum_tracincp(
     make_model: Callable[[], nn.Module], checkpoints: list[dict], lrs: list[float], x: torch.Tensor, y: torch.Tensor
 ) -> np.ndarray:
@@ -128,7 +117,7 @@ def captum_tracincp(
         model = make_model()
         tracin = TracInCP(
             model,
-            _Pairs(x, y),
+            torch.utils.data.TensorDataset(x, y),
             paths,
             checkpoints_load_func=load,
             loss_fn=nn.CrossEntropyLoss(reduction="sum"),
@@ -184,14 +173,9 @@ def trak_self(
     return np.diag(scores).astype(float).copy()
 
 
-def kronfluence_ekfac(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """Kronfluence EK-FAC self-influence of the final model (all ``nn.Linear``
-    modules, default damping), on the CPU. Kronfluence works on a copy of the
-    model (its hooks are not left on the caller's model)."""
-    import copy
-
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
+def kronfluence_ce_task():
+    """A Kronfluence ``Task`` for ``(x, y)`` batches: summed cross-entropy as the training loss
+    (with labels sampled from the model for the Fisher when ``sample=True``) and as the measurement."""
     from kronfluence.task import Task
 
     class _CE(Task):
@@ -207,11 +191,23 @@ def kronfluence_ekfac(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
         def compute_measurement(self, batch, model):
             return self.compute_train_loss(batch, model)
 
-    task = _CE()
+    return _CE()
+
+
+def kronfluence_ekfac(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Kronfluence EK-FAC self-influence of the final model (all ``nn.Linear``
+    modules, default damping), on the CPU. Kronfluence works on a copy of the
+    model (its hooks are not left on the caller's model)."""
+    import copy
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    task = kronfluence_ce_task()
     m = prepare_model(copy.deepcopy(model).eval(), task)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("noisy", m, task, cpu=True, disable_tqdm=True, output_dir=tmp, disable_model_save=True)
-        data = _Pairs(x, y)
+        data = torch.utils.data.TensorDataset(x, y)
         analyzer.fit_all_factors("ekfac", data, per_device_batch_size=256, factor_args=FactorArguments(strategy="ekfac"),
                                  overwrite_output_dir=True)  # fmt: skip
         analyzer.compute_self_scores("self", "ekfac", data, per_device_train_batch_size=256,
