@@ -242,3 +242,28 @@ def test_checkpoint_tensor_of_another_shape_is_refused_not_broadcast(blobs):
 def test_learning_rate_that_is_not_a_finite_non_negative_number_is_refused(bad):
     with pytest.raises(ValueError, match=rf"learning rate {bad} of checkpoint 1 is not a finite number >= 0"):
         hf.members.Checkpoints([mlp().state_dict()] * 2, lrs=[0.1, bad])
+
+
+def test_a_view_of_a_recurrent_model_on_a_gpu_turns_cudnn_off_and_back(monkeypatch):
+    """cuDNN has no recurrent backward in eval mode, so a view of a model with a GRU/LSTM on a GPU
+    runs with cuDNN off (PyTorch's own kernels) and restores the setting after, also on an error.
+    No GPU here: the predicate is checked on the module types, and the switch with the predicate forced."""
+    from hessfree.members import views
+
+    gru = nn.Sequential(nn.GRU(3, 4))
+    assert not views._has_cuda_rnn(gru)  # on the CPU: nothing to do
+    assert not views._has_cuda_rnn(nn.Sequential(nn.Linear(3, 4)))
+    task = hf.ClassificationTask(nn.Linear(3, 2))
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    monkeypatch.setattr(views, "_has_cuda_rnn", lambda module: True)
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    with views.single_view(task, task.model, (x[:1], y[:1])):
+        assert torch.backends.cudnn.enabled is False
+    assert torch.backends.cudnn.enabled is True
+    with pytest.raises(RuntimeError), views.single_view(task, task.model, (x[:1], y[:1])):
+        raise RuntimeError("boom")
+    assert torch.backends.cudnn.enabled is True
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)  # the user turned it off: left off
+    with views.single_view(task, task.model, (x[:1], y[:1])):
+        assert torch.backends.cudnn.enabled is False
+    assert torch.backends.cudnn.enabled is False
