@@ -109,6 +109,8 @@ def test_defend_raises_accuracy_under_attack():
     assert res.clean_acc_after >= res.clean_acc_before - 0.01
     # planted examples are acted on far above their 9% share of the training data
     assert np.mean(res.indices >= 400) > 0.3
+    # the options of the estimator behind the influence scores; none for the random baseline
+    assert res.estimator["hessian"] == "identity" and res.estimator["members"] == "AsIs()" and rnd.estimator is None
     d = res.to_dict()
     assert d["indices"] == res.indices.tolist() and d["action"] == "remove"
 
@@ -152,6 +154,7 @@ def test_repair_fairness_shrinks_the_gap():
     # the most harmful examples are the planted ones
     assert np.mean(np.argsort(res.scores)[:60] >= 500) > 0.6
     assert res.to_dict()["curve"][0]["fraction"] == 0.05
+    assert res.to_dict()["estimator"]["hessian"] == "identity" and rnd.estimator is None
     # target_options reach the target: the scores equal the influence on that target, computed directly
     res_model = hf.apps._retrain.fit_model(lambda: nn.Linear(5, 1), x, y, 0, tk)
     opts = {"form": "loss_difference", "order": (1, 0)}

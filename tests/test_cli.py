@@ -14,6 +14,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+import hessfree as hf
 from hessfree.cli import app
 
 runner = CliRunner()
@@ -58,6 +59,13 @@ def test_noisy_labels_scores_every_csv_row_under_its_row_number_and_label(tmp_pa
     assert set(t["suggested_label"]) <= {"cat", "dog"}
     assert p["labels"]["codes"] == {"cat": 0, "dog": 1}
     assert "row 0 is the first line after the header" in p["row_numbering"]
+    # the default method scores in output space: no weight-space estimator to describe
+    assert p["method"] == "auto -> self" and p["estimator"] is None
+    # a weight-space method: the options of the estimator behind the scores, as hf.InfluenceArguments writes them
+    _ok(["noisy-labels", "--csv", path, "--label", "animal", "--epochs", 4, "--method", "self_weights", "--out", out])
+    est = json.loads((out / "noisy_labels.json").read_text())["estimator"]
+    assert est["hessian"] == "identity" and est["projection"] is None and "Checkpoints" in est["members"]
+    assert hf.InfluenceArguments.from_dict({k: v for k, v in est.items() if k != "members"}).engine == est["engine"]
     # the planted wrong labels are the ones found, by CSV row (scikit-learn's AUC over the file's rows)
     score_by_row = np.empty(len(file_rows))
     score_by_row[t["row"]] = t["score"]

@@ -51,6 +51,8 @@ class RowScores:
         accuracy: agreement of the models' predictions with the given labels
             (cross-fitting: each row predicted by the model that did not train on it).
         notes: anything the user should know (small classes and the like).
+        estimator: the options of the :class:`hessfree.Influence` behind the scores
+            (``InfluenceArguments.to_dict()``, the same for every fold), or ``None``.
     """
 
     score: np.ndarray
@@ -61,6 +63,7 @@ class RowScores:
     scheme: str
     accuracy: float
     notes: list[str] = field(default_factory=list)
+    estimator: dict | None = None
 
 
 def _train_with_checkpoints(arch: str, x: torch.Tensor, y: torch.Tensor, k: int, epochs: int, seed: int, progress: bool):
@@ -120,7 +123,7 @@ def score_rows(x: np.ndarray, y: np.ndarray, k: int, *, arch: str = "mlp", epoch
             f"{folds}-fold cross-fitting: each row scored (self-influence over the epoch checkpoints) by a model "
             "trained on the other folds, never on the row itself"
         )
-    return RowScores(score, unc, suggested, predicted, used, scheme, float(np.mean(predicted == y)), notes)
+    return RowScores(score, unc, suggested, predicted, used, scheme, float(np.mean(predicted == y)), notes, rep.estimator)
 
 
 def _record(i: int, rows: np.ndarray, labels: C.Labels, y: np.ndarray, s: RowScores) -> dict[str, Any]:
@@ -169,6 +172,7 @@ def run_noisy_labels(args: dict[str, Any]) -> dict:
         "agreement_with_given_labels": s.accuracy, "estimated_noise_share": share,
         "flag_rule": f"--top {top:g}" if top is not None else "as many as the estimated share of wrong labels",
         "n_flagged": n_flag, "cutoff_score": cutoff, "seconds_scoring": seconds, "notes": s.notes,
+        "estimator": s.estimator,
         "flagged": records[:n_flag],
         "table": {key: [r[key] for r in records] for key in records[0]} if records else {},
     }  # fmt: skip

@@ -53,6 +53,8 @@ class DefenseResult:
             retrained model (``None`` for minimal-perturbation attacks).
         attack: the attack, in words.
         attack_seed: seed of the draw of attacked held-out points.
+        estimator: the options of the :class:`hessfree.Influence` behind the scores
+            (``InfluenceArguments.to_dict()``); ``None`` when no estimator was used.
     """
 
     action: str
@@ -67,6 +69,7 @@ class DefenseResult:
     adaptive_acc_after: float | None
     attack: str
     attack_seed: int
+    estimator: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -178,4 +181,5 @@ def defend(
         adaptive_acc_after=adaptive_after,
         attack=repr(attack),
         attack_seed=int(attack_seed),
+        estimator=est.arguments.to_dict() if strategy == "influence" else None,
     )

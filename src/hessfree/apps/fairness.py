@@ -66,6 +66,8 @@ class FairnessResult:
         curve: one :class:`FairnessPoint` per fraction.
         scores: ``(n_train,)`` influence on the gap target (positive = the
             example narrows the gap); empty for the random baseline.
+        estimator: the options of the :class:`hessfree.Influence` behind the scores
+            (``InfluenceArguments.to_dict()``); ``None`` for the random baseline.
     """
 
     metric: str
@@ -75,6 +77,7 @@ class FairnessResult:
     acc_before: float
     curve: list[FairnessPoint] = field(default_factory=list)
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    estimator: dict | None = None
 
     def best(self, max_acc_drop: float = 0.01) -> FairnessPoint | None:
         """The point with the smallest gap whose accuracy is within
@@ -143,7 +146,8 @@ def repair_fairness(
     scores = np.zeros(0)
     if strategy == "influence":
         target = GAPS[metric]((xv, yv), groups=gv, favourable=favourable, **(target_options or {}))
-        scores = Influence(task, members=members, params=params, **influence_kwargs).fit((x, y)).influence(target)
+        est = Influence(task, members=members, params=params, **influence_kwargs).fit((x, y))
+        scores = est.influence(target)
     result = FairnessResult(
         metric=metric,
         action=action,
@@ -151,6 +155,7 @@ def repair_fairness(
         gap_before=group_gap(predict(model, xt), yt, gt, metric, favourable),
         acc_before=accuracy(model, xt, yt),
         scores=np.asarray(scores),
+        estimator=est.arguments.to_dict() if strategy == "influence" else None,
     )
     for fraction in fractions:
         kwargs, _ = curate(scores if scores.size else None, y, action, fraction, strategy, seed, 2)

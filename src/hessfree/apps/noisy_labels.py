@@ -231,6 +231,7 @@ def find_noisy_labels(
         diagnostics=diagnostics,
         members=[spec.name for spec in as_members(members).specs()],
         uncentred_classes=_small_classes(y.numpy()) if centred else [],
+        estimator=fitted[0].arguments.to_dict() if fitted else None,
     )
 
 

@@ -44,6 +44,8 @@ class NoisyLabelReport:
             ``"self"``, ``"combined"`` and ``"auto"`` without validation data).
             Their raw score is at least what centring would give, so they rank
             higher than they would in a large class: worth a look either way.
+        estimator: the options of the :class:`hessfree.Influence` behind the scores
+            (``InfluenceArguments.to_dict()``); ``None`` when no estimator was used.
     """
 
     index: np.ndarray
@@ -56,6 +58,7 @@ class NoisyLabelReport:
     members: list[str] = field(default_factory=list)
     diagnostics: dict[str, float] = field(default_factory=dict)
     uncentred_classes: list[int] = field(default_factory=list)
+    estimator: dict | None = None
 
     _COLUMNS = ("index", "score", "uncertainty", "given_label", "suggested_label", "predicted_label")
 
@@ -113,7 +116,7 @@ class NoisyLabelReport:
         d = {c: getattr(self, c).tolist() for c in self._COLUMNS}
         d.update(
             method=self.method, members=list(self.members), diagnostics=dict(self.diagnostics),
-            uncentred_classes=list(self.uncentred_classes),
+            uncentred_classes=list(self.uncentred_classes), estimator=self.estimator,
         )  # fmt: skip
         return d
 
