@@ -7,34 +7,7 @@ HIGHER = more suspicious. To evaluate influence scores (positive = helps), pass
 their negation.
 """
 
-from .evaluation import (
-    LDSResult,
-    average_precision,
-    cosine,
-    lds,
-    lds_score,
-    loo,
-    pearson,
-    recall_at_k,
-    retrain_subsets,
-    roc_auc,
-    sign_agreement,
-    spearman,
-    subset_masks,
-)
+from . import evaluation
+from .evaluation import *  # noqa: F403  (the names of hessfree.evaluation, under their established path)
 
-__all__ = [
-    "LDSResult",
-    "average_precision",
-    "cosine",
-    "lds",
-    "lds_score",
-    "loo",
-    "pearson",
-    "recall_at_k",
-    "retrain_subsets",
-    "roc_auc",
-    "sign_agreement",
-    "spearman",
-    "subset_masks",
-]
+__all__ = list(evaluation.__all__)
