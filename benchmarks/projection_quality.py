@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _util import markdown_table, write_json
+from throughput import CNN  # the same small CNN as the throughput benchmark
 from torch import nn
 
 import hessfree as hf
@@ -50,19 +51,6 @@ OUT = Path(__file__).parent / "results" / "projection_quality"
 DIMS = [4096, 1024, 256, 64]
 MODELS = ("mlp", "cnn", "gpt2", "llama_lora")
 VOCAB, SEQ = 512, 32
-
-
-class CNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32 * 7 * 7, 10)
-
-    def forward(self, x):
-        x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
-        return self.fc(x.flatten(1))
 
 
 def mnist(image: bool):
