@@ -47,8 +47,9 @@ def main(out: str, mode: str) -> None:
             (Path(out) / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
         torch.distributed.destroy_process_group()
         return
-    store = hf.Influence(task, **setup.kwargs, store=Path(out) / "store").fit(train)
-    memory = hf.Influence(task, **setup.kwargs).fit(train)
+    kw = {**setup.kwargs, "hessian": "fisher"} if mode == "fisher" else setup.kwargs  # "equal" or "fisher"
+    store = hf.Influence(task, **kw, store=Path(out) / "store").fit(train)
+    memory = hf.Influence(task, **kw).fit(train)
     res = {f"store_{k}": v for k, v in results(store, target, test).items()}
     res.update({f"memory_{k}": v for k, v in results(memory, target, test).items()})
     np.savez(Path(out) / f"rank{rank}.npz", **res)

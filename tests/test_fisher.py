@@ -3,11 +3,6 @@ checked against a numpy closed form built from a plain per-example autograd loop
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -202,16 +197,11 @@ def test_damping_rule_scales_with_the_features():
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).parent / "fisher_dist_worker.py"), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fisher_dist_worker import results, setup
+    from test_distributed import results, setup, torchrun
 
-    task, train, target, test, kw = setup()
-    single = results(hf.Influence(task, **kw).fit(train), target, test)
+    torchrun(tmp_path, "fisher")  # tests/dist_worker.py with hessian="fisher"
+    task, train, target, test = setup()
+    single = results(hf.Influence(task, **setup.kwargs, hessian="fisher").fit(train), target, test)
     for rank in (0, 1):
         got = np.load(tmp_path / f"rank{rank}.npz")
         for where in ("store", "memory"):
