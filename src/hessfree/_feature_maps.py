@@ -71,11 +71,17 @@ class FeatureMaps:
             ``(n, feature_dim[member])`` fp32 (fp64 for an fp64 model without
             projection); loss units per parameter unit.
         """
+        return self._member_features(data, member, query=False)
+
+    def _member_features(self, data: Any, member: int, query: bool) -> torch.Tensor:
+        """The features of ``data`` at ``member`` (one pass over the members, on the CPU);
+        with ``query=True`` mapped through the query transform (:meth:`query_features`)."""
         self._check_fitted()
         source = DataSource(data, batch_size=self.batch_size, name="data")
         for m, view in self._views():
             if m == member:
-                return torch.cat([f.cpu() for _, f in self._featurize(view, self._names[m], source, "data")])
+                feats = torch.cat([f.cpu() for _, f in self._featurize(view, self._names[m], source, "data")])
+                return self._query_rows(view, self._names[m], feats.to(self.device)).cpu() if query else feats
         raise IndexError(f"member={member} is out of range: the estimator has {len(self._specs)} members")
 
     def _featurize(self, view: MemberView, names: list[str], source: DataSource, what: str, bar=None, shard: bool = False):

@@ -349,11 +349,7 @@ class Influence(FeatureMaps, StoreMixin):
         ``F^-1 phi`` with ``hessian="fisher"`` (a comparator's solve likewise), ``phi`` itself
         for the identity. Their inner products with the training features are the terms of
         :meth:`pairwise` before the member weight. Returns ``(n, feature_dim[member])``."""
-        feats = self.features(data, member)
-        for m, view in self._views():
-            if m == member:
-                return self._query_rows(view, self._names[m], feats.to(self.device)).cpu()
-        raise IndexError(f"member={member} is out of range: the estimator has {len(self._specs)} members")
+        return self._member_features(data, member, query=True)
 
     def _query_rows(self, view: MemberView, names: list[str], feats: torch.Tensor) -> torch.Tensor:
         """Map per-example test features ``(B, D)`` to query space (the query
