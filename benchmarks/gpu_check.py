@@ -36,20 +36,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
 import hessfree as hf  # noqa: E402
+from hessfree.data import to_device  # noqa: E402
 from hessfree.errors import EngineError  # noqa: E402
 
 DEV = torch.device("cuda")
 SIZES = {"lm_n": 256, "mlp_n": 8192, "disk": (200_000, 1000, 256)}
-
-
-def to(obj, dev):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dev)
-    if isinstance(obj, dict):
-        return {k: to(v, dev) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to(v, dev) for v in obj)
-    return obj
 
 
 def sync():
@@ -68,7 +59,7 @@ def conformance() -> list[dict]:
             rows.append({"model": name, "engine": "-", "projection": "-", "result": f"skipped: {err}"})
             continue
         c.model.to(DEV)
-        train, examples = to(c.train, DEV), to(c.examples, DEV)
+        train, examples = to_device(c.train, DEV), [to_device(e, DEV) for e in c.examples]
         params = dict(c.model.named_parameters())
         chosen = [params[n] for n in c.names]
         ref = []
