@@ -18,7 +18,9 @@ method that uses them):
   IP over 5 independently trained models, ``hessian="fisher"`` (damped
   empirical Fisher of the projected features, default damping rule) with a
   Dense projection to k (1 and 5 models) and a Factorized one (1 model), and
-  on the exact gradients (k = D) when D <= 20,000; CG on all layers (damping 0.1).
+  on the exact gradients (k = D) when D <= 20,000; the same with ``damping_ratio=1``
+  (the ratio ``benchmarks/fisher_damping.py`` finds best on the CNN) for Dense
+  and Factorized, 1 model; CG on all layers (damping 0.1).
 * TRAK (``traker``, CPU ``BasicProjector``, k dimensions) with 1 and 5 models.
 * Kronfluence EK-FAC on the final model.
 * dattri's ``TRAKAttributor`` with 1 model.
@@ -134,6 +136,9 @@ def hessfree_scores(s: Setting, model, **kw) -> np.ndarray:
     return est.pairwise((s.xq, s.yq))
 
 
+RATIO_1 = {"damping_ratio": 1.0}
+
+
 def methods(s: Setting, model, res, seeds, k: int):
     """(name, family, uses the 4 extra models, thunk returning (n_test, n_train) scores)."""
     ens = [model, *seeds]
@@ -150,6 +155,12 @@ def methods(s: Setting, model, res, seeds, k: int):
          lambda: hessfree_scores(s, model, members=hf.members.Models(ens), projection=dense(), hessian="fisher")),
         (f"fisher, Factorized k={k}, 1 model", "hessfree", False,
          lambda: hessfree_scores(s, model, projection=hf.projections.Factorized(k), hessian="fisher")),
+        # damping_ratio 1: the ratio best on the CNN in benchmarks/fisher_damping.py, applied to both models
+        (f"fisher, Dense k={k}, damping ratio 1, 1 model", "hessfree", False,
+         lambda: hessfree_scores(s, model, projection=dense(), hessian="fisher", hessian_options=RATIO_1)),
+        (f"fisher, Factorized k={k}, damping ratio 1, 1 model", "hessfree", False,
+         lambda: hessfree_scores(s, model, projection=hf.projections.Factorized(k), hessian="fisher",
+                                 hessian_options=RATIO_1)),
         *([("fisher, exact gradients (k = D), 1 model", "hessfree", False,
             lambda: hessfree_scores(s, model, projection=hf.projections.Factorized(None), hessian="fisher"))]
           if n_params <= 20000 else []),  # the k x k Fisher of every parameter: small models only

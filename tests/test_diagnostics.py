@@ -227,6 +227,22 @@ def test_trust_fisher_at_a_small_damping_recommends_the_fisher():
     assert rep.verdict == "use hessian='fisher'" and rep.ground_truth["hessian"] > 0.9 and rep.angle_deg > 60
 
 
+def test_trust_heavily_damped_fisher_cannot_hide_what_retraining_shows():
+    """At damping_ratio=1 the Fisher agrees with the identity (rank 0.9999, a few degrees) on the stretched case;
+    the leave-group-out check still says the identity misses retraining, so the verdict is not 'adequate'."""
+    lam, scale = 0.01, torch.tensor([1.0, 16.0], dtype=torch.float64)
+    x, y = _fair_data(150, 0)
+    xv, yv = _fair_data(400, 1)
+    model = _logreg(x * scale, y, lam)
+    rep = trust(hf.ClassificationTask(model), (x * scale, y), (xv * scale, yv), hessian="fisher",
+                hessian_options={"damping_ratio": 1.0}, train_fn=lambda idx: _logreg(x * scale, y, lam, idx))
+    gt = rep.ground_truth
+    assert rep.spearman > 0.99 and rep.angle_deg < 10  # the curvature comparison alone would pass it
+    assert gt["identity"] < 0.8 and abs(gt["hessian"] - gt["identity"]) <= 0.05
+    assert rep.adequate is False and rep.verdict.startswith("identity is not reliable here")
+    assert any("rank correlation with the retrained changes" in r for r in rep.reasons)
+
+
 def test_trust_without_retraining_uses_the_agreement_thresholds(tmp_path):
     lam = 0.01
     x, y = _fair_data(150, 0)
