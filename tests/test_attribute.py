@@ -309,6 +309,8 @@ def test_bad_inputs_are_named_before_any_work(setup, tmp_path, monkeypatch):
         ({"tokenizer": None}, "tokenizer= is needed"),
         ({"query_files": [f / "queries.jsonl", tmp_path / "queries.jsonl"]}, "share the name 'queries'"),
         ({"query_files": []}, "query_files is empty"),
+        ({"damping_ratio": 0}, "damping_ratio must be a number > 0, got 0"),
+        ({"damping_ratio": 1.0, "hessian": "identity"}, "applies to hessian='fisher' only"),
     ]:
         with pytest.raises(ValueError, match=match):
             call(**kw)
@@ -434,17 +436,20 @@ def test_trust_compares_the_scores_with_the_damped_empirical_fisher_of_a_direct_
     assert saved["verdict"] == t.verdict and saved["spearman"] == pytest.approx(t.spearman)
 
 
-def test_fisher_terms_equal_numpy_on_loop_gradients_and_tokens_still_sum(setup, tmp_path):
+@pytest.mark.parametrize("damping_ratio", [None, 1.0])
+def test_fisher_terms_equal_numpy_on_loop_gradients_and_tokens_still_sum(setup, tmp_path, damping_ratio):
     """``hessian="fisher"`` (the default): term_c = lr_c g_i^T F_c^-1 g_q with F_c = G_c^T G_c / n + lambda_c I,
-    lambda_c = 0.1 * trace(G_c^T G_c / n) / D, from a plain autograd loop; the per-token scores sum to the score."""
-    (report,) = run(setup, tmp_path / "out", hessian="fisher", per_token=True)
+    lambda_c = r * trace(G_c^T G_c / n) / D (r = 0.1 by default, or ``damping_ratio``), from a plain autograd
+    loop; the per-token scores sum to the score."""
+    extra = {} if damping_ratio is None else {"damping_ratio": damping_ratio}
+    (report,) = run(setup, tmp_path / "out", hessian="fisher", per_token=True, **extra)
     terms = np.zeros((3, len(QUERIES), len(TRAIN)))
     for c in range(3):
         m = at_checkpoint(setup, c)
         g = torch.stack([grad_of(m, token_losses(m, r).mean()) for r in TRAIN]).double().numpy()
         q = torch.stack([grad_of(m, token_losses(m, r).mean()) for r in QUERIES]).double().numpy()
         gram = g.T @ g / len(TRAIN)
-        lam = 0.1 * np.trace(gram) / gram.shape[0]
+        lam = (damping_ratio or 0.1) * np.trace(gram) / gram.shape[0]
         terms[c] = LRS[c] * q @ np.linalg.solve(gram + lam * np.eye(gram.shape[0]), g.T)
     total = terms.sum(0)
     plain = direct(setup, QUERIES).sum(0)

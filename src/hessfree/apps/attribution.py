@@ -108,6 +108,7 @@ def attribute(
     batch_size: int = 8,
     seed: int = 0,
     hessian: str = "fisher",
+    damping_ratio: float | None = None,
     trust: bool = False,
     progress: bool | None = None,
 ) -> list[AttributionReport]:
@@ -165,6 +166,10 @@ def attribute(
         hessian: ``"fisher"`` (default; curvature-corrected terms, see the module
             docstring) or ``"identity"`` (plain TracIn-CP products). The store does
             not depend on it: one store serves both.
+        damping_ratio: with ``"fisher"``, ``lambda_c = damping_ratio * trace(F_c) / k``
+            (default ``None``: the rule of :class:`hessfree.hessian.EmpiricalFisher`,
+            0.1). On MNIST ``1.0`` gave a higher linear datamodeling score on both
+            models studied (``benchmarks/fisher_damping.py``, docs/fidelity.md part (d)).
         trust: also run :func:`hessfree.diagnostics.trust` on each query file's mean
             loss: identity scores against the damped empirical Fisher of the same
             (projected) training gradients, with a verdict on whether the identity is
@@ -196,6 +201,11 @@ def attribute(
         raise ValueError(f"hessian must be 'fisher' or 'identity', got {hessian!r}")
     if not isinstance(trust, bool):
         raise TypeError(f"trust must be True or False, got {trust!r}")
+    if damping_ratio is not None and not (isinstance(damping_ratio, (int, float)) and damping_ratio > 0):
+        raise ValueError(f"damping_ratio must be a number > 0, got {damping_ratio!r}")
+    if damping_ratio is not None and hessian != "fisher":
+        raise ValueError(f"damping_ratio={damping_ratio} applies to hessian='fisher' only, got hessian={hessian!r}")
+    options = None if damping_ratio is None else {"damping_ratio": float(damping_ratio)}
     train_path = Path(train_file)
     queries = [Path(query_files)] if isinstance(query_files, (str, os.PathLike)) else [Path(q) for q in query_files]
     if not queries:
@@ -271,7 +281,7 @@ def attribute(
     lm.eval()
     try:
         est = Influence(task, members=members, projection=projection, batch_size=batch_size, hessian=hessian,
-                        store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
+                        hessian_options=options, store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
         reports = []
         for q, stem, rows, encoded in zip(queries, stems, query_sets, query_enc):
             records = _attribute_file(est, out_dir / "store", tokenizer, rows, encoded, train, k, per_token, reduction, batch_size, pad_id)
@@ -282,7 +292,7 @@ def attribute(
                 from ..diagnostics import trust as trust_check
 
                 verdict = trust_check(est, make_loader(train_enc, batch_size, pad_id), make_loader(encoded, batch_size, pad_id),
-                                      hessian="fisher", batch_size=batch_size, progress=progress,
+                                      hessian="fisher", hessian_options=options, batch_size=batch_size, progress=progress,
                                       save_to=out_dir / f"{stem}.trust")  # fmt: skip
             reports.append(AttributionReport(q, jsonl, md, records, verdict))
     finally:

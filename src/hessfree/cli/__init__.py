@@ -274,6 +274,8 @@ def attribute_command(
     batch_size: int = typer.Option(8, parser=Number(int, 1, example="--batch-size 8"), help="Examples per batch."),
     seed: int = typer.Option(0, parser=SEED, help="Seed of the projection."),
     hessian: str = typer.Option("fisher", "--hessian", help="fisher: curvature-corrected terms (damped empirical Fisher of the stored gradients); identity: plain TracIn-CP products."),
+    damping_ratio: float = typer.Option(None, "--damping-ratio", parser=Number(float, 0, lo_open=True, example="--damping-ratio 1"),
+                                        help="With --hessian fisher: damping = this x the mean eigenvalue of each checkpoint's Fisher (default 0.1)."),  # fmt: skip
     trust: bool = typer.Option(False, "--trust", help="Also compare the scores with curvature-corrected ones (empirical Fisher) on each query file and say whether the identity is adequate (<query>.trust/trust.json)."),
 ) -> None:
     """The training examples that helped each query most (TracIn-CP over the checkpoints), as JSONL and markdown."""
@@ -287,7 +289,7 @@ def attribute_command(
         reports = attribute(
             model, train, query, out, adapter=adapter, checkpoints=checkpoints, lrs=lr, k=k,
             projection_dim=None if exact else dim, per_token=per_token, max_length=max_length,
-            batch_size=batch_size, seed=seed, hessian=hessian, trust=trust, progress=True,
+            batch_size=batch_size, seed=seed, hessian=hessian, damping_ratio=damping_ratio, trust=trust, progress=True,
         )  # fmt: skip
         for r in reports:
             typer.echo(f"{r.query_file}: top {k} training examples for {len(r.records)} queries -> {r.jsonl}, {r.markdown}")
