@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher_damping"))
     ap.add_argument("--retrainings", type=Path, default=Path("benchmarks/results/lds"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1, as benchmarks/lds.py: the CNN trains to other floats with 2)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@ points, L2 lambda = 0.01, LBFGS to the optimum, utility target on 400 held-out
 points), with its second feature stretched by c = 1, 4, 16 (condition number of
 the damped Hessian 1.6, 21, 327). For each c, ``hf.diagnostics.trust`` against
 the exact Hessian (damping = lambda) and the empirical Fisher at its default
-damping and at ``damping_ratio`` 0.01 and 0.001, each with a leave-group-out
+damping and at ``damping_ratio`` 1, 0.01 and 0.001, each with a leave-group-out
 spot check (30 groups of one example, retrained by the same LBFGS fit).
 
     python benchmarks/trust.py
@@ -31,6 +31,7 @@ LAM = 0.01
 COMPARATORS = {
     "exact (damping = lambda)": {"hessian": "exact", "damping": LAM},
     "fisher (default damping)": {"hessian": "fisher"},
+    "fisher, damping_ratio 1": {"hessian": "fisher", "hessian_options": {"damping_ratio": 1.0}},
     "fisher, damping_ratio 0.01": {"hessian": "fisher", "hessian_options": {"damping_ratio": 0.01}},
     "fisher, damping_ratio 0.001": {"hessian": "fisher", "hessian_options": {"damping_ratio": 0.001}},
 }
