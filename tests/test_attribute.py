@@ -412,12 +412,14 @@ def test_attribute_command_end_to_end_equals_the_library_call(tmp_path):
     assert bad.exit_code == 2 and "--k" in bad.output
 
 
-def test_trust_compares_the_scores_with_the_damped_empirical_fisher_of_a_direct_loop(setup, tmp_path):
+@pytest.mark.parametrize("hessian", ["identity", "fisher"])
+def test_trust_compares_the_scores_with_the_damped_empirical_fisher_of_a_direct_loop(setup, tmp_path, hessian):
     """``trust=True``: identity and Fisher scores of each query file's mean loss, each equal to numpy
-    on loop gradients (F_c = G_c^T G_c / n + lambda_c I, lambda_c = 0.1 * trace(G_c^T G_c / n) / D)."""
+    on loop gradients (F_c = G_c^T G_c / n + lambda_c I, lambda_c = 0.1 * trace(G_c^T G_c / n) / D), whichever
+    ``hessian`` the attribution itself uses."""
     from scipy.stats import spearmanr
 
-    (report,) = run(setup, tmp_path / "out", trust=True)
+    (report,) = run(setup, tmp_path / "out", trust=True, hessian=hessian)
     ident, fisher = np.zeros(len(TRAIN)), np.zeros(len(TRAIN))
     for c in range(3):
         m = at_checkpoint(setup, c)

@@ -243,6 +243,32 @@ def test_trust_heavily_damped_fisher_cannot_hide_what_retraining_shows():
     assert any("rank correlation with the retrained changes" in r for r in rep.reasons)
 
 
+def test_trust_builds_the_fisher_from_the_estimators_store_without_new_training_gradients(tmp_path):
+    """An identity estimator with a store: the Fisher side opens that store (no second pass of training gradients),
+    and its scores equal a Fisher estimator fitted from scratch and the numpy closed form on loop gradients."""
+    model, x, y = _mlp_data(n=80)
+    xv, yv = x[:20] + 0.1, y[:20]
+    est = hf.Influence(hf.ClassificationTask(model), store=tmp_path / "store", batch_size=16, progress=False).fit((x, y))
+    rows_seen = []
+    handle = model[0].register_forward_hook(lambda m, inp, out: rows_seen.append(inp[0].shape[0]))
+    try:
+        rep = trust(est, (x, y), (xv, yv), hessian="fisher", batch_size=16)
+    finally:
+        handle.remove()
+    # the identity scores come from the fitted estimator, the Fisher from its store: only the target's rows and the
+    # store's fingerprint rows are forwarded, never the 80 training rows again
+    assert sum(rows_seen) < x.shape[0]
+    fresh = hf.Influence(hf.ClassificationTask(model), hessian="fisher", batch_size=16, progress=False).fit((x, y))
+    target = hf.targets.Utility((xv, yv))
+    np.testing.assert_allclose(rep.scores_hessian, fresh.influence(target), rtol=1e-5, atol=1e-9)
+    g = _loop_gradients(model, x, y).numpy()
+    gq = _loop_gradients(model, xv, yv).numpy().mean(0)
+    fisher = g.T @ g / len(g)
+    fisher += 0.1 * np.trace(fisher) / len(fisher) * np.eye(len(fisher))
+    np.testing.assert_allclose(rep.scores_hessian, g @ np.linalg.solve(fisher, gq), rtol=1e-3,
+                               atol=1e-4 * np.abs(g @ np.linalg.solve(fisher, gq)).max())
+
+
 def test_trust_without_retraining_uses_the_agreement_thresholds(tmp_path):
     lam = 0.01
     x, y = _fair_data(150, 0)

@@ -172,8 +172,8 @@ def attribute(
             models studied (``benchmarks/fisher_damping.py``, docs/fidelity.md part (d)).
         trust: also run :func:`hessfree.diagnostics.trust` on each query file's mean
             loss: identity scores against the damped empirical Fisher of the same
-            (projected) training gradients, with a verdict on whether the identity is
-            adequate; the Fisher needs the training gradients a second time (kept in memory).
+            (projected) training gradients, both read from the store (no second pass
+            over the training data), with a verdict on whether the identity is adequate.
         progress: progress bars (``None``: only on a terminal).
 
     Returns:
@@ -282,7 +282,10 @@ def attribute(
     try:
         est = Influence(task, members=members, projection=projection, batch_size=batch_size, hessian=hessian,
                         hessian_options=options, store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
-        reports = []
+        reports, plain = [], est
+        if trust and hessian != "identity":  # trust() compares an identity estimator with the Fisher: on the same store
+            plain = Influence(task, members=members, projection=projection, batch_size=batch_size,
+                              store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
         for q, stem, rows, encoded in zip(queries, stems, query_sets, query_enc):
             records = _attribute_file(est, out_dir / "store", tokenizer, rows, encoded, train, k, per_token, reduction, batch_size, pad_id)
             jsonl = atomic_write_text(out_dir / f"{stem}.attribution.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -291,7 +294,7 @@ def attribute(
             if trust:
                 from ..diagnostics import trust as trust_check
 
-                verdict = trust_check(est, make_loader(train_enc, batch_size, pad_id), make_loader(encoded, batch_size, pad_id),
+                verdict = trust_check(plain, make_loader(train_enc, batch_size, pad_id), make_loader(encoded, batch_size, pad_id),
                                       hessian="fisher", hessian_options=options, batch_size=batch_size, progress=progress,
                                       save_to=out_dir / f"{stem}.trust")  # fmt: skip
             reports.append(AttributionReport(q, jsonl, md, records, verdict))

@@ -184,7 +184,9 @@ def trust(
 
     Args:
         task: the :class:`hessfree.Task`, or a configured identity :class:`hessfree.Influence`
-            (its task, members, params, projection and engine are used; if fitted, its scores are reused).
+            (its task, members, params, projection and engine are used; if fitted, its scores are reused;
+            with a ``store=`` and ``hessian="fisher"`` the curvature is built from that store, so the
+            training gradients are not computed or held in memory a second time).
         train: the training data (anything ``Influence.fit`` accepts).
         target: an :mod:`hessfree.targets` target, or held-out data (then ``Utility(data)``: mean loss).
         hessian, damping, hessian_options: the curvature to compare with, as for ``hf.Influence``
@@ -217,9 +219,15 @@ def trust(
         raise ValueError(f"margin must be >= 0, got {margin}")
     if isinstance(hessian, str) and hessian == "identity":
         raise ValueError("hessian='identity' compares the identity with itself; choose 'fisher', 'exact' or 'cg'")
-    est = None
+    est, reuse = None, {}
     if isinstance(task, Influence):
         est = task
+        a = est.arguments
+        if a.store is not None and members is None and params is None and projection is None \
+                and _features_space(hessian, damping, hessian_options):
+            # a transform of the stored features: open the estimator's store instead of computing and keeping
+            # the training features a second time (its arguments.json check refuses a mismatch)
+            reuse = {"store": a.store, "store_dtype": a.store_dtype, "train_map": a.train_map, "device": a.device}
         if est.hessian is not None:
             raise ValueError(f"trust() compares identity scores with hessian={hessian!r}, but the estimator given "
                              f"has {est.hessian!r}; pass one made with hessian='identity' (the default)")
@@ -235,7 +243,7 @@ def trust(
                          progress=progress, **kw)  # fmt: skip
 
     start = time.perf_counter()
-    curv = estimator(hessian=hessian, damping=damping, hessian_options=hessian_options)
+    curv = estimator(hessian=hessian, damping=damping, hessian_options=hessian_options, **reuse)
     if est is None:
         est = estimator()
     try:
@@ -284,6 +292,13 @@ def trust(
         Path(save_to).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(save_to) / RESULT_FILE, result.to_dict())
     return result
+
+
+def _features_space(hessian: Any, damping: float | None, options: dict | None) -> bool:
+    """Whether ``hessian`` transforms the (stored) features, as ``"fisher"`` does, rather than parameter space."""
+    from ..hessian import make_inverse_hessian
+
+    return getattr(make_inverse_hessian(hessian, damping, options), "space", None) == "features"
 
 
 def _verdict(r: dict, min_spearman: float, max_angle: float, margin: float) -> tuple[bool, list[str]]:
