@@ -217,25 +217,25 @@ def test_trust_passes_the_well_conditioned_case_and_flags_the_stretched_one(stre
     assert json.loads(json.dumps(rep.to_dict()))["adequate"] is adequate
 
 
-def test_trust_fisher_at_a_small_damping_recommends_the_fisher():
+def _stretched_trust(damping_ratio: float):
+    """trust() on part (a)'s stretched case (c = 16) against the Fisher at ``damping_ratio``, with leave-one-out."""
     lam, scale = 0.01, torch.tensor([1.0, 16.0], dtype=torch.float64)
     x, y = _fair_data(150, 0)
     xv, yv = _fair_data(400, 1)
     model = _logreg(x * scale, y, lam)
-    rep = trust(hf.ClassificationTask(model), (x * scale, y), (xv * scale, yv), hessian="fisher",
-                hessian_options={"damping_ratio": 0.001}, train_fn=lambda idx: _logreg(x * scale, y, lam, idx))
+    return trust(hf.ClassificationTask(model), (x * scale, y), (xv * scale, yv), hessian="fisher",
+                 hessian_options={"damping_ratio": damping_ratio}, train_fn=lambda idx: _logreg(x * scale, y, lam, idx))
+
+
+def test_trust_fisher_at_a_small_damping_recommends_the_fisher():
+    rep = _stretched_trust(0.001)
     assert rep.verdict == "use hessian='fisher'" and rep.ground_truth["hessian"] > 0.9 and rep.angle_deg > 60
 
 
 def test_trust_heavily_damped_fisher_cannot_hide_what_retraining_shows():
     """At damping_ratio=1 the Fisher agrees with the identity (rank 0.9999, a few degrees) on the stretched case;
     the leave-group-out check still says the identity misses retraining, so the verdict is not 'adequate'."""
-    lam, scale = 0.01, torch.tensor([1.0, 16.0], dtype=torch.float64)
-    x, y = _fair_data(150, 0)
-    xv, yv = _fair_data(400, 1)
-    model = _logreg(x * scale, y, lam)
-    rep = trust(hf.ClassificationTask(model), (x * scale, y), (xv * scale, yv), hessian="fisher",
-                hessian_options={"damping_ratio": 1.0}, train_fn=lambda idx: _logreg(x * scale, y, lam, idx))
+    rep = _stretched_trust(1.0)
     gt = rep.ground_truth
     assert rep.spearman > 0.99 and rep.angle_deg < 10  # the curvature comparison alone would pass it
     assert gt["identity"] < 0.8 and abs(gt["hessian"] - gt["identity"]) <= 0.05
