@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _peers import kronfluence_ce_task
+from _peers import kronfluence_ce_task, trak_scores
 from torch import nn
 
 
@@ -30,43 +30,9 @@ def trak_pairwise(
     proj_dim: int,
     batch_size: int = 256,
 ) -> np.ndarray:
-    """TRAK (Park et al., 2023, ``traker``) scores of every training example for
-    every query, ensembled over ``models`` (independently trained), with the
-    CPU ``BasicProjector`` (Rademacher, ``proj_dim`` dimensions, fp32, one
-    block: the matrix is drawn once and kept). TRAK's output function for
-    ``image_classification`` is the correct-class margin; its scores are
-    positive when the example raises the query's margin. Returns ``(n_test, n_train)``."""
-    from trak import TRAKer
-    from trak.projectors import BasicProjector, ProjectionType
-
-    n = len(y)
-    n_params = sum(p.numel() for p in models[0].parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        projector = BasicProjector(
-            grad_dim=n_params, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher, device="cpu",
-            dtype=torch.float32, block_size=proj_dim,
-        )  # fmt: skip
-        traker = TRAKer(
-            model=make_model().eval(), task="image_classification", train_set_size=n, save_dir=tmp, device="cpu",
-            projector=projector, proj_dim=proj_dim, use_half_precision=False, logging_level=40,
-        )  # fmt: skip
-        for mid, m in enumerate(models):
-            traker.load_checkpoint(m.state_dict(), model_id=mid)
-            for i in range(0, n, batch_size):
-                traker.featurize(batch=(x[i : i + batch_size], y[i : i + batch_size]),
-                                 num_samples=len(y[i : i + batch_size]))  # fmt: skip
-        traker.finalize_features()
-        # traker 0.3.2: finalize_features frees the one-block matrix and project() only redraws it when the
-        # model id changes, so with one model scoring fails ('no attribute proj_matrix'); force the redraw.
-        projector.model_id = -1
-        for mid, m in enumerate(models):
-            traker.start_scoring_checkpoint(exp_name="lds", checkpoint=m.state_dict(), model_id=mid,
-                                            num_targets=len(yq))  # fmt: skip
-            for i in range(0, len(yq), batch_size):
-                traker.score(batch=(xq[i : i + batch_size], yq[i : i + batch_size]),
-                             num_samples=len(yq[i : i + batch_size]))  # fmt: skip
-        scores = np.asarray(traker.finalize_scores(exp_name="lds"), dtype=float)  # (n_train, n_targets)
-    return scores.T.copy()
+    """:func:`_peers.trak_scores` (TRAK, ``traker``, CPU projector, ensembled over ``models``) as
+    ``(n_test, n_train)``: positive when the training example raises the test example's margin."""
+    return trak_scores(make_model, list(models), x, y, xq, yq, proj_dim, batch_size).T.copy()
 
 
 def kronfluence_pairwise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor,

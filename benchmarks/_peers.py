@@ -127,6 +127,56 @@ def captum_tracincp(
         return tracin.self_influence(show_progress=False).detach().numpy()
 
 
+def trak_scores(
+    make_model: Callable[[], nn.Module],
+    models: list[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    proj_dim: int,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """TRAK (Park et al., 2023, ``traker``) scores ``(n_train, n_query)`` of every
+    training example for every query, ensembled over ``models`` (independently
+    trained), with the CPU ``BasicProjector`` (Rademacher, ``proj_dim``
+    dimensions, fp32, one block: the projection matrix is drawn once and kept,
+    ``n_params x proj_dim`` floats; in smaller blocks TRAK redraws every block
+    for every batch, many times slower on a CPU). TRAK's output function for
+    ``image_classification`` is the correct-class margin; its scores are
+    positive when the example raises the query's margin."""
+    from trak import TRAKer
+    from trak.projectors import BasicProjector, ProjectionType
+
+    n = len(y)
+    n_params = sum(p.numel() for p in models[0].parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        projector = BasicProjector(
+            grad_dim=n_params, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher, device="cpu",
+            dtype=torch.float32, block_size=proj_dim,
+        )  # fmt: skip
+        traker = TRAKer(
+            model=make_model().eval(), task="image_classification", train_set_size=n, save_dir=tmp, device="cpu",
+            projector=projector, proj_dim=proj_dim, use_half_precision=False, logging_level=40,
+        )  # fmt: skip
+        for mid, m in enumerate(models):
+            traker.load_checkpoint(m.state_dict(), model_id=mid)
+            for i in range(0, n, batch_size):
+                traker.featurize(batch=(x[i : i + batch_size], y[i : i + batch_size]),
+                                 num_samples=len(y[i : i + batch_size]))  # fmt: skip
+        traker.finalize_features()
+        # traker 0.3.2: finalize_features frees the one-block matrix and project() only redraws it when the
+        # model id changes, so with one model scoring fails ('no attribute proj_matrix'); force the redraw.
+        projector.model_id = -1
+        for mid, m in enumerate(models):
+            traker.start_scoring_checkpoint(exp_name="scores", checkpoint=m.state_dict(), model_id=mid,
+                                            num_targets=len(yq))  # fmt: skip
+            for i in range(0, len(yq), batch_size):
+                traker.score(batch=(xq[i : i + batch_size], yq[i : i + batch_size]),
+                             num_samples=len(yq[i : i + batch_size]))  # fmt: skip
+        return np.asarray(traker.finalize_scores(exp_name="scores"), dtype=float)
+
+
 def trak_self(
     make_model: Callable[[], nn.Module],
     fit: Callable[[int], nn.Module],
@@ -136,41 +186,12 @@ def trak_self(
     proj_dim: int = 512,
     first: nn.Module | None = None,
 ) -> np.ndarray:
-    """TRAK self-influence (diagonal of the train-on-train TRAK score matrix),
-    averaged over ``n_models`` independently trained models (``fit(seed)``
-    trains one; ``first``, if given, is used as model 0, so ``n_models - 1``
-    are trained here and that time counts), CPU ``BasicProjector`` to
-    ``proj_dim`` dimensions, fp32 (one block: the projection matrix is drawn
-    once and kept, ``n_params x proj_dim`` floats; in smaller blocks TRAK redraws
-    every block for every batch, many times slower on a CPU)."""
-    from trak import TRAKer
-    from trak.projectors import BasicProjector, ProjectionType
-
+    """TRAK self-influence (diagonal of the train-on-train TRAK score matrix of
+    :func:`trak_scores`), averaged over ``n_models`` independently trained
+    models (``fit(seed)`` trains one; ``first``, if given, is used as model 0,
+    so ``n_models - 1`` are trained here and that time counts)."""
     models = [first if first is not None else fit(0)] + [fit(1000 + s) for s in range(1, n_models)]
-    n = len(y)
-    n_params = sum(p.numel() for p in models[0].parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        projector = BasicProjector(
-            grad_dim=n_params, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher, device="cpu",
-            dtype=torch.float32, block_size=proj_dim,
-        )  # fmt: skip
-        model = make_model().eval()
-        traker = TRAKer(
-            model=model, task="image_classification", train_set_size=n, save_dir=tmp, device="cpu",
-            projector=projector, proj_dim=proj_dim, use_half_precision=False, logging_level=40,
-        )  # fmt: skip
-        bs = 256
-        for mid, m in enumerate(models):
-            traker.load_checkpoint(m.state_dict(), model_id=mid)
-            for i in range(0, n, bs):
-                traker.featurize(batch=(x[i : i + bs], y[i : i + bs]), num_samples=len(y[i : i + bs]))
-        traker.finalize_features()
-        for mid, m in enumerate(models):
-            traker.start_scoring_checkpoint(exp_name="self", checkpoint=m.state_dict(), model_id=mid, num_targets=n)
-            for i in range(0, n, bs):
-                traker.score(batch=(x[i : i + bs], y[i : i + bs]), num_samples=len(y[i : i + bs]))
-        scores = np.asarray(traker.finalize_scores(exp_name="self"))  # (n_train, n_targets)
-    return np.diag(scores).astype(float).copy()
+    return np.diag(trak_scores(make_model, models, x, y, x, y, proj_dim)).copy()
 
 
 def kronfluence_ce_task():
