@@ -1,5 +1,5 @@
 """Peer attribution methods for the LDS study (benchmarks/lds.py): TRAK
-(``traker``), Kronfluence EK-FAC and dattri, each returning train-to-test
+(``traker``, :func:`_peers.trak_scores`, re-exported), Kronfluence EK-FAC and dattri, each returning train-to-test
 scores ``(n_test, n_train)`` for a classifier trained with cross-entropy, with
 hessfree's sign convention: positive = the training example helps the test
 example (raises its margin / lowers its loss).
@@ -16,23 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _peers import kronfluence_ce_task, trak_scores
+from _peers import kronfluence_ce_task, trak_scores  # noqa: F401  (trak_scores: re-exported for lds.py)
 from torch import nn
-
-
-def trak_pairwise(
-    make_model: Callable[[], nn.Module],
-    models: Sequence[nn.Module],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    xq: torch.Tensor,
-    yq: torch.Tensor,
-    proj_dim: int,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """:func:`_peers.trak_scores` (TRAK, ``traker``, CPU projector, ensembled over ``models``) as
-    ``(n_test, n_train)``: positive when the training example raises the test example's margin."""
-    return trak_scores(make_model, list(models), x, y, xq, yq, proj_dim, batch_size).T.copy()
 
 
 def kronfluence_pairwise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor,
