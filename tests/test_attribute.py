@@ -159,7 +159,7 @@ def test_exact_top_k_scores_member_terms_and_order_equal_a_direct_loop(setup, tm
             np.testing.assert_allclose(t["member_scores"], terms[:, j, i], rtol=1e-4, atol=1e-9)
             assert t["std"] == pytest.approx(np.std(terms[:, j, i], ddof=1), rel=1e-4, abs=1e-9)
             assert t["train_line"] == i + 1
-        assert rec["query_index"] == j and rec["k"] == 3
+        assert rec["query_index"] == j and rec["k"] == 3 and rec["hessian"] is None
     assert report.records[2]["query_text"] == "yxz"
     assert report.records[1]["top"][0]["train_text"] in {"ab\nxy", "hello", "cd\n\ne\nz", "abc\nxyz", "fg\nyx", "ba\nyy",
                                                          "xyzzy", "h\nzzx"}  # fmt: skip
@@ -309,7 +309,9 @@ def test_bad_inputs_are_named_before_any_work(setup, tmp_path, monkeypatch):
         ({"tokenizer": None}, "tokenizer= is needed"),
         ({"query_files": [f / "queries.jsonl", tmp_path / "queries.jsonl"]}, "share the name 'queries'"),
         ({"query_files": []}, "query_files is empty"),
-        ({"damping_ratio": 0}, "damping_ratio must be a number > 0, got 0"),
+        ({"damping_ratio": 0}, "damping_ratio must be a finite number > 0, got 0"),
+        ({"damping_ratio": True}, "damping_ratio must be a finite number > 0, got True"),
+        ({"damping_ratio": float("inf")}, "damping_ratio must be a finite number > 0, got inf"),
         ({"damping_ratio": 1.0, "hessian": "identity"}, "applies to hessian='fisher' only"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -410,6 +412,10 @@ def test_attribute_command_end_to_end_equals_the_library_call(tmp_path):
         np.testing.assert_allclose([t["score"] for t in g["top"]], [t["score"] for t in r["top"]], rtol=1e-6)
     bad = runner.invoke(app, [str(a) for a in args[:-4]] + ["--k", "0"])
     assert bad.exit_code == 2 and "--k" in bad.output
+    bad = runner.invoke(app, [str(a) for a in args] + ["--hessian", "Fisher"])
+    assert bad.exit_code == 2 and "--hessian 'Fisher' is not one of fisher, identity" in bad.output
+    bad = runner.invoke(app, [str(a) for a in args] + ["--hessian", "identity", "--damping-ratio", "1"])
+    assert bad.exit_code != 0 and "--damping-ratio 1 applies to --hessian fisher only" in bad.output
 
 
 @pytest.mark.parametrize("hessian", ["identity", "fisher"])
@@ -436,6 +442,21 @@ def test_trust_compares_the_scores_with_the_damped_empirical_fisher_of_a_direct_
     assert t.hessian == "fisher" and t.n_train == len(TRAIN)
     saved = json.loads((tmp_path / "out" / "queries.trust" / "trust.json").read_text())
     assert saved["verdict"] == t.verdict and saved["spearman"] == pytest.approx(t.spearman)
+    run(setup, tmp_path / "out", hessian=hessian)  # without the check: no verdict about other scores is left behind
+    assert not (tmp_path / "out" / "queries.trust" / "trust.json").exists()
+
+
+def test_fisher_on_exact_gradients_of_a_large_model_is_refused_before_any_file(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(attr, "FISHER_MAX_DIM", 100)
+    with pytest.raises(ValueError, match=r"needs a [\d,]+ x [\d,]+ matrix per checkpoint .*--dim.*--hessian identity"):
+        run(setup, tmp_path / "out", hessian="fisher")
+    assert not (tmp_path / "out" / "settings.json").exists()
+    monkeypatch.setattr(hf.Influence, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stopped")))
+    with pytest.raises(RuntimeError, match="stopped"):  # any failure before the store exists frees the folder too
+        run(setup, tmp_path / "out", hessian="fisher", projection_dim=24)
+    assert not (tmp_path / "out" / "settings.json").exists()
+    monkeypatch.undo()
+    run(setup, tmp_path / "out", hessian="identity", projection_dim=24)  # the folder is free for other settings
 
 
 @pytest.mark.parametrize("damping_ratio", [None, 1.0])
@@ -445,7 +466,7 @@ def test_fisher_terms_equal_numpy_on_loop_gradients_and_tokens_still_sum(setup, 
     loop; the per-token scores sum to the score."""
     extra = {} if damping_ratio is None else {"damping_ratio": damping_ratio}
     (report,) = run(setup, tmp_path / "out", hessian="fisher", per_token=True, **extra)
-    terms = np.zeros((3, len(QUERIES), len(TRAIN)))
+    terms, lams = np.zeros((3, len(QUERIES), len(TRAIN))), []
     for c in range(3):
         m = at_checkpoint(setup, c)
         g = torch.stack([grad_of(m, token_losses(m, r).mean()) for r in TRAIN]).double().numpy()
@@ -453,8 +474,13 @@ def test_fisher_terms_equal_numpy_on_loop_gradients_and_tokens_still_sum(setup, 
         gram = g.T @ g / len(TRAIN)
         lam = (damping_ratio or 0.1) * np.trace(gram) / gram.shape[0]
         terms[c] = LRS[c] * q @ np.linalg.solve(gram + lam * np.eye(gram.shape[0]), g.T)
+        lams.append(lam)
     total = terms.sum(0)
     plain = direct(setup, QUERIES).sum(0)
+    for rec in report.records:  # the settings of the curvature are in every record
+        assert rec["hessian"]["method"] == "fisher" and rec["hessian"]["damping_ratio"] == (damping_ratio or 0.1)
+        np.testing.assert_allclose(rec["hessian"]["damping"], lams, rtol=1e-5)
+    assert f"{lams[0]:.3g} ({damping_ratio or 0.1:g} x mean eigenvalue)" in report.markdown.read_text()
     assert not np.allclose(total, plain, rtol=0.05)  # the curvature changes the scores: the check can fail
     for j, rec in enumerate(report.records):
         assert [t["train_index"] for t in rec["top"]] == np.argsort(-total[j], kind="stable")[:3].tolist()

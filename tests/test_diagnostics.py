@@ -269,6 +269,32 @@ def test_trust_builds_the_fisher_from_the_estimators_store_without_new_training_
                                atol=1e-4 * np.abs(g @ np.linalg.solve(fisher, gq)).max())
 
 
+def test_trust_scores_train_not_what_an_estimator_without_a_store_was_fitted_on():
+    """A fitted estimator without a store cannot show which data it holds: the identity scores are those of train."""
+    model, x, y = _mlp_data(n=40)
+    xv, yv = x[:10] + 0.1, y[:10]
+    est = hf.Influence(hf.ClassificationTask(model), progress=False).fit((x, y))
+    flipped = (x.flip(0), y.flip(0))
+    rep = trust(est, flipped, (xv, yv), hessian="exact", damping=0.1)
+    fresh = hf.Influence(hf.ClassificationTask(model), progress=False).fit(flipped)
+    np.testing.assert_allclose(rep.scores_identity, fresh.influence(hf.targets.Utility((xv, yv))), rtol=1e-6, atol=1e-12)
+    assert not np.allclose(rep.scores_identity, est.influence(hf.targets.Utility((xv, yv))))  # the check can fail
+
+
+def test_trust_applies_a_projection_given_with_an_estimator_to_both_sides(tmp_path):
+    model, x, y = _mlp_data(n=40)
+    xv, yv = x[:10] + 0.1, y[:10]
+    est = hf.Influence(hf.ClassificationTask(model), projection=hf.projections.Factorized(64),
+                       store=tmp_path / "s", progress=False).fit((x, y))  # fmt: skip
+    small = hf.projections.Factorized(16, seed=3)
+    rep = trust(est, (x, y), (xv, yv), hessian="fisher", projection=small)
+    target = hf.targets.Utility((xv, yv))
+    ident = hf.Influence(hf.ClassificationTask(model), projection=small, progress=False).fit((x, y))
+    fisher = hf.Influence(hf.ClassificationTask(model), projection=small, hessian="fisher", progress=False).fit((x, y))
+    np.testing.assert_allclose(rep.scores_identity, ident.influence(target), rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(rep.scores_hessian, fisher.influence(target), rtol=1e-5, atol=1e-10)
+
+
 def test_trust_without_retraining_uses_the_agreement_thresholds(tmp_path):
     lam = 0.01
     x, y = _fair_data(150, 0)
@@ -280,19 +306,30 @@ def test_trust_without_retraining_uses_the_agreement_thresholds(tmp_path):
         rep = trust(est, (x * scale, y), hf.targets.Utility((xv * scale, yv)), hessian="exact", damping=lam,
                     save_to=tmp_path)
         assert rep.adequate is adequate and rep.ground_truth is None and rep.top_k == 7
+        if not adequate:  # the verdict says that nothing measured which side retraining agrees with
+            assert rep.verdict.startswith("use hessian='exact'; the two disagree, and without train_fn=")
         saved = json.loads((tmp_path / "trust.json").read_text())
         assert saved["verdict"] == rep.verdict and saved["spearman"] == pytest.approx(rep.spearman)
 
 
-def test_trust_refuses_bad_arguments_by_name():
+def test_trust_refuses_bad_arguments_by_name(tmp_path):
     model, x, y = _mlp_data(n=20)
     task = hf.ClassificationTask(model)
     with pytest.raises(ValueError, match="spot_check must be one of"):
         trust(task, (x, y), (x, y), hessian="exact", spot_check="loo")
     with pytest.raises(ValueError, match="n_groups=2"):
         trust(task, (x, y), (x, y), hessian="exact", n_groups=2)
-    with pytest.raises(ValueError, match="holds 20 training examples but train has 10"):
-        trust(hf.Influence(task, progress=False).fit((x, y)), (x[:10], y[:10]), (x, y), hessian="exact")
+    for kw, match in [({"top_k": 0}, r"top_k must be an integer in \[1, 20\]"), ({"top_k": 2.5}, "got 2.5"),
+                      ({"group_size": 11}, r"group_size must be an integer in \[1, 10\]"), ({"seed": -1}, "seed must be"),
+                      ({"hessian": "fisher", "damping": 0.1, "hessian_options": {"damping_ratio": 1.0}}, "not both"),
+                      ({"hessian": "fisher", "hessian_options": {"damping_ratio": "1"}}, "damping_ratio must be a finite number > 0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            trust(task, (x, y), (x, y), **{"hessian": "exact", "damping": 0.1, **kw})
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        trust(task, (x, y), (x, y), hessian="exact", damping=0.1, save_to=tmp_path / "a_file")
+    with pytest.raises(TypeError, match="train_fn must return the trained model"):
+        trust(task, (x, y), (x, y), hessian="exact", damping=0.1, train_fn=lambda idx: None, n_groups=5)
     with pytest.raises(ValueError, match="compares the identity with itself"):
         trust(task, (x, y), (x, y), hessian="identity")
     with pytest.raises(ValueError, match="made with hessian='identity'"):

@@ -119,7 +119,9 @@ def _markdown(query_file: Path, train_file: Path, records: list[dict[str, Any]],
            "learning rate; ")
         + "positive = the training example helped the query. ± = the standard deviation of the per-checkpoint terms."
         + (" Each term is curvature-corrected: g_train^T F^-1 g_query with F the damped empirical Fisher of that "
-           "checkpoint's training gradients (hessian='fisher')." if hessian == "fisher" else ""),
+           "checkpoint's training gradients (hessian='fisher'; damping "
+           + ", ".join(f"{r['damping']:.3g} ({r['damping_rule']})" for r in est.hessian_report_.values()) + ")."
+           if hessian == "fisher" else ""),
         "",
     ]
     for rec in records:

@@ -31,17 +31,21 @@ the same model, checkpoints, training file and projection.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .._io import atomic_write_json, atomic_write_text, check_settings
 from ..errors import HessfreeError
+from ..hessian.fisher import DEFAULT_MAX_DIM as FISHER_MAX_DIM
+from ..hessian.fisher import DEFAULT_RATIO
 from ..influence import Influence
 from ..llm import LanguageModelTask
 from ..projections import Factorized
@@ -131,7 +135,10 @@ def attribute(
       ``train_index`` the 0-based row of the training file (blank lines skipped),
       ``member_scores`` the terms ``eta_c g_i . g_q`` of each checkpoint (summing to
       ``score``) and ``std`` their sample standard deviation (``null`` with one
-      checkpoint); and ``<stem>.attribution.md``, the same as a readable report.
+      checkpoint), and ``"hessian"``: ``null`` for plain products, or
+      ``{"method": "fisher", "damping_ratio", "damping": [lambda_c per checkpoint]}``;
+      and ``<stem>.attribution.md``, the same as a readable report. A ``<stem>.trust/trust.json``
+      of an earlier ``trust=True`` call is removed when this call does not run the check.
 
     With ``per_token=True`` each top example also gets ``tokens``: for every response
     token ``t`` of the query, ``{"position", "token_id", "token", "score"}`` with
@@ -201,8 +208,9 @@ def attribute(
         raise ValueError(f"hessian must be 'fisher' or 'identity', got {hessian!r}")
     if not isinstance(trust, bool):
         raise TypeError(f"trust must be True or False, got {trust!r}")
-    if damping_ratio is not None and not (isinstance(damping_ratio, (int, float)) and damping_ratio > 0):
-        raise ValueError(f"damping_ratio must be a number > 0, got {damping_ratio!r}")
+    if damping_ratio is not None and not (isinstance(damping_ratio, (int, float, np.integer, np.floating))
+                                          and not isinstance(damping_ratio, bool) and 0 < damping_ratio < math.inf):
+        raise ValueError(f"damping_ratio must be a finite number > 0, got {damping_ratio!r}")
     if damping_ratio is not None and hessian != "fisher":
         raise ValueError(f"damping_ratio={damping_ratio} applies to hessian='fisher' only, got hessian={hessian!r}")
     options = None if damping_ratio is None else {"damping_ratio": float(damping_ratio)}
@@ -245,6 +253,13 @@ def attribute(
     query_enc = [[enc(e, str(q)) for e in rows] for q, rows in zip(queries, query_sets)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
+    if hessian == "fisher" and projection_dim is None:  # refused before any file is written
+        n_params = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+        if n_params > FISHER_MAX_DIM:
+            raise ValueError(f"hessian='fisher' on exact gradients needs a {n_params:,} x {n_params:,} matrix per "
+                             f"checkpoint (at most {FISHER_MAX_DIM:,}); project the gradients (projection_dim, "
+                             "--dim) or use hessian='identity' (--hessian identity)")
+
     # ---- settings: refuse another model / checkpoints / data / projection -------------------------------
     from ..store import fingerprint_tensors
 
@@ -266,11 +281,26 @@ def attribute(
                                        "labels": torch.cat([e["labels"] for e in train_enc])}),  # fmt: skip
     }
     settings_path = out_dir / SETTINGS_FILE
-    if settings_path.is_file():
+    fresh = not settings_path.is_file()
+    if fresh:
+        atomic_write_json(settings_path, settings)
+    else:
         check_settings(settings_path, json.loads(settings_path.read_text()), settings, error=AttributionSettingsError,
                        fix="use a new out_dir for the new settings, or the settings the folder was written with")  # fmt: skip
-    else:
-        atomic_write_json(settings_path, settings)
+    try:
+        return _run(lm, task_args=(reduction, members, projection_dim, seed, batch_size, hessian, options, progress),
+                    out_dir=out_dir, train=train, train_path=train_path, train_enc=train_enc, pad_id=pad_id,
+                    queries=queries, stems=stems, query_sets=query_sets, query_enc=query_enc, tokenizer=tokenizer,
+                    k=k, per_token=per_token, trust=trust)  # fmt: skip
+    except BaseException:
+        if fresh and not (out_dir / "store").exists():  # nothing was computed: the folder is not bound to these settings
+            settings_path.unlink(missing_ok=True)
+        raise
+
+
+def _run(lm, task_args, out_dir, train, train_path, train_enc, pad_id, queries, stems, query_sets, query_enc,
+         tokenizer, k, per_token, trust) -> list[AttributionReport]:
+    reduction, members, projection_dim, seed, batch_size, hessian, options, progress = task_args
 
     # ---- training features (stored once), then each query file --------------------------------------------
     from ..selection import make_loader
@@ -283,11 +313,19 @@ def attribute(
         est = Influence(task, members=members, projection=projection, batch_size=batch_size, hessian=hessian,
                         hessian_options=options, store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
         reports, plain = [], est
-        if trust and hessian != "identity":  # trust() compares an identity estimator with the Fisher: on the same store
+        if trust and hessian != "identity":  # trust() compares an identity estimator with the Fisher, on the same store
             plain = Influence(task, members=members, projection=projection, batch_size=batch_size,
-                              store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
+                              store=out_dir / "store", progress=progress)  # fmt: skip
+        curvature = None if hessian == "identity" else {
+            "method": "fisher", "damping_ratio": (options or {}).get("damping_ratio", DEFAULT_RATIO),
+            "damping": [rep["damping"] for rep in est.hessian_report_.values()]}  # fmt: skip
         for q, stem, rows, encoded in zip(queries, stems, query_sets, query_enc):
             records = _attribute_file(est, out_dir / "store", tokenizer, rows, encoded, train, k, per_token, reduction, batch_size, pad_id)
+            for rec in records:
+                rec["hessian"] = curvature
+            stale = out_dir / f"{stem}.trust" / "trust.json"
+            if not trust and stale.is_file():  # a verdict about earlier scores must not sit beside these
+                stale.unlink()
             jsonl = atomic_write_text(out_dir / f"{stem}.attribution.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             md = atomic_write_text(out_dir / f"{stem}.attribution.md", _markdown(q, train_path, records, est, per_token, hessian))
             verdict = None

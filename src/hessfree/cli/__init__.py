@@ -25,6 +25,7 @@ from ._options import (
     Number,
     _Group,
     _run,
+    choice_parser,
     fractions_parser,
 )
 
@@ -273,7 +274,8 @@ def attribute_command(
     max_length: int = typer.Option(256, parser=Number(int, 1, example="--max-length 256"), help="Tokens per example (responses truncated)."),
     batch_size: int = typer.Option(8, parser=Number(int, 1, example="--batch-size 8"), help="Examples per batch."),
     seed: int = typer.Option(0, parser=SEED, help="Seed of the projection."),
-    hessian: str = typer.Option("fisher", "--hessian", help="fisher: curvature-corrected terms (damped empirical Fisher of the stored gradients); identity: plain TracIn-CP products."),
+    hessian: str = typer.Option("fisher", "--hessian", parser=choice_parser("--hessian", ("fisher", "identity")),
+                                help="fisher (default): curvature-corrected terms (damped empirical Fisher of the stored gradients); identity: plain TracIn-CP products."),  # fmt: skip
     damping_ratio: float = typer.Option(None, "--damping-ratio", parser=Number(float, 0, lo_open=True, example="--damping-ratio 1"),
                                         help="With --hessian fisher: damping = this x the mean eigenvalue of each checkpoint's Fisher (default 0.1)."),  # fmt: skip
     trust: bool = typer.Option(False, "--trust", help="Also compare the scores with curvature-corrected ones (empirical Fisher) on each query file and say whether the identity is adequate (<query>.trust/trust.json)."),
@@ -283,6 +285,8 @@ def attribute_command(
     def body():
         from ..apps.attribution import attribute
 
+        if damping_ratio is not None and hessian != "fisher":
+            raise ValueError(f"--damping-ratio {damping_ratio:g} applies to --hessian fisher only (got --hessian {hessian})")
         for name, path in (("--model", model), ("--train", train), *(("--query", q) for q in query)):
             if not path.exists():
                 raise ValueError(f"{name} {str(path)!r} does not exist")
@@ -292,7 +296,8 @@ def attribute_command(
             batch_size=batch_size, seed=seed, hessian=hessian, damping_ratio=damping_ratio, trust=trust, progress=True,
         )  # fmt: skip
         for r in reports:
-            typer.echo(f"{r.query_file}: top {k} training examples for {len(r.records)} queries -> {r.jsonl}, {r.markdown}")
+            shown = max((len(rec["top"]) for rec in r.records), default=0)
+            typer.echo(f"{r.query_file}: top {shown} training examples for {len(r.records)} queries -> {r.jsonl}, {r.markdown}")
             if r.trust is not None:
                 typer.echo(f"trust, {r.query_file.name}:\n{r.trust}")
 

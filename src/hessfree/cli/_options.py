@@ -116,6 +116,17 @@ def fractions_parser(value: Any) -> list[float] | None:
     return out
 
 
+def choice_parser(flag: str, allowed: tuple[str, ...]) -> Callable[[Any], str]:
+    """A parser that accepts one of ``allowed`` (exactly) and names the flag and the choices otherwise."""
+
+    def parse(value: Any) -> str:
+        if value is None or value in allowed:
+            return value
+        raise typer.BadParameter(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+
+    return parse
+
+
 SEED = Number(int, 0, 2**32 - 1, example="--seed 0")
 EPOCHS = Number(int, 1, 10_000, example="--epochs 10", meaning="training epochs")
 SHARE_OPEN = Number(float, 0, 1, lo_open=True, hi_open=True, example="0.05")

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._io import atomic_write_json
-from ..errors import NotFittedError
 from ..hessian import target_directions
 from ..influence import Influence
 from ..metrics import cosine, lds_score, loo, retrain_subsets, spearman, subset_masks
@@ -184,15 +184,19 @@ def trust(
 
     Args:
         task: the :class:`hessfree.Task`, or a configured identity :class:`hessfree.Influence`
-            (its task, members, params, projection and engine are used; if fitted, its scores are reused;
-            with a ``store=`` and ``hessian="fisher"`` the curvature is built from that store, so the
-            training gradients are not computed or held in memory a second time).
+            (its task, members, params, projection and engine are used, the user's object is not
+            changed). With a ``store=`` (and no ``members`` / ``params`` / ``projection`` given here)
+            that store is reopened: ``train`` is checked against it (``StoreMismatchError``) and no
+            training gradient is computed again; with ``hessian="fisher"`` the curvature comes from the
+            same store. Without a store the identity scores are computed from ``train`` (a fitted
+            estimator's features could not be told apart from those of other data of the same size).
         train: the training data (anything ``Influence.fit`` accepts).
         target: an :mod:`hessfree.targets` target, or held-out data (then ``Utility(data)``: mean loss).
         hessian, damping, hessian_options: the curvature to compare with, as for ``hf.Influence``
             (``"fisher"``: the damped empirical Fisher of the stored features, the curvature of
             TRAK; ``"exact"``, ``"cg"``, ...).
-        projection, members, params: as for ``hf.Influence`` (the same for both estimators).
+        projection, members, params: as for ``hf.Influence`` (the same for both estimators; given with an
+            estimator, they replace its own for both).
         train_fn: ``train_fn(indices) -> model`` trains a fresh model on those
             examples, as the model was trained (seeded). With it, a spot check against retraining:
             ``spot_check="groups"`` removes ``n_groups`` random groups of ``group_size``
@@ -217,25 +221,32 @@ def trust(
                          f"little); got n_groups={n_groups!r}, n_subsets={n_subsets!r}")
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    n = size_of(train, "train")
+    if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= n):
+        raise ValueError(f"top_k must be an integer in [1, {n}] (the training examples), or None; got {top_k!r}")
+    if group_size is not None and not (_is_int(group_size) and 1 <= group_size <= n // 2):
+        raise ValueError(f"group_size must be an integer in [1, {n // 2}] (half of the {n} training examples), "
+                         f"or None; got {group_size!r}")
+    if not (_is_int(seed) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if save_to is not None and Path(save_to).exists() and not Path(save_to).is_dir():
+        raise ValueError(f"save_to={str(save_to)!r} is a file; give a folder (trust.json is written in it)")
     if isinstance(hessian, str) and hessian == "identity":
         raise ValueError("hessian='identity' compares the identity with itself; choose 'fisher', 'exact' or 'cg'")
-    est, reuse = None, {}
+    shared = {}
     if isinstance(task, Influence):
-        est = task
-        a = est.arguments
-        if a.store is not None and members is None and params is None and projection is None \
-                and _features_space(hessian, damping, hessian_options):
-            # a transform of the stored features: open the estimator's store instead of computing and keeping
-            # the training features a second time (its arguments.json check refuses a mismatch)
-            reuse = {"store": a.store, "store_dtype": a.store_dtype, "train_map": a.train_map, "device": a.device}
-        if est.hessian is not None:
+        given = task
+        if given.hessian is not None:
             raise ValueError(f"trust() compares identity scores with hessian={hessian!r}, but the estimator given "
-                             f"has {est.hessian!r}; pass one made with hessian='identity' (the default)")
-        task, members, params = est.task, est.members if members is None else members, est.params if params is None else params
-        projection, engine, batch_size = est.projection if projection is None else projection, est.engine, est.batch_size
+                             f"has {given.hessian!r}; pass one made with hessian='identity' (the default)")
+        a = given.arguments
+        if a.store is not None and members is None and params is None and projection is None:
+            # reopen its store: the training data is checked against it and no gradient is computed again
+            shared = {"store": a.store, "store_dtype": a.store_dtype, "train_map": a.train_map, "device": a.device}
+        task, members, params = given.task, given.members if members is None else members, given.params if params is None else params
+        projection, engine, batch_size = given.projection if projection is None else projection, given.engine, given.batch_size
     if not isinstance(target, Target):
         target = Utility(target)
-    n = size_of(train, "train")
     seconds = {}
 
     def estimator(**kw):
@@ -243,25 +254,22 @@ def trust(
                          progress=progress, **kw)  # fmt: skip
 
     start = time.perf_counter()
+    # a transform of the stored features ("fisher") opens the same store instead of computing and holding the
+    # training features a second time (the store's arguments.json check refuses a mismatch)
+    reuse = shared if _features_space(hessian, damping, hessian_options) else {}
     curv = estimator(hessian=hessian, damping=damping, hessian_options=hessian_options, **reuse)
-    if est is None:
-        est = estimator()
-    try:
-        s_id = est.influence(target)
-    except NotFittedError:
-        s_id = est.fit(train).influence(target)
+    s_id = estimator(**shared).fit(train).influence(target)
     seconds["identity"] = time.perf_counter() - start
-    if s_id.shape[0] != n:
-        raise ValueError(f"the estimator holds {s_id.shape[0]} training examples but train has {n}; fit it on train")
     start = time.perf_counter()
     s_c = curv.fit(train).influence(target)
     directions = target_directions(curv, target)
     seconds["hessian"] = time.perf_counter() - start
 
     name = _hessian_name(hessian)
-    k = top_k or max(5, min(100, n // 20))
+    k = top_k if top_k is not None else min(n, max(5, min(100, n // 20)))
     angles = [_angle(g, q) for g, q in directions]
-    conds = [r["condition_number"] for r in curv.hessian_report_.values() if r.get("condition_number") is not None]
+    conds = [r.get("condition_number") or r.get("condition_number_bound") for r in curv.hessian_report_.values()]
+    conds = [c for c in conds if c is not None]
     dampings = [r["damping"] for r in curv.hessian_report_.values() if r.get("damping") is not None]
     report = dict(hessian=name, n_train=n, spearman=spearman(s_id, s_c), top_k=k,
                   overlap_helpful=_overlap(s_id, s_c, k), overlap_harmful=_overlap(-s_id, -s_c, k),
@@ -271,6 +279,13 @@ def trust(
 
     if train_fn is not None:
         start = time.perf_counter()
+        user_fn = train_fn
+
+        def train_fn(idx):  # noqa: F811  (the user's, checked)
+            model = user_fn(idx)
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(f"train_fn must return the trained model (a torch.nn.Module), got {type(model).__name__}")
+            return model
 
         def measure(model):
             return target.evaluate(task, model)
@@ -283,8 +298,16 @@ def trust(
     if adequate:
         verdict = "identity is adequate here"
     elif gt is not None and gt["hessian"] - gt["identity"] <= margin:
-        verdict = (f"identity is not reliable here, and hessian={name!r} at this damping does not agree with "
-                   "retraining better; try a smaller damping (damping_ratio= in hessian_options for 'fisher')")
+        cond = report["condition_number"]
+        if cond is not None and cond > 1e6:  # the inverse amplifies poorly estimated directions a millionfold
+            advice = f"its condition number is {cond:.2g}: try a larger damping"
+        else:  # a damping that hides most of the curvature (the usual case: part (a) of docs/fidelity.md)
+            advice = "try a smaller damping"
+        verdict = (f"identity is not reliable here, and hessian={name!r} does not agree with retraining better; "
+                   f"{advice} (damping=, or damping_ratio= in hessian_options for 'fisher')")
+    elif gt is None:
+        verdict = (f"use hessian={name!r}; the two disagree, and without train_fn= nothing measured which one "
+                   "agrees with retraining (on the MNIST models of docs/fidelity.md part (d) it was the Fisher)")
     else:
         verdict = f"use hessian={name!r}"
     result = TrustReport(verdict=verdict, adequate=adequate, reasons=reasons, **report)
@@ -292,6 +315,10 @@ def trust(
         Path(save_to).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(save_to) / RESULT_FILE, result.to_dict())
     return result
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _features_space(hessian: Any, damping: float | None, options: dict | None) -> bool:

@@ -13,6 +13,13 @@ from scipy.linalg.blas import dsyrk
 from ..distributed import all_reduce_sum
 from .base import MemberInputs, QueryTransform
 
+DEFAULT_RATIO = 0.1
+DEFAULT_MAX_DIM = 20000
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
 
 class EmpiricalFisher(QueryTransform):
     """Curvature-corrected scores from the stored features: ``hessian="fisher"``.
@@ -53,7 +60,8 @@ class EmpiricalFisher(QueryTransform):
         damping: ``lambda >= 0`` for every member; ``None`` (default) uses the rule
             ``lambda_m = damping_ratio * trace(Phi_m^T Phi_m / n) / k`` (a fraction of
             the mean eigenvalue of the undamped Fisher).
-        damping_ratio: the fraction used by the default rule (default 0.1).
+        damping_ratio: the fraction used by the default rule (``None``: 0.1, the heuristic of
+            Kronfluence's damping; docs/fidelity.md part (d) measures others). Not with ``damping``.
         max_dim: refuse feature sizes ``k`` above this (a ``ValueError`` before any
             gradient is computed suggests ``projection=Factorized(k)``).
         eig_max_dim: up to this ``k`` the report gives the exact eigenvalue range
@@ -81,15 +89,19 @@ class EmpiricalFisher(QueryTransform):
     def __init__(
         self,
         damping: float | None = None,
-        damping_ratio: float = 0.1,
-        max_dim: int = 20000,
+        damping_ratio: float | None = None,
+        max_dim: int = DEFAULT_MAX_DIM,
         eig_max_dim: int = 512,
     ):
         super().__init__()
-        if damping is not None and (not np.isfinite(damping) or damping < 0):
-            raise ValueError(f"damping must be a finite number >= 0 (or None for the default rule), got {damping}")
-        if not (np.isfinite(damping_ratio) and damping_ratio > 0):
-            raise ValueError(f"damping_ratio must be a finite number > 0, got {damping_ratio}")
+        if damping is not None and not (_is_real(damping) and np.isfinite(damping) and damping >= 0):
+            raise ValueError(f"damping must be a finite number >= 0 (or None for the default rule), got {damping!r}")
+        if damping_ratio is not None and not (_is_real(damping_ratio) and np.isfinite(damping_ratio) and damping_ratio > 0):
+            raise ValueError(f"damping_ratio must be a finite number > 0 (or None: {DEFAULT_RATIO}), got {damping_ratio!r}")
+        if damping is not None and damping_ratio is not None:
+            raise ValueError(f"give damping={damping!r} or damping_ratio={damping_ratio!r}, not both: the ratio only "
+                             "sets the default rule")
+        damping_ratio = DEFAULT_RATIO if damping_ratio is None else damping_ratio
         if max_dim < 1:
             raise ValueError(f"max_dim must be >= 1, got {max_dim}")
         self.damping, self.damping_ratio = damping, float(damping_ratio)
@@ -113,8 +125,8 @@ class EmpiricalFisher(QueryTransform):
         self._report, self._pending = value, {}
 
     def options(self) -> dict[str, Any]:
-        return {"method": self.name, "damping": self.damping, "damping_ratio": self.damping_ratio,
-                "max_dim": self.max_dim}  # fmt: skip
+        return {"method": self.name, "damping": self.damping,
+                "damping_ratio": None if self.damping is not None else self.damping_ratio, "max_dim": self.max_dim}
 
     def check_dims(self, dims: list[int]) -> None:
         big = [k for k in dims if k > self.max_dim]
