@@ -269,7 +269,10 @@ def last_checkpoint(model, run_dir: Path) -> int:
 def estimator(model, args, work: Path, hessian: str = "identity"):
     """The TracIn-CP estimator over the Trainer checkpoints, reading and writing the store in ``work/store``."""
     ckpts = hf.members.Checkpoints.from_trainer(work / "run")
-    kw = {} if hessian == "identity" else {"hessian": hessian}
+    method, _, ratio = hessian.partition(":")  # "fisher:1": the Fisher with damping_ratio 1
+    kw = {} if method == "identity" else {"hessian": method}
+    if ratio:
+        kw["hessian_options"] = {"damping_ratio": float(ratio)}
     return hf.Influence(hf.LanguageModelTask(model), members=ckpts, projection=hf.projections.Factorized(args.dim),
                         store=work / "store", batch_size=args.grad_batch, progress=False, **kw), ckpts
 
@@ -309,7 +312,7 @@ def tracin(model, tok, enc_train, enc_query, args, work: Path) -> tuple[dict, di
     check = collate(enc_query[: args.check_queries], pad_id=pad)
     scores, info, unavailable, q_feats, phi = {}, {}, {}, None, None
     for h in args.hessian:
-        tag = "tracin" if h == "identity" else f"tracin-{h}"
+        tag = "tracin" if h == "identity" else f"tracin-{h.replace(':', '-r')}"
         t0 = time.perf_counter()
         try:
             est, ckpts = estimator(model, args, work, h)
@@ -391,7 +394,7 @@ def query_solve(est, q: torch.Tensor, m: int, hessian: str) -> torch.Tensor:
     q = q.double()
     if hessian == "identity":
         return q
-    if hessian != "fisher":
+    if hessian.partition(":")[0] != "fisher":
         raise NotImplementedError(f"the cosine of hessian={hessian!r} scores is not implemented here")
     chol, _ = est.hessian.factor(SimpleNamespace(name=est.member_names[m]))
     return torch.cholesky_solve(q.T.to(chol.dtype), chol).T
@@ -457,7 +460,8 @@ def main() -> None:
     ap.add_argument("--grad-batch", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=5, help="answers compared per query (1 planted)")
     ap.add_argument("--hessian", nargs="*", default=["identity", "fisher"],
-                    help="curvature transforms of the TracIn-CP scores (a missing one is reported as such)")
+                    help="curvature transforms of the TracIn-CP scores (a missing one is reported as such); "
+                         "'fisher:R' is the Fisher with damping_ratio R")
     ap.add_argument("--fresh", action="store_true", help="retrain and refeaturize even when the work folder has a run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting when the cores are shared)")
     ap.add_argument("--seed", type=int, default=0)
