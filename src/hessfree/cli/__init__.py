@@ -277,7 +277,7 @@ def attribute_command(
     hessian: str = typer.Option("fisher", "--hessian", parser=choice_parser("--hessian", ("fisher", "identity")),
                                 help="fisher (default): curvature-corrected terms (damped empirical Fisher of the stored gradients); identity: plain TracIn-CP products."),  # fmt: skip
     damping_ratio: float = typer.Option(None, "--damping-ratio", parser=Number(float, 0, lo_open=True, example="--damping-ratio 1"),
-                                        help="With --hessian fisher: damping = this x the mean eigenvalue of each checkpoint's Fisher (default 0.1)."),  # fmt: skip
+                                        help="With --hessian fisher: damping = this x the mean eigenvalue of each checkpoint's Fisher (default 1, see docs/fidelity.md part d)."),  # fmt: skip
     trust: bool = typer.Option(False, "--trust", help="Also compare the scores with curvature-corrected ones (empirical Fisher) on each query file and say whether the identity is adequate (<query>.trust/trust.json)."),
 ) -> None:
     """The training examples that helped each query most (TracIn-CP over the checkpoints), as JSONL and markdown."""
