@@ -410,6 +410,10 @@ def test_attribute_command_end_to_end_equals_the_library_call(tmp_path):
     for g, r in zip(got, ref.records):
         assert [t["train_index"] for t in g["top"]] == [t["train_index"] for t in r["top"]]
         np.testing.assert_allclose([t["score"] for t in g["top"]], [t["score"] for t in r["top"]], rtol=1e-6)
+    again = runner.invoke(app, [str(a) for a in args] + ["--trust"])  # the same store, and the verdict printed
+    assert again.exit_code == 0, again.output
+    assert "trust, q.jsonl:" in again.output and "Verdict: " in again.output and "retrains nothing" in again.output
+    assert (tmp_path / "cli" / "q.trust" / "trust.json").is_file()
     bad = runner.invoke(app, [str(a) for a in args[:-4]] + ["--k", "0"])
     assert bad.exit_code == 2 and "--k" in bad.output
     bad = runner.invoke(app, [str(a) for a in args] + ["--hessian", "Fisher"])

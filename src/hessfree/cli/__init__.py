@@ -300,6 +300,9 @@ def attribute_command(
             typer.echo(f"{r.query_file}: top {shown} training examples for {len(r.records)} queries -> {r.jsonl}, {r.markdown}")
             if r.trust is not None:
                 typer.echo(f"trust, {r.query_file.name}:\n{r.trust}")
+                if r.trust.ground_truth is None:
+                    typer.echo("(the command line retrains nothing; for the retraining spot check call "
+                               "hf.diagnostics.trust(..., train_fn=) from Python)")
 
     _run(body, RESUMABLE)
 
