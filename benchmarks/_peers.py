@@ -136,6 +136,7 @@ def trak_scores(
     yq: torch.Tensor,
     proj_dim: int,
     batch_size: int = 256,
+    lambda_reg: float = 0.0,
 ) -> np.ndarray:
     """TRAK (Park et al., 2023, ``traker``) scores ``(n_train, n_query)`` of every
     training example for every query, ensembled over ``models`` (independently
@@ -144,7 +145,8 @@ def trak_scores(
     ``n_params x proj_dim`` floats; in smaller blocks TRAK redraws every block
     for every batch, many times slower on a CPU). TRAK's output function for
     ``image_classification`` is the correct-class margin; its scores are
-    positive when the example raises the query's margin."""
+    positive when the example raises the query's margin. ``lambda_reg``: TRAK's ridge
+    term added to ``X^T X`` (its default 0)."""
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
@@ -157,7 +159,7 @@ def trak_scores(
         )  # fmt: skip
         traker = TRAKer(
             model=make_model().eval(), task="image_classification", train_set_size=n, save_dir=tmp, device="cpu",
-            projector=projector, proj_dim=proj_dim, use_half_precision=False, logging_level=40,
+            projector=projector, proj_dim=proj_dim, use_half_precision=False, logging_level=40, lambda_reg=lambda_reg,
         )  # fmt: skip
         for mid, m in enumerate(models):
             traker.load_checkpoint(m.state_dict(), model_id=mid)

@@ -137,6 +137,8 @@ def hessfree_scores(s: Setting, model, **kw) -> np.ndarray:
 
 
 RATIO_1 = {"damping_ratio": 1.0}
+# TRAK's ridge term, the best of benchmarks/trak_ridge.py's sweep (TRAK, 1 model, k = 2048) on the *other* model
+TRAK_RIDGE = {"mlp": 1000.0, "cnn": 100.0}
 
 
 def methods(s: Setting, model, res, seeds, k: int):
@@ -161,6 +163,12 @@ def methods(s: Setting, model, res, seeds, k: int):
         (f"fisher, Factorized k={k}, damping ratio 1, 1 model", "hessfree", False,
          lambda: hessfree_scores(s, model, projection=hf.projections.Factorized(k), hessian="fisher",
                                  hessian_options=RATIO_1)),
+        (f"fisher, Dense k={k}, damping ratio 1, 5 models", "hessfree", True,
+         lambda: hessfree_scores(s, model, members=hf.members.Models(ens), projection=dense(), hessian="fisher",
+                                 hessian_options=RATIO_1)),
+        (f"fisher, Factorized k={k}, damping ratio 1, 5 models", "hessfree", True,
+         lambda: hessfree_scores(s, model, members=hf.members.Models(ens), projection=hf.projections.Factorized(k),
+                                 hessian="fisher", hessian_options=RATIO_1)),
         *([("fisher, exact gradients (k = D), 1 model", "hessfree", False,
             lambda: hessfree_scores(s, model, projection=hf.projections.Factorized(None), hessian="fisher"))]
           if n_params <= 20000 else []),  # the k x k Fisher of every parameter: small models only
@@ -170,6 +178,10 @@ def methods(s: Setting, model, res, seeds, k: int):
          lambda: peers.trak_scores(s.make, [model], s.x, s.y, s.xq, s.yq, k).T),
         (f"TRAK k={k}, 5 models", "traker", True,
          lambda: peers.trak_scores(s.make, ens, s.x, s.y, s.xq, s.yq, k).T),
+        (f"TRAK k={k}, ridge {TRAK_RIDGE[s.name]:g}, 1 model", "traker", False,
+         lambda: peers.trak_scores(s.make, [model], s.x, s.y, s.xq, s.yq, k, lambda_reg=TRAK_RIDGE[s.name]).T),
+        (f"TRAK k={k}, ridge {TRAK_RIDGE[s.name]:g}, 5 models", "traker", True,
+         lambda: peers.trak_scores(s.make, ens, s.x, s.y, s.xq, s.yq, k, lambda_reg=TRAK_RIDGE[s.name]).T),
         ("Kronfluence EK-FAC", "kronfluence", False, lambda: peers.kronfluence_pairwise(model, s.x, s.y, s.xq, s.yq)),
         (f"dattri TRAK k={k}, 1 model", "dattri", False,
          lambda: peers.dattri_trak(s.make, [model], s.x, s.y, s.xq, s.yq, k)),
@@ -251,12 +263,16 @@ def floors(rows: list[dict], k: int) -> dict:
     LDS >= 0.9 x CG's at <= 1/3 of CG's seconds (wall and CPU seconds checked separately)."""
     ok = {r["method"]: r for r in rows if "lds" in r}
     trak5, cg = ok.get(f"TRAK k={k}, 5 models"), ok.get("CG, all layers (damping 0.1)")
+    ridge5 = next((r for m, r in ok.items() if m.startswith(f"TRAK k={k}, ridge") and m.endswith("5 models")), None)
     ours = [r for r in ok.values() if r["family"] == "hessfree"]
     out = {}
     for clock in ("seconds", "cpu_seconds"):
         if trak5 is not None:
             out[f"vs_trak5_{clock}"] = [r["method"] for r in ours
                                         if r["lds"] >= trak5["lds"] and r[clock] <= trak5[clock]]
+        if ridge5 is not None:
+            out[f"vs_trak5_ridge_{clock}"] = [r["method"] for r in ours
+                                              if r["lds"] >= ridge5["lds"] and r[clock] <= ridge5[clock]]
         if cg is not None:
             out[f"vs_cg_{clock}"] = [r["method"] for r in ours if r["method"] != cg["method"]
                                      and r["lds"] >= 0.9 * cg["lds"] and r[clock] <= cg[clock] / 3]
