@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.covariance import ledoit_wolf_shrinkage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,8 +70,6 @@ def run_model(key: str, args) -> dict:
             est = hf.Influence(hf.ClassificationTask(model), **kw).fit((s.x, s.y))  # fills the store once
             featurize_s = time.perf_counter() - t0
             phi = est.query_features((s.x, s.y)).double().numpy()  # the stored rows, for the shrinkage
-            from sklearn.covariance import ledoit_wolf_shrinkage
-
             shrink = float(ledoit_wolf_shrinkage(phi, assume_centered=True, block_size=4096))
             del phi
             lw_ratio = shrink / (1.0 - shrink)

@@ -32,20 +32,19 @@ the same model, checkpoints, training file and projection.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .._io import atomic_write_json, atomic_write_text, check_settings
 from ..errors import HessfreeError
 from ..hessian.fisher import DEFAULT_MAX_DIM as FISHER_MAX_DIM
+from ..hessian.fisher import check_damping_ratio
 from ..influence import Influence
 from ..llm import LanguageModelTask
 from ..projections import Factorized
@@ -212,9 +211,8 @@ def attribute(
         raise ValueError(f"hessian must be 'fisher' or 'identity', got {hessian!r}")
     if not isinstance(trust, bool):
         raise TypeError(f"trust must be True or False, got {trust!r}")
-    if damping_ratio is not None and not (isinstance(damping_ratio, (int, float, np.integer, np.floating))
-                                          and not isinstance(damping_ratio, bool) and 0 < damping_ratio < math.inf):
-        raise ValueError(f"damping_ratio must be a finite number > 0, got {damping_ratio!r}")
+    if damping_ratio is not None:
+        check_damping_ratio(damping_ratio)
     if damping_ratio is not None and hessian != "fisher":
         raise ValueError(f"damping_ratio={damping_ratio} applies to hessian='fisher' only, got hessian={hessian!r}")
     options = None if hessian != "fisher" else {
@@ -292,20 +290,6 @@ def attribute(
     else:
         check_settings(settings_path, json.loads(settings_path.read_text()), settings, error=AttributionSettingsError,
                        fix="use a new out_dir for the new settings, or the settings the folder was written with")  # fmt: skip
-    try:
-        return _run(lm, task_args=(reduction, members, projection_dim, seed, batch_size, hessian, options, progress),
-                    out_dir=out_dir, train=train, train_path=train_path, train_enc=train_enc, pad_id=pad_id,
-                    queries=queries, stems=stems, query_sets=query_sets, query_enc=query_enc, tokenizer=tokenizer,
-                    k=k, per_token=per_token, trust=trust)  # fmt: skip
-    except BaseException:
-        if fresh and not (out_dir / "store").exists():  # nothing was computed: the folder is not bound to these settings
-            settings_path.unlink(missing_ok=True)
-        raise
-
-
-def _run(lm, task_args, out_dir, train, train_path, train_enc, pad_id, queries, stems, query_sets, query_enc,
-         tokenizer, k, per_token, trust) -> list[AttributionReport]:
-    reduction, members, projection_dim, seed, batch_size, hessian, options, progress = task_args
 
     # ---- training features (stored once), then each query file --------------------------------------------
     from ..selection import make_loader
@@ -314,7 +298,7 @@ def _run(lm, task_args, out_dir, train, train_path, train_enc, pad_id, queries, 
     projection = Factorized(projection_dim, seed=seed) if projection_dim is not None else None
     was = lm.training
     lm.eval()
-    try:
+    try:  # a failure before the store exists frees the folder of the settings.json written above
         est = Influence(task, members=members, projection=projection, batch_size=batch_size, hessian=hessian,
                         hessian_options=options, store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
         reports, plain = [], est
@@ -341,6 +325,10 @@ def _run(lm, task_args, out_dir, train, train_path, train_enc, pad_id, queries, 
                                       hessian="fisher", hessian_options=options, batch_size=batch_size, progress=progress,
                                       save_to=out_dir / f"{stem}.trust")  # fmt: skip
             reports.append(AttributionReport(q, jsonl, md, records, verdict))
+    except BaseException:
+        if fresh and not (out_dir / "store").exists():  # nothing was computed: the folder is not bound to these settings
+            settings_path.unlink(missing_ok=True)
+        raise
     finally:
         lm.train(was)
     return reports

@@ -21,6 +21,13 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
+def check_damping_ratio(value: Any) -> float:
+    """``value`` as a float when it is a finite number > 0 (not a bool); otherwise ``ValueError`` naming it."""
+    if not (_is_real(value) and np.isfinite(value) and value > 0):
+        raise ValueError(f"damping_ratio must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 class EmpiricalFisher(QueryTransform):
     """Curvature-corrected scores from the stored features: ``hessian="fisher"``.
 
@@ -96,8 +103,8 @@ class EmpiricalFisher(QueryTransform):
         super().__init__()
         if damping is not None and not (_is_real(damping) and np.isfinite(damping) and damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0 (or None for the default rule), got {damping!r}")
-        if damping_ratio is not None and not (_is_real(damping_ratio) and np.isfinite(damping_ratio) and damping_ratio > 0):
-            raise ValueError(f"damping_ratio must be a finite number > 0 (or None: {DEFAULT_RATIO}), got {damping_ratio!r}")
+        if damping_ratio is not None:
+            check_damping_ratio(damping_ratio)
         if damping is not None and damping_ratio is not None:
             raise ValueError(f"give damping={damping!r} or damping_ratio={damping_ratio!r}, not both: the ratio only "
                              "sets the default rule")
