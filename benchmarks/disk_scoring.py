@@ -1,23 +1,28 @@
 """Scoring from the disk store against ``torch.mm`` on the same shapes in memory.
 
-A store of ``--n`` (default 200,000) training rows of ``--dim`` (default 1,000) fp32
-features is written the way ``fit`` writes one (batches of ``--batch`` rows, each with
-its crc32), then ``Q`` queries (``--queries``, default 64 and 256) are scored against
-every row:
+``fit`` writes a store of ``--n`` (default 200,000) training rows of ``--dim``
+(default 1,000) fp32 features: the per-example gradients of a linear regression
+``nn.Linear(dim, 1, bias=False)`` on random data (batches of ``--batch`` rows, each
+with its crc32). Then ``Q`` test examples (``--queries``, default 64 and 256) are
+scored against every row by the library's own path, ``est.pairwise(test)``:
 
 * ``mm``: ``torch.mm(features, queries.T)`` with all ``n x dim`` features already in
-  memory (one call; the speed limit);
-* ``store``: :func:`hessfree.scoring.stream_scores` over ``GradientStore.blocks``
-  (``--block`` rows per block, default 8192): every block read from the store's file
-  and verified against the crc32 of each recorded batch it covers, then multiplied.
+  memory and the queries already computed (one call, a new output; the speed limit);
+* ``first call``: ``pairwise`` of an estimator just reopened on the store
+  (``fit()``): the file is memory-mapped and every recorded batch is checked against
+  its crc32 before its rows are multiplied (``score_block_rows`` rows at a time);
+* ``later calls``: ``pairwise`` again on the same estimator; batches it found sound
+  are not checked again while the file's identity (inode, size, modification and
+  change times) stays the same.
 
-Both give the same ``(Q, n)`` fp32 scores (checked to 1e-4 relative). GFLOP/s counts
-``2 * Q * dim * n`` floating-point operations; the ratio ``store / mm`` is the share of
-the in-memory speed that scoring from disk keeps. Timings are the best of ``--repeat``
-interleaved runs (a shared machine's load hits both alike). The store file is read
-through the operating system's page cache (it was just written, so it is warm: the
-numbers measure the store's read path, not the disk). ``--threads`` sets torch's
-intra-op threads for both.
+``pairwise`` also computes the Q test gradients and returns float64 scores; that is
+part of its time. All give the same ``(Q, n)`` scores (checked to 1e-4 relative).
+GFLOP/s counts ``2 * Q * dim * n`` floating-point operations; ``call / mm`` is the
+share of the in-memory speed that scoring from disk keeps. Timings are the best of
+``--repeat`` interleaved runs (a shared machine's load hits all alike); the ratio of
+the medians is printed too. The store file is read through the operating system's
+page cache (it was just written, so it is warm: the numbers measure the store's read
+path, not the disk). ``--threads`` sets torch's intra-op threads for all.
 
     python benchmarks/disk_scoring.py                       # 200,000 x 1,000, Q = 64 and 256
     python benchmarks/disk_scoring.py --n 20000 --repeat 2  # a quick look
@@ -39,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hessfree.scoring import stream_scores
+import hessfree as hf
 from hessfree.store import GradientStore
 
 try:
@@ -48,56 +53,57 @@ except ImportError:  # a version whose store checks with zlib
     from zlib import crc32 as _crc32
 
 
-def write_store(path: Path, n: int, dim: int, batch: int, seed: int = 0) -> GradientStore:
-    """A complete fp32 store of ``n`` random rows, written in batches of ``batch`` rows."""
-    store = GradientStore.open(path, {"n": n, "dims": [dim], "dtype": "float32"})
-    gen = torch.Generator().manual_seed(seed)
-    records = []
-    for s in range(0, n, batch):
-        e = min(s + batch, n)
-        records.append(store.write(0, s, torch.randn(e - s, dim, generator=gen), np.zeros(e - s)))
-    store.record(0, 0, records)
-    store.mark_complete()
-    store.release()
-    return GradientStore.open_existing(path)
+def reopen(task, path: Path, block: int) -> hf.Influence:
+    est = hf.Influence(task, store=path).fit()  # a complete store: no training data needed
+    est.score_block_rows = block
+    return est
 
 
-def measure(store: GradientStore, feats: torch.Tensor, n_q: int, block: int, repeat: int) -> dict:
+def measure(task, path: Path, feats: torch.Tensor, n_q: int, block: int, repeat: int) -> dict:
     n, dim = feats.shape
-    queries = torch.randn(n_q, dim, generator=torch.Generator().manual_seed(1))
-    out = np.empty((n_q, n), dtype=np.float32, order="F")
-    res = torch.empty(n, n_q)
-    t_store, t_mm = [], []
+    gen = torch.Generator().manual_seed(n_q)
+    test = (torch.randn(n_q, dim, generator=gen), torch.randn(n_q, generator=gen))
+    est = reopen(task, path, block)
+    queries = est.query_features(test)  # (Q, dim): the rows pairwise multiplies by
+    scores = est.pairwise(test)  # this estimator has now checked every batch
+    times: dict[str, list[float]] = {"first": [], "later": [], "mm": [], "queries": []}
     for _ in range(repeat):
+        fresh = reopen(task, path, block)  # a new estimator checks every batch again
         t = time.perf_counter()
-        stream_scores(queries, store.blocks(0, 0, n, block), out)
-        t_store.append(time.perf_counter() - t)
+        fresh.pairwise(test)
+        times["first"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        torch.mm(feats, queries.T, out=res)
-        t_mm.append(time.perf_counter() - t)
-    np.testing.assert_allclose(out.T, res.numpy(), rtol=1e-4, atol=1e-4)
+        scores = est.pairwise(test)
+        times["later"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        res = torch.mm(feats, queries.T)
+        times["mm"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        est.query_features(test)
+        times["queries"].append(time.perf_counter() - t)
+    np.testing.assert_allclose(scores, res.T.double().numpy(), rtol=1e-4, atol=1e-4 * float(res.abs().max()))
     flops = 2.0 * n_q * dim * n
-    g_store, g_mm = flops / min(t_store) / 1e9, flops / min(t_mm) / 1e9
-    return {
-        "queries": n_q,
-        "seconds_store": min(t_store),
-        "seconds_mm": min(t_mm),
-        "gflops_store": g_store,
-        "gflops_mm": g_mm,
-        "ratio": g_store / g_mm,
-        "all_seconds_store": t_store,
-        "all_seconds_mm": t_mm,
-    }
+    row = {"queries": n_q}
+    for k, ts in times.items():
+        row[f"seconds_{k}"] = min(ts)
+        row[f"median_seconds_{k}"] = float(np.median(ts))
+        row[f"all_seconds_{k}"] = ts
+        if k != "queries":
+            row[f"gflops_{k}"] = flops / min(ts) / 1e9
+    for k in ("first", "later"):
+        row[f"ratio_{k}"] = row[f"gflops_{k}"] / row["gflops_mm"]
+        row[f"median_ratio_{k}"] = row["median_seconds_mm"] / row[f"median_seconds_{k}"]
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200_000, help="training rows")
     ap.add_argument("--dim", type=int, default=1000, help="feature dimension")
-    ap.add_argument("--queries", default="64,256", help="comma-separated numbers of query rows")
+    ap.add_argument("--queries", default="64,256", help="comma-separated numbers of test examples")
     ap.add_argument("--batch", type=int, default=256, help="rows per recorded batch (one crc32 each)")
     ap.add_argument("--block", type=int, default=8192, help="rows per scoring block (score_block_rows)")
-    ap.add_argument("--repeat", type=int, default=5, help="interleaved runs; the best of each is kept")
+    ap.add_argument("--repeat", type=int, default=7, help="interleaved runs; the best and the median are kept")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--dir", default=None, help="folder for the temporary store (default: the system's)")
     ap.add_argument("--out", default="benchmarks/results/disk_scoring.json", help="JSON result ('' for none)")
@@ -107,23 +113,31 @@ def main() -> None:
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="hf-disk-scoring-", dir=args.dir) as tmp:
+        torch.manual_seed(0)
+        task = hf.RegressionTask(torch.nn.Linear(args.dim, 1, bias=False))
+        train = (torch.randn(args.n, args.dim), torch.randn(args.n))
+        path = Path(tmp) / "store"
         t = time.perf_counter()
-        store = write_store(Path(tmp) / "store", args.n, args.dim, args.batch)
+        hf.Influence(task, batch_size=args.batch, store=path).fit(train)
         write_s = time.perf_counter() - t
-        feats = store.rows(0, 0, args.n)  # the same rows, held in memory (fp32)
+        feats = GradientStore.open_existing(path).rows(0, 0, args.n).clone()  # the same rows, held in memory
+        assert feats.shape == (args.n, args.dim), feats.shape
         for n_q in [int(q) for q in args.queries.split(",")]:
-            rows.append(measure(store, feats, n_q, args.block, args.repeat))
+            rows.append(measure(task, path, feats, n_q, args.block, args.repeat))
         del feats
 
     crc = f"{_crc32.__module__}.crc32"
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"scoring {args.n:,} x {args.dim:,} fp32 features; blocks of {args.block} rows, batches of {args.batch}; "
-          f"torch threads {args.threads} of {os.cpu_count()} cpus; best of {args.repeat}; checksums by {crc}; "
-          f"load average {load_before[0] if load_before else '?':.1f} -> {load[0] if load else '?':.1f}")  # fmt: skip
-    print(f"{'queries':>8} {'store s':>9} {'mm s':>8} {'store GFLOP/s':>14} {'mm GFLOP/s':>11} {'store / mm':>11}")
+    print(f"est.pairwise from a store of {args.n:,} x {args.dim:,} fp32 features; blocks of {args.block} rows, "
+          f"batches of {args.batch}; torch threads {args.threads} of {os.cpu_count()} cpus; best of {args.repeat}; "
+          f"checksums by {crc}; load average {load_before[0] if load_before else '?':.1f} -> "
+          f"{load[0] if load else '?':.1f}")  # fmt: skip
+    print(f"{'queries':>8} {'first call s':>13} {'later calls s':>14} {'mm s':>7} {'of which queries s':>19} "
+          f"{'first / mm':>11} {'later / mm':>11} {'medians':>10}")  # fmt: skip
     for r in rows:
-        print(f"{r['queries']:>8} {r['seconds_store']:>9.3f} {r['seconds_mm']:>8.3f} {r['gflops_store']:>14.1f} "
-              f"{r['gflops_mm']:>11.1f} {r['ratio']:>11.2f}")  # fmt: skip
+        print(f"{r['queries']:>8} {r['seconds_first']:>13.3f} {r['seconds_later']:>14.3f} {r['seconds_mm']:>7.3f} "
+              f"{r['seconds_queries']:>19.3f} {r['ratio_first']:>11.2f} {r['ratio_later']:>11.2f} "
+              f"{r['median_ratio_first']:>5.2f} {r['median_ratio_later']:.2f}")  # fmt: skip
     if args.out:
         payload = {
             "n": args.n, "dim": args.dim, "batch": args.batch, "block": args.block, "repeat": args.repeat,

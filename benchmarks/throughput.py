@@ -483,8 +483,9 @@ def case_store(model_name, n, tmp):
 
 
 def case_scoring(model_name, n, tmp):
-    """GFLOP/s of (1000 x k) @ (k x n) from an fp16 store vs torch.mm in memory; returns extra fields."""
-    from hessfree.scoring import stream_scores
+    """GFLOP/s of (1000 x k) @ (k x n) from an fp16 store (``pairwise``'s block loop) vs torch.mm in memory;
+    returns extra fields."""
+    from hessfree.scoring import accumulate_scores
     from hessfree.store import GradientStore
 
     k, q = 1024, 1000
@@ -499,20 +500,20 @@ def case_scoring(model_name, n, tmp):
     store.mark_complete()
     store.release()
     queries = torch.randn(q, k, generator=gen)
-    out = np.empty((q, n), dtype=np.float32, order="F")
+    out = torch.empty(n, q, dtype=torch.float64)  # pairwise's (n_train, n_test) scores
     flops = 2.0 * q * k * n
     store = GradientStore.open_existing(path)
-    feats = store.rows(0, 0, n)  # the same rows held in memory, fp32
-    res = torch.empty(q, n)
+    feats = store.rows(0, 0, n).float().clone()  # the same rows held in memory, fp32
+    res = torch.empty(n, q)
     t_store, t_mm = [], []
     for _ in range(2):  # interleaved, best of two each: a shared machine's load hits both alike
         t = time.perf_counter()
-        stream_scores(queries, store.blocks(0, 0, n, 8192), out)
+        accumulate_scores(out, queries, store.blocks(0, 0, n, 8192), 1.0, fresh=True)
         t_store.append(time.perf_counter() - t)
         t = time.perf_counter()
-        torch.mm(queries, feats.T, out=res)
+        torch.mm(feats, queries.T, out=res)
         t_mm.append(time.perf_counter() - t)
-    np.testing.assert_allclose(out[:, :100], res[:, :100].numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(out[:100].numpy(), res[:100].numpy(), rtol=1e-3, atol=1e-3)
     return {"seconds": min(t_store), "gflops_store": flops / min(t_store) / 1e9, "gflops_mm": flops / min(t_mm) / 1e9}
 
 

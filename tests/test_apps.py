@@ -193,7 +193,7 @@ def test_combined_is_the_sum_of_z_scores():
     def z(a):
         return (a - a.mean()) / a.std()
 
-    np.testing.assert_allclose(comb, z(own) + z(cls), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(comb, z(own) + z(cls), rtol=1e-5, atol=1e-7)  # float32 pairwise scores
 
 
 def test_output_self_influence_against_closed_form_over_checkpoints_and_weights():

@@ -179,15 +179,27 @@ def test_top_k_equals_argsort_of_the_full_matrix(tmp_path, where):
         est.top_k(test, 0)
 
 
-@pytest.mark.parametrize("order", ["C", "F"])
-def test_stream_scores_equal_one_matrix_product(order):
-    from hessfree.scoring import stream_scores
+@pytest.mark.parametrize("into_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_accumulated_scores_equal_one_matrix_product(dtype, into_dtype):
+    """Products written in place (the dtypes agree) or through a temporary (they do not)."""
+    from hessfree.scoring import accumulate_scores
 
     gen = torch.Generator().manual_seed(0)
-    q, f = torch.randn(5, 8, generator=gen), torch.randn(23, 8, generator=gen)
-    out = np.zeros((5, 23), dtype=np.float32, order=order)
-    stream_scores(q, ((s, f[s : s + 7]) for s in range(0, 23, 7)), out)
-    np.testing.assert_allclose(out, (q.double() @ f.double().T).numpy(), rtol=1e-5, atol=1e-5)
+    q, f = torch.randn(5, 8, generator=gen, dtype=dtype), torch.randn(23, 8, generator=gen)
+    want = (f.double() @ q.double().T).numpy()
+    into = torch.full((23, 5), float("nan"), dtype=into_dtype)  # fresh: nothing read from it
+    accumulate_scores(into, q, ((s, f[s : s + 7]) for s in range(0, 23, 7)), 0.5, fresh=True)
+    np.testing.assert_allclose(into.numpy(), 0.5 * want, rtol=1e-5, atol=1e-6)
+    accumulate_scores(into, q, ((s, f[s : s + 4]) for s in range(0, 23, 4)), 2.0, fresh=False)
+    np.testing.assert_allclose(into.numpy(), 2.5 * want, rtol=1e-5, atol=1e-6)
+    # rows no block covers (another rank's, under torch.distributed) are 0, not what the memory held
+    into.fill_(float("nan"))
+    accumulate_scores(into, q, [(16, f[16:20]), (3, f[3:9])], 1.0, fresh=True)
+    covered = np.zeros(23, bool)
+    covered[3:9] = covered[16:20] = True
+    np.testing.assert_allclose(into.numpy()[covered], want[covered], rtol=1e-5, atol=1e-6)
+    assert (into.numpy()[~covered] == 0).all()
 
 
 def test_bad_store_arguments():

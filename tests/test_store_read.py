@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessfree.scoring import stream_scores
+from hessfree.scoring import accumulate_scores
 from hessfree.store import GradientStore, StoreCorruptError
 from hessfree.store import _read as read
 
@@ -48,9 +48,9 @@ def test_half_precision_blocks_equal_the_rounded_rows(tmp_path):
 def test_streamed_scores_equal_a_plain_product(tmp_path):
     store, rows = _store(tmp_path / "s", [32] * 10, dim=12)
     q = torch.randn(3, 12, dtype=torch.float64)
-    out = np.empty((3, 320), dtype=np.float32, order="F")
-    stream_scores(q.float(), store.blocks(0, 0, 320, 64), out)
-    np.testing.assert_allclose(out, (q @ rows.double().T).numpy(), rtol=1e-5, atol=1e-5)
+    out = torch.empty(320, 3, dtype=torch.float64)
+    accumulate_scores(out, q.float(), store.blocks(0, 0, 320, 64), 1.0, fresh=True)
+    np.testing.assert_allclose(out.numpy(), (rows.double() @ q.T).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_a_damaged_batch_is_found_when_a_later_block_reaches_it(tmp_path):
@@ -106,3 +106,60 @@ def test_a_forked_child_reads_with_threads_of_its_own(tmp_path):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+def _count_checks(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = read.crc32
+
+    def counted(data, *args):
+        calls.append(len(memoryview(data).cast("B")))
+        return real(data, *args)
+
+    monkeypatch.setattr(read, "crc32", counted)
+    return calls
+
+
+def test_a_later_read_of_an_unchanged_file_checks_nothing_again(tmp_path, monkeypatch):
+    store, rows = _store(tmp_path / "s", [16] * 6)
+    calls = _count_checks(monkeypatch)
+    torch.testing.assert_close(torch.cat([b for _, b in store.blocks(0, 0, 96, 32)]), rows, rtol=0, atol=0)
+    assert len(calls) == 6  # each batch once, though blocks of 32 rows start inside batches
+    torch.testing.assert_close(torch.cat([b for _, b in store.blocks(0, 0, 96, 40)]), rows, rtol=0, atol=0)
+    torch.testing.assert_close(store.rows(0, 5, 50), rows[5:50], rtol=0, atol=0)
+    assert len(calls) == 6
+    again = GradientStore.open_existing(tmp_path / "s")  # a new object checks for itself
+    torch.testing.assert_close(again.rows(0, 0, 96), rows, rtol=0, atol=0)
+    assert len(calls) == 12
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True])
+def test_a_file_changed_after_a_sound_read_is_checked_again(tmp_path, keep_mtime):
+    import os
+
+    store, rows = _store(tmp_path / "s", [16] * 6)
+    torch.testing.assert_close(store.rows(0, 0, 96), rows, rtol=0, atol=0)  # all found sound
+    f = tmp_path / "s" / "m0.features"
+    before = f.stat()
+    with open(f, "r+b") as fh:  # one byte of row 40 (batch 32-47), in place: same inode and size
+        fh.seek(40 * 7 * 4 + 2)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0x01]))
+    if keep_mtime:  # the modification time put back: the change time still differs
+        os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert f.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(StoreCorruptError, match="rows 32-47 no longer match"):
+        store.rows(0, 0, 96)
+    with pytest.raises(StoreCorruptError, match="rows 32-47 no longer match"):
+        list(store.blocks(0, 30, 50, 8))
+
+
+def test_writing_to_a_block_never_changes_the_store(tmp_path):
+    store, rows = _store(tmp_path / "s", [16] * 4)
+    for _, block in store.blocks(0, 0, 64, 16):
+        block.mul_(0.0)  # blocks are private copies-on-write of the file
+    first = store.rows(0, 0, 64)
+    first.add_(1.0)
+    torch.testing.assert_close(store.rows(0, 0, 64), rows, rtol=0, atol=0)
+    torch.testing.assert_close(GradientStore.open_existing(tmp_path / "s").rows(0, 0, 64), rows, rtol=0, atol=0)

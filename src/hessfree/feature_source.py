@@ -106,6 +106,11 @@ class StoreFeatures(TrainingFeatures):
     def rows(self, m: int, start: int, stop: int) -> torch.Tensor:
         return self.store.rows(m, start, stop)
 
+    def blocks(self, m: int, block_rows: int, device: torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """The store's own stream: the next block is checked while this one is used."""
+        for s, block in self.store.blocks(m, self.start, self.stop, block_rows):
+            yield s, block if device is None else block.to(device)
+
     def sqnorms(self) -> np.ndarray:
         return self.store.sqnorms()
 

@@ -35,6 +35,7 @@ from .hessian.hvp import Objective
 from .members import MemberView, as_members, member_views, model_device
 from .projections import Projection, expand_members
 from .queries import query_directions, transform_rows, transformed_self_scores
+from .scoring import accumulate_scores
 from .targets import Target
 from .task import Task
 
@@ -323,24 +324,27 @@ class Influence(FeatureMaps, StoreMixin):
             ``(n_test, n_train)`` (or ``(n_members, n_test, n_train)`` with
             ``reduce=None``): entry ``[j, i] = sum_m w_m g_test_j . g_train_i``,
             positive = a step on training example i lowers test example j's loss.
+            float32 (float64 for a float64 model: the precision of the products),
+            column-major (the products fill it block by block of training rows;
+            ``np.ascontiguousarray`` gives a row-major copy).
         """
         self._check_fitted()
         if reduce not in _REDUCE:
             raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
         source = DataSource(test, batch_size=self.batch_size, name="test")
         n_members = len(self._specs)
-        # with a reduction, members are summed as they come: memory (n_test, n_train), not n_members times that
-        out = np.zeros((n_members, source.n, self.n_train) if reduce is None else (source.n, self.n_train))
-        for m, view in self._views():
+        # with a reduction, members are summed as they come: memory (n_test, n_train), not n_members times that;
+        # held as (n_train, n_test), each block's product fills contiguous rows in one pass, and the result is
+        # its transpose (no copy)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.task.model.parameters()) else torch.float32
+        acc = torch.empty((n_members, self.n_train, source.n) if reduce is None else (self.n_train, source.n),
+                          dtype=dtype)  # fmt: skip
+        for i, (m, view) in enumerate(self._views()):
             names = self._names[m]
             queries = torch.cat([self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")])
-            for offset, feats in self._train_features(m, view):
-                dt = torch.promote_types(feats.dtype, queries.dtype)  # a float32 store of a float64 model
-                block = view.weight * (queries.to(dt) @ feats.to(dt).T).double().cpu().numpy()
-                if reduce is None:
-                    out[m, :, offset : offset + feats.shape[0]] = block
-                else:
-                    out[:, offset : offset + feats.shape[0]] += block
+            accumulate_scores(acc[m] if reduce is None else acc, queries, self._train_features(m, view),
+                              float(view.weight), fresh=reduce is None or i == 0)  # fmt: skip
+        out = acc.numpy().swapaxes(-1, -2)
         out = all_reduce_sum(out)
         return out / self._n_user_members if reduce == "mean" else out
 

@@ -10,31 +10,51 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 BlockReader = Callable[[int, int], torch.Tensor]  # (start, stop) -> (stop - start, D) fp32
 
 
-def stream_scores(queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], out: np.ndarray) -> np.ndarray:
-    """``out[:, offset:offset+b] = queries @ block.T`` for each block (fp32 products).
+def accumulate_scores(into: torch.Tensor, queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]],
+                      weight: float, fresh: bool) -> None:  # fmt: skip
+    """``into[offset : offset + b] (+)= weight * block @ queries.T`` for each ``(offset, block)``.
+
+    The product is taken in the wider dtype of the block and the queries (fp32 for
+    stored features), with the training rows as the long side (``(b, D) @ (D, Q)``,
+    which BLAS splits well for few queries), and added to contiguous rows of ``into``.
 
     Args:
-        queries: ``(Q, D)`` fp32 query rows.
+        into: ``(n, Q)`` CPU tensor (float32 or float64), one row per training example.
+        queries: ``(Q, D)`` query rows.
         blocks: ``(offset, (b, D))`` training-feature blocks.
-        out: ``(Q, n)`` array to fill (any float dtype). A column-major fp32
-            array (``np.empty((Q, n), np.float32, order="F")``) is written in
-            place, with no temporary per block.
+        weight: the member weight.
+        fresh: write instead of add (``into`` may hold anything: no pass to zero it
+            first); rows no block covers are set to 0.
     """
-    q = queries.float()
-    direct = out.dtype == np.float32 and out.T.flags.c_contiguous and q.device.type == "cpu"
-    for offset, block in blocks:
-        stop = offset + block.shape[0]
-        if direct:  # column-major output: each block's scores are contiguous rows of out.T
-            torch.mm(block.float(), q.T, out=torch.from_numpy(out.T[offset:stop]))
+    covered = []
+    for offset, feats in blocks:
+        dt = torch.promote_types(feats.dtype, queries.dtype)  # a float32 store of a float64 model
+        a, q = feats.to(dt), queries.to(feats.device, dt)
+        rows = into[offset : offset + feats.shape[0]]
+        if a.device == into.device and dt == into.dtype:  # the product is written (or added) in place
+            if fresh:
+                torch.mm(a, q.T, out=rows)
+                if weight != 1.0:
+                    rows.mul_(weight)
+            else:
+                rows.addmm_(a, q.T, alpha=weight)
+        elif fresh:
+            torch.mul((a @ q.T).cpu(), weight, out=rows)
         else:
-            out[:, offset:stop] = (q @ block.to(q.device).float().T).cpu().numpy()
-    return out
+            rows.add_((a @ q.T).cpu(), alpha=weight)
+        if fresh:
+            covered.append((offset, offset + feats.shape[0]))
+    if fresh:
+        at = 0
+        for lo, hi in sorted(covered) + [(into.shape[0], into.shape[0])]:
+            if lo > at:
+                into[at:lo] = 0
+            at = max(at, hi)
 
 
 def top_k_blocked(

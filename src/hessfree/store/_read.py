@@ -1,11 +1,14 @@
 """Reading a store's arrays: memory maps of row ranges (for writing), and reads verified
 against the crc32 checksums recorded when each batch was written.
 
-A verified read fills a fresh buffer straight from the file (``os.preadv``, no memory
-map and no second copy) and checks each recorded batch's crc32 on exactly the bytes it
-returns, so a changed file can never hand out unverified rows. The batches of a block
-are read and checked in parallel threads (``preadv`` and the checksum release the GIL),
-and :meth:`ArrayFile.stream` reads block ``i + 1`` while the caller multiplies block ``i``.
+A verified read maps the file privately (``np.memmap`` in copy-on-write mode: no
+copy of the rows, and nothing written to a block reaches the file) and checks every
+recorded batch a block covers against its crc32, on the mapped bytes, before the block
+is handed out; a file changed since it was written is found on the next read. The
+batches of a block are checked in parallel threads (the checksum releases the GIL), and
+:meth:`ArrayFile.stream` checks block ``i + 1`` while the caller multiplies block ``i``.
+Not detected: a program that rewrites a complete store's file while a read is under way
+(hessfree never writes a complete store).
 The checksum is CRC-32 as ``zlib.crc32`` defines it, computed by ``isal`` (Intel's
 ISA-L, about ten times zlib's speed) where it is installed, else by ``zlib``.
 """
@@ -29,14 +32,14 @@ try:  # the same CRC-32 as zlib's, with the processor's carry-less multiply (abo
 except ImportError:  # zlib gives the same values, slower
     from zlib import crc32
 
-TASK_BYTES = 1 << 20  # consecutive small batches are read and checked together, about this many bytes a task
+TASK_BYTES = 1 << 20  # consecutive small batches are checked together, about this many bytes a task
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = -1
 _pool_lock = threading.Lock()
 
 
 def _executor() -> ThreadPoolExecutor:
-    """The reader threads (made again in a forked child, whose copy has no threads)."""
+    """The checksum threads (made again in a forked child, whose copy has no threads)."""
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():
@@ -52,26 +55,6 @@ def _forget_pool_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
-
-
-def _read_into(fd: int, path: Path, view: memoryview, pos: int) -> bool:
-    """Fill ``view`` with the file's bytes from ``pos``; ``False`` when the file ends first."""
-    done = 0
-    if hasattr(os, "preadv"):
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], pos + done)
-            if got == 0:
-                return False
-            done += got
-        return True
-    with open(path, "rb", buffering=0) as f:  # no positional reads here: a file object per task
-        f.seek(pos)
-        while done < len(view):
-            got = f.readinto(view[done:])
-            if not got:
-                return False
-            done += got
-    return True
 
 
 @dataclass(frozen=True)
@@ -137,50 +120,56 @@ class ArrayFile:
                                     f"not all recorded as written; {REBUILD}")  # fmt: skip
         return inside
 
-    def _read_checked(self, fd: int, raw: memoryview, lo: int, group: list[tuple]) -> float:
-        """Read the consecutive batches ``group`` into their place in ``raw`` (bytes of rows
-        from ``lo``) and compare each with its crc32; the seconds spent on checksums."""
-        first, last = group[0][0], group[-1][0] + group[-1][1]
-        view = raw[(first - lo) * self.row_bytes : (last - lo) * self.row_bytes]
-        if not _read_into(fd, self.path, view, first * self.row_bytes):
-            raise StoreCorruptError(f"{str(self.path)!r} ends before row {last}; the store is damaged: {REBUILD}")
+    def _check(self, raw: memoryview, group: list[tuple]) -> float:
+        """Compare each recorded batch of ``group`` with the crc32 of its bytes in ``raw``
+        (the whole file); the seconds spent."""
         t = time.perf_counter()
         for rec in group:
             o, c = rec[0], rec[1]
-            if crc32(raw[(o - lo) * self.row_bytes : (o - lo + c) * self.row_bytes]) != rec[self.crc_field]:
+            if crc32(raw[o * self.row_bytes : (o + c) * self.row_bytes]) != rec[self.crc_field]:
                 raise StoreCorruptError(
                     f"{str(self.path)!r} rows {o}-{o + c - 1} no longer match the checksum "
                     f"recorded when they were written (damaged on disk or changed by another program); {REBUILD}"
                 )
         return time.perf_counter() - t
 
-    def _start(self, fd: int, records: list[tuple], start: int, stop: int, what: str):
-        """Start reading rows ``start:stop`` (whole recorded batches) into a fresh buffer;
-        returns ``(buffer, lo, futures)``: the rows from ``lo``, once every future is done."""
-        inside = self.covering(records, start, stop, what)
-        lo, hi = min(start, inside[0][0]), max(stop, inside[-1][0] + inside[-1][1])
-        buf = np.empty((hi - lo, *self.shape_of_rows), dtype=self.dtype)
-        raw = memoryview(buf.reshape(-1).view(np.uint8))
+    def _start(self, raw: memoryview, records: list[tuple], start: int, stop: int, what: str,
+               skip: set[tuple]) -> list[tuple[Future, list[tuple]]]:  # fmt: skip
+        """Start checking the recorded batches that cover rows ``start:stop`` and are not
+        in ``skip`` (which they join); ``(future, batches)`` per task."""
         groups, size = [[]], 0
-        for rec in inside:
+        for rec in self.covering(records, start, stop, what):
+            if rec in skip:
+                continue
+            skip.add(rec)
             if size >= TASK_BYTES:
                 groups.append([])
                 size = 0
             groups[-1].append(rec)
             size += rec[1] * self.row_bytes
         pool = _executor()
-        return buf, lo, [pool.submit(self._read_checked, fd, raw, lo, g) for g in groups]
+        return [(pool.submit(self._check, raw, g), g) for g in groups if g]
 
     @staticmethod
-    def _finish(futures: list[Future]) -> float:
-        wait(futures)
-        return sum(f.result() for f in futures)  # raises the first worker's error
+    def _finish(tasks: list[tuple[Future, list[tuple]]], done: set[tuple]) -> float:
+        wait([f for f, _ in tasks])
+        seconds = sum(f.result() for f, _ in tasks)  # raises the first worker's error
+        for _, group in tasks:
+            done.update(group)
+        return seconds
 
-    def stream(self, records: list[tuple], start: int, stop: int, block_rows: int,
-               what: str) -> Iterator[tuple[int, np.ndarray, float]]:  # fmt: skip
+    def stream(self, records: list[tuple], start: int, stop: int, block_rows: int, what: str,
+               checked: dict[str, tuple] | None = None) -> Iterator[tuple[int, np.ndarray, float]]:  # fmt: skip
         """``(offset, rows, checksum seconds)`` for blocks of ``block_rows`` rows covering
-        ``start:stop``, each verified; the next block is read while the caller uses this
-        one. Each block is a new array (it stays valid after the next step).
+        ``start:stop``. Each block is a view of a private memory map of the file (no
+        copy; writing to it never changes the file) and stays valid after the next step.
+        Every recorded batch a block covers is checked against its crc32 before the block
+        is handed out; the next block is checked while the caller uses this one.
+
+        ``checked`` (the caller's, kept between reads) remembers the batches found sound
+        while the file's identity (device, inode, size, modification and change times)
+        stays the same; they are not checked again. A file changed in any of these is
+        checked again in full.
 
         Raises:
             StoreCorruptError: a missing or short file, rows not recorded as written, or
@@ -188,28 +177,42 @@ class ArrayFile:
         """
         if stop <= start:
             return
-        self._check_size(self.n * self.row_bytes)
-        bounds = [(s, min(s + block_rows, stop)) for s in range(start, stop, block_rows)]
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        pending: list[Future] = []
-        nxt = None
         try:
-            nxt = self._start(fd, records, *bounds[0], what)
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise StoreCorruptError(f"{str(self.path)!r} is missing from the store; {REBUILD}") from None
+        with f:
+            st = os.fstat(f.fileno())  # the identity of exactly the file that is mapped
+            if st.st_size < self.n * self.row_bytes:  # a short file would crash a memory map
+                raise StoreCorruptError(f"{str(self.path)!r} has {st.st_size} bytes but should have "
+                                        f"{self.n * self.row_bytes}; the store is damaged: {REBUILD}")  # fmt: skip
+            # copy-on-write: blocks are writable arrays, and the file never changes through them
+            whole = np.memmap(f, dtype=self.dtype, mode="c", shape=(self.n, *self.shape_of_rows))
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = checked.get(str(self.path)) if checked is not None else None
+        done: set[tuple] = known[1] if known is not None and known[0] == identity else set()
+        if checked is not None:
+            checked[str(self.path)] = (identity, done)
+        raw = memoryview(np.asarray(whole).reshape(-1).view(np.uint8))
+        bounds = [(s, min(s + block_rows, stop)) for s in range(start, stop, block_rows)]
+        submitted = set(done)
+        pending = self._start(raw, records, *bounds[0], what, submitted)
+        try:
             for i, (s, e) in enumerate(bounds):
-                buf, lo, pending = nxt
-                nxt = self._start(fd, records, *bounds[i + 1], what) if i + 1 < len(bounds) else None
-                seconds = self._finish(pending)
-                yield s, buf[s - lo : e - lo], seconds
-            pending = []
+                now = pending
+                pending = self._start(raw, records, *bounds[i + 1], what, submitted) if i + 1 < len(bounds) else []
+                seconds = self._finish(now, done)
+                yield s, whole[s:e], seconds
         finally:
-            wait(pending + (nxt[2] if nxt is not None else []))  # no reader left on the closed descriptor
-            os.close(fd)
+            wait([f for f, _ in pending])  # no checker left running when the caller stops early
 
-    def verified(self, records: list[tuple], start: int, stop: int, what: str) -> tuple[np.ndarray, float]:
-        """Rows ``start:stop``, read whole recorded batches at a time, each checked against
-        its crc32; and the seconds spent on checksums."""
+    def verified(self, records: list[tuple], start: int, stop: int, what: str,
+                 checked: dict[str, tuple] | None = None) -> tuple[np.ndarray, float]:  # fmt: skip
+        """Rows ``start:stop`` (a view of a private memory map), every recorded batch they
+        cover checked against its crc32 (see :meth:`stream` for ``checked``); and the
+        seconds spent on checksums."""
         if stop <= start:
             return np.zeros((0, *self.shape_of_rows), dtype=self.dtype), 0.0
-        for _, rows, seconds in self.stream(records, start, stop, stop - start, what):
+        for _, rows, seconds in self.stream(records, start, stop, stop - start, what, checked):
             return rows, seconds
         raise AssertionError("unreachable")  # pragma: no cover

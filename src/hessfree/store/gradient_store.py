@@ -54,6 +54,7 @@ class GradientStore:
         self._meta = meta or {}
         self._lock: _Lock | None = None
         self._records_cache: dict[int, list[tuple]] = {}
+        self._sound: dict[str, tuple] = {}  # per file: (identity, batches found sound), see ArrayFile.stream
         self.integrity_seconds = 0.0
 
     # ---- opening --------------------------------------------------------------------
@@ -326,6 +327,7 @@ class GradientStore:
             arr = x.numpy().astype(self._np_dtype, copy=False)
         arr = np.ascontiguousarray(arr)
         sq = np.ascontiguousarray(sqnorms, dtype=np.float64)
+        self._sound.clear()  # rows change: every later read checks again
         t = time.perf_counter()
         crcs = crc32(arr), crc32(sq)
         self.integrity_seconds += time.perf_counter() - t
@@ -364,7 +366,7 @@ class GradientStore:
     # ---- reading -------------------------------------------------------------------------
     def _verified(self, m: int, kind: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of one array, each batch checked against its recorded crc32."""
-        arr, seconds = self._file(m, kind).verified(self.records(m), start, stop, f"member {m}")
+        arr, seconds = self._file(m, kind).verified(self.records(m), start, stop, f"member {m}", self._sound)
         self.integrity_seconds += seconds
         return arr
 
@@ -387,6 +389,7 @@ class GradientStore:
         """``(offset, (b, dim_m) fp32)`` blocks covering rows ``start:stop``, each verified
         against the checksums of the batches it covers; the next block is read while the
         caller uses this one, and each block is a tensor of its own."""
-        for s, arr, seconds in self._file(m, "features").stream(self.records(m), start, stop, block_rows, f"member {m}"):
+        stream = self._file(m, "features").stream(self.records(m), start, stop, block_rows, f"member {m}", self._sound)
+        for s, arr, seconds in stream:
             self.integrity_seconds += seconds
             yield s, self._tensor(arr)
