@@ -28,8 +28,9 @@ task and its options, and the per-example losses of the stored examples
 its data (inputs, labels, sample weights); the complete store records one hash
 of all of them. Reopening with data hashes the data again, so any changed
 value is found (:class:`StoreMismatchError`, naming the rows). Each written
-batch also records crc32 checksums of its stored bytes, verified whenever the
-rows are read, and every file's size is checked on open
+batch also records crc32 checksums of its stored bytes, verified the first time
+a store object reads the rows and again whenever the file's inode, size,
+modification or change time differs, and every file's size is checked on open
 (:class:`StoreCorruptError`). The space of the files is reserved when the
 store is created (:class:`StoreFullError` names the bytes needed and free), a
 second writer is refused (:class:`StoreLockedError`, naming the writing
