@@ -15,10 +15,12 @@ scored against every row by the library's own path, ``est.pairwise(test)``:
   are not checked again while the file's identity (inode, size, modification and
   change times) stays the same.
 
-``pairwise`` also computes the Q test gradients and returns float64 scores; that is
-part of its time. All give the same ``(Q, n)`` scores (checked to 1e-4 relative).
-GFLOP/s counts ``2 * Q * dim * n`` floating-point operations; ``call / mm`` is the
-share of the in-memory speed that scoring from disk keeps. Timings are the best of
+``pairwise`` also computes the Q test gradients (timed alone in the column "test
+gradients s"; part of its time, not of ``mm``'s) and returns float32 scores. All give the
+same ``(Q, n)`` scores (checked to 1e-4 relative). GFLOP/s counts ``2 * Q * dim * n``
+floating-point operations; "speed first / mm" is the GFLOP/s of a first call divided by
+that of ``mm`` (its seconds divided by the call's): the share of the in-memory speed that
+scoring from disk keeps, 1 = as fast, below 1 = slower. Timings are the best of
 ``--repeat`` interleaved runs (a shared machine's load hits all alike); the ratio of
 the medians is printed too. The store file is read through the operating system's
 page cache (it was just written, so it is warm: the numbers measure the store's read
@@ -132,12 +134,14 @@ def main() -> None:
           f"batches of {args.batch}; torch threads {args.threads} of {os.cpu_count()} cpus; best of {args.repeat}; "
           f"checksums by {crc}; load average {load_before[0] if load_before else '?':.1f} -> "
           f"{load[0] if load else '?':.1f}")  # fmt: skip
-    print(f"{'queries':>8} {'first call s':>13} {'later calls s':>14} {'mm s':>7} {'of which queries s':>19} "
-          f"{'first / mm':>11} {'later / mm':>11} {'medians':>10}")  # fmt: skip
+    print("times are the best of the runs; speed = GFLOP/s relative to torch.mm in memory (1 = as fast)")
+    head = ["queries", "first call s", "later calls s", "torch.mm s", "test gradients s", "speed first / mm",
+            "speed later / mm", "median: first / mm", "median: later / mm"]
+    print("  ".join(head))
     for r in rows:
-        print(f"{r['queries']:>8} {r['seconds_first']:>13.3f} {r['seconds_later']:>14.3f} {r['seconds_mm']:>7.3f} "
-              f"{r['seconds_queries']:>19.3f} {r['ratio_first']:>11.2f} {r['ratio_later']:>11.2f} "
-              f"{r['median_ratio_first']:>5.2f} {r['median_ratio_later']:.2f}")  # fmt: skip
+        cells = [r["queries"], *(f"{r[k]:.3f}" for k in ("seconds_first", "seconds_later", "seconds_mm", "seconds_queries")),
+                 *(f"{r[k]:.2f}" for k in ("ratio_first", "ratio_later", "median_ratio_first", "median_ratio_later"))]
+        print("  ".join(f"{c:>{len(h)}}" for c, h in zip(cells, head)))
     if args.out:
         payload = {
             "n": args.n, "dim": args.dim, "batch": args.batch, "block": args.block, "repeat": args.repeat,

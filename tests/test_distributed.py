@@ -57,6 +57,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         for where in ("store", "memory"):
             for key, want in single.items():
                 np.testing.assert_allclose(got[f"{where}_{key}"], want, rtol=1e-5, atol=1e-6, err_msg=f"{where} {key}")
+                assert got[f"{where}_{key}"].dtype == want.dtype, (where, key)  # pairwise, top_k: float32
+                assert got[f"{where}_{key}"].flags.f_contiguous == want.flags.f_contiguous, (where, key)
     # every rank wrote its share of the shared store
     assert sorted(p.name for p in (tmp_path / "store" / "progress").iterdir()) == [
         f"m{m}.r{r}.json" for m in range(2) for r in range(2)

@@ -177,6 +177,30 @@ def test_top_k_equals_argsort_of_the_full_matrix(tmp_path, where):
     assert est.top_k(test, 500).indices.shape == (9, 70)
     with pytest.raises(ValueError, match="k must be"):
         est.top_k(test, 0)
+    # float32 for a float32 model, each (n_test, n_train) matrix column-major
+    per_member = est.pairwise(test, reduce=None)
+    assert full.dtype == top.scores.dtype == per_member.dtype == np.float32
+    assert full.flags.f_contiguous and all(per_member[m].flags.f_contiguous for m in range(2))
+    np.testing.assert_allclose(per_member.sum(0), full, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("where", ["memory", "store", "recompute"])
+def test_a_float64_model_gets_float64_top_k_that_separates_near_duplicates(tmp_path, where):
+    task, (x, y), _, test = _setup(n=40)
+    task.model.double()
+    x = x.double()
+    x = torch.cat([x, x[:1] * (1 + 1e-9)])  # a near-duplicate of row 0: scores differ in float64 only
+    y = torch.cat([y, y[:1]])
+    test = (test[0].double(), test[1])
+    kw = {"store": tmp_path / "s"} if where == "store" else {"max_cache_bytes": 0} if where == "recompute" else {}
+    est = hf.Influence(task, batch_size=16, **kw).fit((x, y))
+    est.score_block_rows = 13
+    full = est.pairwise(test)
+    top = est.top_k(test, 41)
+    assert full.dtype == top.scores.dtype == np.float64
+    np.testing.assert_allclose(top.scores, -np.sort(-full, axis=1), rtol=1e-12, atol=1e-15)
+    if where != "store":  # a store keeps float32 features: the near-duplicate rounds to row 0
+        np.testing.assert_array_equal(top.indices, np.argsort(-full, axis=1, kind="stable"))
 
 
 @pytest.mark.parametrize("into_dtype", [torch.float32, torch.float64])

@@ -163,3 +163,22 @@ def test_writing_to_a_block_never_changes_the_store(tmp_path):
     first.add_(1.0)
     torch.testing.assert_close(store.rows(0, 0, 64), rows, rtol=0, atol=0)
     torch.testing.assert_close(GradientStore.open_existing(tmp_path / "s").rows(0, 0, 64), rows, rtol=0, atol=0)
+
+
+def test_rows_are_a_copy_that_later_writes_to_the_file_never_reach(tmp_path):
+    store, rows = _store(tmp_path / "s", [16] * 4)
+    held = store.rows(0, 0, 64)
+    with open(tmp_path / "s" / "m0.features", "r+b") as fh:  # another program rewrites the file in place
+        fh.write(b"\0" * (64 * 7 * 4))
+    torch.testing.assert_close(held, rows, rtol=0, atol=0)
+    with pytest.raises(StoreCorruptError, match="no longer match"):
+        store.rows(0, 0, 64)
+
+
+def test_a_file_that_grew_is_refused_by_an_open_store_too(tmp_path):
+    store, rows = _store(tmp_path / "s", [16] * 4)
+    torch.testing.assert_close(store.rows(0, 0, 64), rows, rtol=0, atol=0)
+    with open(tmp_path / "s" / "m0.features", "ab") as fh:
+        fh.write(b"\0" * 16)
+    with pytest.raises(StoreCorruptError, match=f"has {64 * 7 * 4 + 16} bytes but should have {64 * 7 * 4}"):
+        list(store.blocks(0, 0, 64, 16))

@@ -37,7 +37,7 @@ class TopK(NamedTuple):
 
     Attributes:
         indices: ``(n_test, k)`` training-row indices, best first.
-        scores: ``(n_test, k)`` their pairwise scores (same units as ``pairwise``).
+        scores: ``(n_test, k)`` their pairwise scores (the units and dtype of ``pairwise``).
     """
 
     indices: np.ndarray
@@ -291,8 +291,8 @@ class StoreMixin:
 
         Scores are ``sum_m w_m g_test_j . g_train_i`` as in :meth:`pairwise`
         (positive = a step on training example i lowers test example j's loss),
-        accumulated in fp32 block by block (``score_block_rows`` training rows at a
-        time). Without a cache or store the features are recomputed and the full
+        accumulated block by block (``score_block_rows`` training rows at a time) in
+        the dtype of :meth:`pairwise` (float32; float64 for a float64 model). Without a cache or store the features are recomputed and the full
         matrix is formed.
 
         Returns:
@@ -312,14 +312,18 @@ class StoreMixin:
         for m, view in self._views():
             names = self._names[m]
             q = [self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")]
-            queries.append(torch.cat(q).float().cpu())
+            queries.append(torch.cat(q).to(self._score_dtype()).cpu())
             weights.append(view.weight)
         readers = [lambda s, e, m=m: features.rows(m, s, e) for m in range(len(self._specs))]
-        parts = [top_k_blocked(queries, readers, weights, lo, hi, k, self.score_block_rows, largest)
-                 for lo, hi in features.segments()]  # fmt: skip
+        parts = [top_k_blocked(queries, readers, weights, lo, hi, k, self.score_block_rows, largest,
+                               self._score_dtype()) for lo, hi in features.segments()]  # fmt: skip
         parts = [p for shard in all_gather(parts) for p in shard]
         scores, idx = merge_top_k(parts, k, largest)
-        return TopK(idx.numpy(), scores.double().numpy())
+        return TopK(idx.numpy(), scores.numpy())
+
+    def _score_dtype(self) -> torch.dtype:
+        """Of score products and sums: float64 for a model with float64 parameters, else float32."""
+        return torch.float64 if any(p.dtype == torch.float64 for p in self.task.model.parameters()) else torch.float32
 
 
 def _collectively(fn, what: str = "could not open the store", raises: type[Exception] = StoreMismatchError):

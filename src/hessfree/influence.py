@@ -324,9 +324,10 @@ class Influence(FeatureMaps, StoreMixin):
             ``(n_test, n_train)`` (or ``(n_members, n_test, n_train)`` with
             ``reduce=None``): entry ``[j, i] = sum_m w_m g_test_j . g_train_i``,
             positive = a step on training example i lowers test example j's loss.
-            float32 (float64 for a float64 model: the precision of the products),
-            column-major (the products fill it block by block of training rows;
-            ``np.ascontiguousarray`` gives a row-major copy).
+            float32 (float64 for a float64 model: the precision of the products);
+            each ``(n_test, n_train)`` matrix is column-major (the products fill it
+            block by block of training rows; ``np.ascontiguousarray`` gives a
+            row-major copy).
         """
         self._check_fitted()
         if reduce not in _REDUCE:
@@ -336,17 +337,18 @@ class Influence(FeatureMaps, StoreMixin):
         # with a reduction, members are summed as they come: memory (n_test, n_train), not n_members times that;
         # held as (n_train, n_test), each block's product fills contiguous rows in one pass, and the result is
         # its transpose (no copy)
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.task.model.parameters()) else torch.float32
         acc = torch.empty((n_members, self.n_train, source.n) if reduce is None else (self.n_train, source.n),
-                          dtype=dtype)  # fmt: skip
+                          dtype=self._score_dtype())  # fmt: skip
         for i, (m, view) in enumerate(self._views()):
             names = self._names[m]
             queries = torch.cat([self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")])
             accumulate_scores(acc[m] if reduce is None else acc, queries, self._train_features(m, view),
                               float(view.weight), fresh=reduce is None or i == 0)  # fmt: skip
-        out = acc.numpy().swapaxes(-1, -2)
-        out = all_reduce_sum(out)
-        return out / self._n_user_members if reduce == "mean" else out
+        if rank_and_world()[1] > 1:  # summed over ranks in float64, then back to the products' dtype and layout
+            acc = torch.from_numpy(all_reduce_sum(acc.numpy()).astype(acc.numpy().dtype))
+        if reduce == "mean":
+            acc /= self._n_user_members
+        return acc.numpy().swapaxes(-1, -2)
 
     def query_features(self, data: Any, member: int = 0) -> torch.Tensor:
         """Per-example features of ``data`` at ``member`` mapped through the query transform:

@@ -66,28 +66,30 @@ def top_k_blocked(
     k: int,
     block_rows: int = 8192,
     largest: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` training rows in ``start:stop`` for each query row of the
     ensemble score ``S[j, i] = sum_m w_m queries[m][j] . F_m[i]``.
 
     Args:
-        queries: per member ``(Q, D_m)`` fp32 query rows.
-        readers: per member ``(start, stop) -> (stop - start, D_m)`` fp32 feature rows.
+        queries: per member ``(Q, D_m)`` query rows.
+        readers: per member ``(start, stop) -> (stop - start, D_m)`` feature rows.
         weights: per member weight ``w_m``.
         largest: ``True`` for the highest scores, ``False`` for the lowest.
+        dtype: of the products and sums (float64 for a float64 model, as ``pairwise``).
 
     Returns:
         ``(scores, indices)``, each ``(Q, min(k, stop - start))``; indices are
-        absolute row numbers, scores are fp32 sums, sorted best first.
+        absolute row numbers, scores are sums in ``dtype``, sorted best first.
     """
     n_q = queries[0].shape[0]
-    best_s = torch.empty(n_q, 0)
+    best_s = torch.empty(n_q, 0, dtype=dtype)
     best_i = torch.empty(n_q, 0, dtype=torch.long)
     for s in range(start, stop, block_rows):
         e = min(s + block_rows, stop)
-        block = torch.zeros(n_q, e - s)
+        block = torch.zeros(n_q, e - s, dtype=dtype)
         for q, read, w in zip(queries, readers, weights):
-            block.addmm_(q.float(), read(s, e).float().T, alpha=float(w))
+            block.addmm_(q.to(dtype), read(s, e).to(dtype).T, alpha=float(w))
         cand_s = torch.cat([best_s, block], dim=1)
         cand_i = torch.cat([best_i, torch.arange(s, e).expand(n_q, -1)], dim=1)
         kk = min(k, cand_s.shape[1])

@@ -183,7 +183,7 @@ class ArrayFile:
             raise StoreCorruptError(f"{str(self.path)!r} is missing from the store; {REBUILD}") from None
         with f:
             st = os.fstat(f.fileno())  # the identity of exactly the file that is mapped
-            if st.st_size < self.n * self.row_bytes:  # a short file would crash a memory map
+            if st.st_size != self.n * self.row_bytes:  # a short file would crash a memory map
                 raise StoreCorruptError(f"{str(self.path)!r} has {st.st_size} bytes but should have "
                                         f"{self.n * self.row_bytes}; the store is damaged: {REBUILD}")  # fmt: skip
             # copy-on-write: blocks are writable arrays, and the file never changes through them

@@ -382,13 +382,17 @@ class GradientStore:
         return t.float()
 
     def rows(self, m: int, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of member ``m`` as an fp32 tensor ``(stop-start, dim_m)`` (checksums verified)."""
-        return self._tensor(np.ascontiguousarray(self._verified(m, "features", start, stop)))
+        """Rows ``start:stop`` of member ``m`` as an fp32 tensor ``(stop-start, dim_m)`` (checksums verified),
+        a copy of its own: later changes to the file never reach it."""
+        t = self._tensor(self._verified(m, "features", start, stop))
+        return t.clone() if self.dtype == "float32" else t  # half precision: converting already copied
 
     def blocks(self, m: int, start: int, stop: int, block_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """``(offset, (b, dim_m) fp32)`` blocks covering rows ``start:stop``, each verified
-        against the checksums of the batches it covers; the next block is read while the
-        caller uses this one, and each block is a tensor of its own."""
+        against the checksums of the batches it covers; the next block is checked while the
+        caller uses this one. An fp32 block is a view of the file's memory map (no copy), for
+        immediate use: a program that rewrites or truncates the file afterwards changes it, or
+        makes reading it fail with SIGBUS (hessfree never writes a complete store)."""
         stream = self._file(m, "features").stream(self.records(m), start, stop, block_rows, f"member {m}", self._sound)
         for s, arr, seconds in stream:
             self.integrity_seconds += seconds
