@@ -250,7 +250,9 @@ class ProjectedFeatures:
         if kind == "transposed_linear":
             w = w.transpose(1, 2)
         w = w.reshape(b, *mod.weight.shape)
-        out[u.weight] = out[u.weight] + w if u.weight in out else w.clone()
+        # w is g's own memory (no bias) or already a copy (reshaping the strided slice): no clone needed;
+        # the small bias view is cloned so that it does not keep all of g alive
+        out[u.weight] = out[u.weight] + w if u.weight in out else w
         if u.bias is not None:
             bias = g[:, :, -1]
             out[u.bias] = out[u.bias] + bias if u.bias in out else bias.clone()

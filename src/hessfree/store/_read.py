@@ -120,25 +120,30 @@ class ArrayFile:
                                     f"not all recorded as written; {REBUILD}")  # fmt: skip
         return inside
 
-    def _check(self, raw: memoryview, group: list[tuple]) -> float:
+    def _check(self, raw: memoryview, lo: int, group: list[tuple]) -> float:
         """Compare each recorded batch of ``group`` with the crc32 of its bytes in ``raw``
-        (the whole file); the seconds spent."""
+        (the file's rows from ``lo``); the seconds spent."""
         t = time.perf_counter()
         for rec in group:
             o, c = rec[0], rec[1]
-            if crc32(raw[o * self.row_bytes : (o + c) * self.row_bytes]) != rec[self.crc_field]:
+            if crc32(raw[(o - lo) * self.row_bytes : (o - lo + c) * self.row_bytes]) != rec[self.crc_field]:
                 raise StoreCorruptError(
                     f"{str(self.path)!r} rows {o}-{o + c - 1} no longer match the checksum "
                     f"recorded when they were written (damaged on disk or changed by another program); {REBUILD}"
                 )
         return time.perf_counter() - t
 
-    def _start(self, raw: memoryview, records: list[tuple], start: int, stop: int, what: str,
-               skip: set[tuple]) -> list[tuple[Future, list[tuple]]]:  # fmt: skip
-        """Start checking the recorded batches that cover rows ``start:stop`` and are not
-        in ``skip`` (which they join); ``(future, batches)`` per task."""
+    def _start(self, f, records: list[tuple], start: int, stop: int, what: str, skip: set[tuple]):
+        """Map the whole recorded batches that cover rows ``start:stop`` (a private map of
+        the open file ``f``) and start checking those not in ``skip`` (which they join);
+        ``(map, lo, tasks)``: the rows from ``lo``, and ``(future, batches)`` per task."""
+        inside = self.covering(records, start, stop, what)
+        lo, hi = min(start, inside[0][0]), max(stop, inside[-1][0] + inside[-1][1])
+        # copy-on-write: blocks are writable arrays, and the file never changes through them
+        rows = np.memmap(f, dtype=self.dtype, mode="c", shape=(hi - lo, *self.shape_of_rows), offset=lo * self.row_bytes)
+        raw = memoryview(np.asarray(rows).reshape(-1).view(np.uint8))
         groups, size = [[]], 0
-        for rec in self.covering(records, start, stop, what):
+        for rec in inside:
             if rec in skip:
                 continue
             skip.add(rec)
@@ -148,7 +153,7 @@ class ArrayFile:
             groups[-1].append(rec)
             size += rec[1] * self.row_bytes
         pool = _executor()
-        return [(pool.submit(self._check, raw, g), g) for g in groups if g]
+        return rows, lo, [(pool.submit(self._check, raw, lo, g), g) for g in groups if g]
 
     @staticmethod
     def _finish(tasks: list[tuple[Future, list[tuple]]], done: set[tuple]) -> float:
@@ -161,10 +166,11 @@ class ArrayFile:
     def stream(self, records: list[tuple], start: int, stop: int, block_rows: int, what: str,
                checked: dict[str, tuple] | None = None) -> Iterator[tuple[int, np.ndarray, float]]:  # fmt: skip
         """``(offset, rows, checksum seconds)`` for blocks of ``block_rows`` rows covering
-        ``start:stop``. Each block is a view of a private memory map of the file (no
-        copy; writing to it never changes the file) and stays valid after the next step.
-        Every recorded batch a block covers is checked against its crc32 before the block
-        is handed out; the next block is checked while the caller uses this one.
+        ``start:stop``. Each block is a view of a private memory map of its rows (no copy;
+        writing to it never changes the file; resident memory is what the caller keeps) and
+        stays valid after the next step. Every recorded batch a block covers is checked
+        against its crc32 before the block is handed out; the next block is checked while
+        the caller uses this one.
 
         ``checked`` (the caller's, kept between reads) remembers the batches found sound
         while the file's identity (device, inode, size, modification and change times)
@@ -172,8 +178,8 @@ class ArrayFile:
         checked again in full.
 
         Raises:
-            StoreCorruptError: a missing or short file, rows not recorded as written, or
-                a batch that no longer matches its checksum.
+            StoreCorruptError: a missing file or one of another size, rows not recorded as
+                written, or a batch that no longer matches its checksum.
         """
         if stop <= start:
             return
@@ -186,25 +192,23 @@ class ArrayFile:
             if st.st_size != self.n * self.row_bytes:  # a short file would crash a memory map
                 raise StoreCorruptError(f"{str(self.path)!r} has {st.st_size} bytes but should have "
                                         f"{self.n * self.row_bytes}; the store is damaged: {REBUILD}")  # fmt: skip
-            # copy-on-write: blocks are writable arrays, and the file never changes through them
-            whole = np.memmap(f, dtype=self.dtype, mode="c", shape=(self.n, *self.shape_of_rows))
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        known = checked.get(str(self.path)) if checked is not None else None
-        done: set[tuple] = known[1] if known is not None and known[0] == identity else set()
-        if checked is not None:
-            checked[str(self.path)] = (identity, done)
-        raw = memoryview(np.asarray(whole).reshape(-1).view(np.uint8))
-        bounds = [(s, min(s + block_rows, stop)) for s in range(start, stop, block_rows)]
-        submitted = set(done)
-        pending = self._start(raw, records, *bounds[0], what, submitted)
-        try:
-            for i, (s, e) in enumerate(bounds):
-                now = pending
-                pending = self._start(raw, records, *bounds[i + 1], what, submitted) if i + 1 < len(bounds) else []
-                seconds = self._finish(now, done)
-                yield s, whole[s:e], seconds
-        finally:
-            wait([f for f, _ in pending])  # no checker left running when the caller stops early
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            known = checked.get(str(self.path)) if checked is not None else None
+            done: set[tuple] = known[1] if known is not None and known[0] == identity else set()
+            if checked is not None:
+                checked[str(self.path)] = (identity, done)
+            bounds = [(s, min(s + block_rows, stop)) for s in range(start, stop, block_rows)]
+            submitted = set(done)
+            pending = self._start(f, records, *bounds[0], what, submitted)
+            try:
+                for i, (s, e) in enumerate(bounds):
+                    rows, lo, tasks = pending
+                    pending = self._start(f, records, *bounds[i + 1], what, submitted) if i + 1 < len(bounds) else None
+                    seconds = self._finish(tasks, done)
+                    yield s, rows[s - lo : e - lo], seconds
+            finally:
+                if pending is not None:
+                    wait([t for t, _ in pending[2]])  # no checker left running when the caller stops early
 
     def verified(self, records: list[tuple], start: int, stop: int, what: str,
                  checked: dict[str, tuple] | None = None) -> tuple[np.ndarray, float]:  # fmt: skip
