@@ -9,6 +9,7 @@ import numpy as np
 import scipy.linalg
 import torch
 from scipy.linalg.blas import dsyrk
+from scipy.linalg.lapack import dpotrf
 
 from ..distributed import all_reduce_sum
 from .base import MemberInputs, QueryTransform
@@ -166,8 +167,11 @@ class EmpiricalFisher(QueryTransform):
                 gram = f.T @ f if gram is None else gram.addmm_(f.T, f)
         if gram is None:
             gram = np.zeros((member.dim, member.dim))
-        elif isinstance(gram, np.ndarray):  # the upper triangle was accumulated
-            gram = np.triu(gram) + np.triu(gram, 1).T
+        elif isinstance(gram, np.ndarray):  # the upper triangle was accumulated (the strict lower one is 0)
+            upper = torch.from_numpy(gram)
+            full = upper + upper.T
+            full.diagonal().sub_(upper.diagonal())
+            gram = (full if full.is_contiguous() else full.T).numpy()  # symmetric: either order is the matrix
         else:
             gram = gram.cpu().numpy()
         rows = int(round(float(all_reduce_sum(np.array([float(rows)]))[0])))
@@ -192,7 +196,15 @@ class EmpiricalFisher(QueryTransform):
             lam, rule = self.damping_ratio * mean_eig, f"{self.damping_ratio:g} x mean eigenvalue"
         else:
             lam, rule = float(self.damping), "given"
-        chol, info = torch.linalg.cholesky_ex(fisher + lam * torch.eye(k, dtype=fisher.dtype, device=fisher.device))
+        if fisher.device.type == "cpu":  # LAPACK's dpotrf: about twice torch's speed on the CPU
+            damped = fisher.numpy().copy()
+            damped[np.diag_indices(k)] += lam
+            # damped.T is the same symmetric matrix in Fortran order; its upper factor U (F = U^T U), read back
+            # in C order, is the lower factor L = U^T: no copy either way
+            up, info = dpotrf(damped.T, lower=0, clean=1, overwrite_a=1)
+            chol = torch.from_numpy(up.T)
+        else:
+            chol, info = torch.linalg.cholesky_ex(fisher + lam * torch.eye(k, dtype=fisher.dtype, device=fisher.device))
         if int(info) != 0:
             raise ValueError(
                 f"member {member.name!r}: the damped Fisher Phi^T Phi / n + {lam:g} I (k={k}, n={n}) is not positive "
