@@ -45,6 +45,12 @@ def test_dense_blocks_assemble_to_the_matrix_used_by_project():
     assert p.shape == (30, 16)
     torch.testing.assert_close(proj.project(x, key="k"), x @ p, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(proj.project(x, key="k"), proj.project(x, key="other"))
+    # pieces stand for their concatenation: cuts inside blocks, on block edges, a piece over several blocks
+    for widths in ([3, 4, 23], [7, 7, 16], [1, 28, 1], [30]):
+        pieces = list(torch.split(x, widths, dim=1))
+        torch.testing.assert_close(proj.project(pieces, key="k"), x @ p, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expects"):
+        proj.project([x, x[:3]])
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -122,18 +123,27 @@ class Dense(Projection):
             self._cached += size
         return block
 
-    def project(self, x: torch.Tensor, key: str = "") -> torch.Tensor:
+    def project(self, x: torch.Tensor | Sequence[torch.Tensor], key: str = "") -> torch.Tensor:
         """``x @ P`` for ``x`` of shape ``(B, D)`` -> ``(B, dim)`` in fp32.
 
+        ``x`` may also be a list of ``(B, D_i)`` pieces that stand for their
+        concatenation along the columns (``D = sum D_i``), which is then never formed.
         ``key`` names the gradient space (different keys give independent matrices).
         """
-        if x.dim() != 2:
-            raise ValueError(f"Dense.project expects (B, D) rows, got shape {tuple(x.shape)}")
-        x = x.float()
-        out = torch.zeros(x.shape[0], self.dim, device=x.device)
-        for start in range(0, x.shape[1], self.block_rows):
-            stop = min(start + self.block_rows, x.shape[1])
-            out.addmm_(x[:, start:stop], self.block(start, stop, key, x.device))
+        pieces = list(x) if isinstance(x, (list, tuple)) else [x]
+        if not pieces or any(p.dim() != 2 or p.shape[0] != pieces[0].shape[0] for p in pieces):
+            raise ValueError(f"Dense.project expects (B, D) rows, got shapes {[tuple(p.shape) for p in pieces]}")
+        total = sum(p.shape[1] for p in pieces)
+        out = torch.zeros(pieces[0].shape[0], self.dim, device=pieces[0].device)
+        col = 0  # the column of the concatenation where this piece starts
+        for piece in pieces:
+            piece = piece.float()
+            width = piece.shape[1]
+            for start in range(col // self.block_rows * self.block_rows, col + width, self.block_rows):
+                stop = min(start + self.block_rows, total)  # the same blocks of P as for the concatenation
+                lo, hi = max(start, col), min(stop, col + width)
+                out.addmm_(piece[:, lo - col : hi - col], self.block(start, stop, key, piece.device)[lo - start : hi - start])
+            col += width
         return out
 
 

@@ -290,9 +290,11 @@ class ProjectedFeatures:
         parts = []
         for u in self.units:
             if u.kind == "dense":
-                flat = self._flat(grads, u.names).float()
                 dense = self._dense(u)
-                parts.append(flat if dense is None else dense.project(flat, key="fallback"))
+                if dense is None:
+                    parts.append(self._flat(grads, u.names).float())
+                else:  # the gradients in pieces: their (B, D) concatenation is never formed
+                    parts.append(dense.project([grads[n].reshape(b, -1) for n in u.names], key="fallback"))
                 continue
             g = grads[u.weight].float()
             g = (g.transpose(1, 2) if u.kind == "transposed_linear" else g).reshape(b, u.rows, -1)
