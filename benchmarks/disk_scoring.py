@@ -13,7 +13,9 @@ scored against every row by the library's own path, ``est.pairwise(test)``:
   its crc32 before its rows are multiplied (``score_block_rows`` rows at a time);
 * ``later calls``: ``pairwise`` again on the same estimator; batches it found sound
   are not checked again while the file's identity (inode, size, modification and
-  change times) stays the same.
+  change times) stays the same;
+* ``top_k(10) later``: ``est.top_k(test, 10)`` on the same estimator (the same stream,
+  a running top-10 instead of the full matrix; checked against sorting ``pairwise``).
 
 ``pairwise`` also computes the Q test gradients (timed alone in the column "test
 gradients s"; part of its time, not of ``mm``'s) and returns float32 scores. All give the
@@ -68,7 +70,7 @@ def measure(task, path: Path, feats: torch.Tensor, n_q: int, block: int, repeat:
     est = reopen(task, path, block)
     queries = est.query_features(test)  # (Q, dim): the rows pairwise multiplies by
     scores = est.pairwise(test)  # this estimator has now checked every batch
-    times: dict[str, list[float]] = {"first": [], "later": [], "mm": [], "queries": []}
+    times: dict[str, list[float]] = {"first": [], "later": [], "mm": [], "queries": [], "top_k": []}
     for _ in range(repeat):
         fresh = reopen(task, path, block)  # a new estimator checks every batch again
         t = time.perf_counter()
@@ -83,14 +85,18 @@ def measure(task, path: Path, feats: torch.Tensor, n_q: int, block: int, repeat:
         t = time.perf_counter()
         est.query_features(test)
         times["queries"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        top = est.top_k(test, 10)
+        times["top_k"].append(time.perf_counter() - t)
     np.testing.assert_allclose(scores, res.T.double().numpy(), rtol=1e-4, atol=1e-4 * float(res.abs().max()))
+    np.testing.assert_allclose(top.scores, -np.sort(-scores, axis=1)[:, :10], rtol=1e-4, atol=1e-4 * float(res.abs().max()))
     flops = 2.0 * n_q * dim * n
     row = {"queries": n_q}
     for k, ts in times.items():
         row[f"seconds_{k}"] = min(ts)
         row[f"median_seconds_{k}"] = float(np.median(ts))
         row[f"all_seconds_{k}"] = ts
-        if k != "queries":
+        if k not in ("queries", "top_k"):
             row[f"gflops_{k}"] = flops / min(ts) / 1e9
     for k in ("first", "later"):
         row[f"ratio_{k}"] = row[f"gflops_{k}"] / row["gflops_mm"]
@@ -136,11 +142,12 @@ def main() -> None:
           f"{load[0] if load else '?':.1f}")  # fmt: skip
     print("times are the best of the runs; speed = GFLOP/s relative to torch.mm in memory (1 = as fast)")
     head = ["queries", "first call s", "later calls s", "torch.mm s", "test gradients s", "speed first / mm",
-            "speed later / mm", "median: first / mm", "median: later / mm"]
+            "speed later / mm", "median: first / mm", "median: later / mm", "top_k(10) later s"]
     print("  ".join(head))
     for r in rows:
         cells = [r["queries"], *(f"{r[k]:.3f}" for k in ("seconds_first", "seconds_later", "seconds_mm", "seconds_queries")),
-                 *(f"{r[k]:.2f}" for k in ("ratio_first", "ratio_later", "median_ratio_first", "median_ratio_later"))]
+                 *(f"{r[k]:.2f}" for k in ("ratio_first", "ratio_later", "median_ratio_first", "median_ratio_later")),
+                 f"{r['seconds_top_k']:.3f}"]
         print("  ".join(f"{c:>{len(h)}}" for c, h in zip(cells, head)))
     if args.out:
         payload = {

@@ -314,10 +314,9 @@ class StoreMixin:
             q = [self._query_rows(view, names, f) for _, f in self._featurize(view, names, source, "test")]
             queries.append(torch.cat(q).to(self._score_dtype()).cpu())
             weights.append(view.weight)
-        readers = [lambda s, e, m=m: features.rows(m, s, e) for m in range(len(self._specs))]
-        parts = [top_k_blocked(queries, readers, weights, lo, hi, k, self.score_block_rows, largest,
-                               self._score_dtype()) for lo, hi in features.segments()]  # fmt: skip
-        parts = [p for shard in all_gather(parts) for p in shard]
+        blocks = [features.blocks(m, self.score_block_rows) for m in range(len(self._specs))]  # streamed
+        parts = [p for shard in all_gather([top_k_blocked(queries, blocks, weights, k, largest, self._score_dtype())])
+                 for p in shard]  # fmt: skip
         scores, idx = merge_top_k(parts, k, largest)
         return TopK(idx.numpy(), scores.numpy())
 

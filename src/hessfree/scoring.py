@@ -8,11 +8,9 @@ is bounded by the block size, not by the number of training examples.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-
-BlockReader = Callable[[int, int], torch.Tensor]  # (start, stop) -> (stop - start, D) fp32
 
 
 def accumulate_scores(into: torch.Tensor, queries: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]],
@@ -59,43 +57,43 @@ def accumulate_scores(into: torch.Tensor, queries: torch.Tensor, blocks: Iterabl
 
 def top_k_blocked(
     queries: Sequence[torch.Tensor],
-    readers: Sequence[BlockReader],
+    blocks: Sequence[Iterable[tuple[int, torch.Tensor]]],
     weights: Sequence[float],
-    start: int,
-    stop: int,
     k: int,
-    block_rows: int = 8192,
     largest: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` training rows in ``start:stop`` for each query row of the
-    ensemble score ``S[j, i] = sum_m w_m queries[m][j] . F_m[i]``.
+    """Exact top-``k`` training rows for each query row of the ensemble score
+    ``S[j, i] = sum_m w_m queries[m][j] . F_m[i]``, one block of rows at a time.
 
     Args:
         queries: per member ``(Q, D_m)`` query rows.
-        readers: per member ``(start, stop) -> (stop - start, D_m)`` feature rows.
+        blocks: per member ``(offset, (b, D_m))`` feature blocks, the same offsets and
+            sizes for every member (rows absent from them are not candidates).
         weights: per member weight ``w_m``.
         largest: ``True`` for the highest scores, ``False`` for the lowest.
         dtype: of the products and sums (float64 for a float64 model, as ``pairwise``).
 
     Returns:
-        ``(scores, indices)``, each ``(Q, min(k, stop - start))``; indices are
-        absolute row numbers, scores are sums in ``dtype``, sorted best first.
+        ``(scores, indices)``, each ``(Q, min(k, rows seen))``; indices are absolute
+        row numbers, scores are sums in ``dtype``, sorted best first.
     """
     n_q = queries[0].shape[0]
-    best_s = torch.empty(n_q, 0, dtype=dtype)
-    best_i = torch.empty(n_q, 0, dtype=torch.long)
-    for s in range(start, stop, block_rows):
-        e = min(s + block_rows, stop)
-        block = torch.zeros(n_q, e - s, dtype=dtype)
-        for q, read, w in zip(queries, readers, weights):
-            block.addmm_(q.to(dtype), read(s, e).to(dtype).T, alpha=float(w))
-        cand_s = torch.cat([best_s, block], dim=1)
-        cand_i = torch.cat([best_i, torch.arange(s, e).expand(n_q, -1)], dim=1)
-        kk = min(k, cand_s.shape[1])
-        best_s, pos = torch.topk(cand_s, kk, dim=1, largest=largest, sorted=True)
-        best_i = torch.gather(cand_i, 1, pos)
-    return best_s, best_i
+    qs = [q.to(dtype) for q in queries]
+    best_s = torch.empty(0, n_q, dtype=dtype)  # (candidates, Q): the training rows as the long side
+    best_i = torch.empty(0, n_q, dtype=torch.long)
+    for group in zip(*blocks, strict=True):
+        s, b = group[0][0], group[0][1].shape[0]
+        if any(o != s or f.shape[0] != b for o, f in group):
+            raise RuntimeError(f"the members' feature blocks differ at row {s}")
+        block = torch.zeros(b, n_q, dtype=dtype)
+        for q, (_, f), w in zip(qs, group, weights):
+            block.addmm_(f.to(dtype), q.T, alpha=float(w))  # (b, D) @ (D, Q): BLAS splits the long side
+        cand_s = torch.cat([best_s, block])
+        cand_i = torch.cat([best_i, torch.arange(s, s + b)[:, None].expand(-1, n_q)])
+        best_s, pos = torch.topk(cand_s, min(k, cand_s.shape[0]), dim=0, largest=largest, sorted=True)
+        best_i = torch.gather(cand_i, 0, pos)
+    return best_s.T.contiguous(), best_i.T.contiguous()
 
 
 def merge_top_k(parts: Iterator[tuple[torch.Tensor, torch.Tensor]], k: int, largest: bool = True):
