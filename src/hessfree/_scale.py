@@ -292,8 +292,9 @@ class StoreMixin:
         Scores are ``sum_m w_m g_test_j . g_train_i`` as in :meth:`pairwise`
         (positive = a step on training example i lowers test example j's loss),
         accumulated block by block (``score_block_rows`` training rows at a time) in
-        the dtype of :meth:`pairwise` (float32; float64 for a float64 model). Without a cache or store the features are recomputed and the full
-        matrix is formed.
+        the dtype of :meth:`pairwise` (float32; float64 for a float64 model).
+        Without a cache or store the features are recomputed and the full matrix
+        is formed.
 
         Returns:
             :class:`TopK` ``(indices, scores)``, each ``(n_test, min(k, n_train))``.
