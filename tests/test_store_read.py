@@ -182,3 +182,19 @@ def test_a_file_that_grew_is_refused_by_an_open_store_too(tmp_path):
         fh.write(b"\0" * 16)
     with pytest.raises(StoreCorruptError, match=f"has {64 * 7 * 4 + 16} bytes but should have {64 * 7 * 4}"):
         list(store.blocks(0, 0, 64, 16))
+
+
+def test_a_file_system_without_memory_maps_is_read_into_memory(tmp_path, monkeypatch):
+    store, rows = _store(tmp_path / "s", [16, 9, 16, 23])
+
+    def no_map(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap raises where the file system cannot map
+
+    monkeypatch.setattr(read.np, "memmap", no_map)
+    torch.testing.assert_close(torch.cat([b for _, b in store.blocks(0, 3, 60, 11)]), rows[3:60], rtol=0, atol=0)
+    torch.testing.assert_close(store.rows(0, 0, 64), rows, rtol=0, atol=0)
+    with open(tmp_path / "s" / "m0.features", "r+b") as fh:  # damage is still found
+        fh.seek(30 * 7 * 4)
+        fh.write(b"\xff\xff\xff\xff")
+    with pytest.raises(StoreCorruptError, match="rows 25-40 no longer match"):
+        store.rows(0, 0, 64)

@@ -133,14 +133,33 @@ class ArrayFile:
                 )
         return time.perf_counter() - t
 
+    def _rows_of(self, f, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of the open file ``f``: a private memory map (copy-on-write: blocks are
+        writable arrays, and the file never changes through them), or a copy read into memory
+        where the file system cannot map files."""
+        shape = (hi - lo, *self.shape_of_rows)
+        try:
+            return np.memmap(f, dtype=self.dtype, mode="c", shape=shape, offset=lo * self.row_bytes)
+        except (OSError, ValueError):  # e.g. a file system without mmap: read below
+            pass
+        rows = np.empty(shape, dtype=self.dtype)
+        raw = memoryview(rows.reshape(-1).view(np.uint8))
+        f.seek(lo * self.row_bytes)
+        got = 0
+        while got < len(raw):
+            n = f.readinto(raw[got:])
+            if not n:
+                raise StoreCorruptError(f"{str(self.path)!r} ends before row {hi}; the store is damaged: {REBUILD}")
+            got += n
+        return rows
+
     def _start(self, f, records: list[tuple], start: int, stop: int, what: str, skip: set[tuple]):
         """Map the whole recorded batches that cover rows ``start:stop`` (a private map of
         the open file ``f``) and start checking those not in ``skip`` (which they join);
         ``(map, lo, tasks)``: the rows from ``lo``, and ``(future, batches)`` per task."""
         inside = self.covering(records, start, stop, what)
         lo, hi = min(start, inside[0][0]), max(stop, inside[-1][0] + inside[-1][1])
-        # copy-on-write: blocks are writable arrays, and the file never changes through them
-        rows = np.memmap(f, dtype=self.dtype, mode="c", shape=(hi - lo, *self.shape_of_rows), offset=lo * self.row_bytes)
+        rows = self._rows_of(f, lo, hi)
         raw = memoryview(np.asarray(rows).reshape(-1).view(np.uint8))
         groups, size = [[]], 0
         for rec in inside:
