@@ -170,8 +170,11 @@ def test_refusals(monkeypatch):
     with pytest.raises(ValueError, match="damping_ratio"):
         hf.Influence(task, hessian="fisher", hessian_options={"damping_ratio": 0})
     # 10 examples, 39 features, no damping: Phi^T Phi / n is singular
-    with pytest.raises(ValueError, match="not positive definite"):
+    with pytest.raises(ValueError, match="not positive definite; pass a larger damping"):
         hf.Influence(task, hessian="fisher", damping=0.0, progress=False).fit((x[:10], y[:10]))
+    for bad in (-5, 2.5, True):
+        with pytest.raises(ValueError, match="eig_max_dim must be an integer >= 0"):
+            hf.Influence(task, hessian="fisher", hessian_options={"eig_max_dim": bad})
     # the parameter-space comparators still refuse projections and stores, and point to fisher
     with pytest.raises(ValueError, match="hessian='fisher'"):
         hf.Influence(task, hessian="cg", projection=hf.projections.Dense(8))
@@ -224,3 +227,17 @@ def test_report_above_eig_max_dim_uses_cheap_estimates():
     assert rep["condition_number_bound"] == pytest.approx(evals[-1] / lam, rel=1e-5)
     assert rep["condition_number_bound"] >= evals[-1] / evals[0] * (1 - 1e-6)  # equal: softmax gradients leave a null direction
     assert set(rep["seconds"]) == {"gram", "cholesky", "report"}
+
+
+def test_report_of_one_or_two_features_is_exact_whatever_eig_max_dim():
+    model = _mlp()
+    x, y = _data()
+    for k in (1, 2):
+        est = hf.Influence(hf.ClassificationTask(model), projection=hf.projections.Dense(k), hessian="fisher",
+                           hessian_options={"eig_max_dim": 0}, progress=False).fit((x, y))
+        phi = est.features((x, y)).double().numpy()
+        evals = np.linalg.eigvalsh(phi.T @ phi / len(phi))
+        rep = est.hessian_report_["model"]
+        assert rep["eigenvalues"] == "eigh" and rep["dim"] == k
+        assert rep["min_eigenvalue"] == pytest.approx(evals[0], rel=1e-6, abs=1e-12)
+        assert rep["max_eigenvalue"] == pytest.approx(evals[-1], rel=1e-6)

@@ -284,3 +284,34 @@ def test_resumed_store_loads_only_the_unfinished_batches(tmp_path, monkeypatch):
     assert sorted(i for i in ds.loaded if 8 <= i < 16 and i not in sample) == [i for i in range(8, 16) if i not in sample]
     ref = hf.Influence(task, batch_size=8).fit((x, y))
     np.testing.assert_allclose(resumed.influence(target), ref.influence(target), rtol=1e-5, atol=1e-7)
+
+
+def test_score_block_rows_and_k_are_checked():
+    task, train, _, test = _setup(n=30)
+    est = hf.Influence(task, batch_size=16).fit(train)
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="score_block_rows must be a positive integer"):
+            est.score_block_rows = bad
+    assert est.score_block_rows == 8192  # unchanged by the refusals
+    est.score_block_rows = np.int64(7)
+    assert est.score_block_rows == 7 and type(est.score_block_rows) is int
+    full = est.pairwise(test)
+    top = est.top_k(test, np.int64(4))  # numpy integers are integers
+    np.testing.assert_allclose(top.scores, -np.sort(-full, axis=1)[:, :4], rtol=1e-6, atol=1e-7)
+    for bad in (0, -2, 1.5, np.bool_(True)):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            est.top_k(test, bad)
+
+
+@pytest.mark.parametrize("projection", [None, "dense", "factorized"])
+def test_project_flat_refuses_gradients_of_another_length(projection):
+    task, train, _, _ = _setup(n=20)
+    proj = {"dense": hf.projections.Dense(8), "factorized": Factorized(8)}.get(projection)
+    est = hf.Influence(task, batch_size=16, projection=proj).fit(train)
+    fm = est.feature_map(0)
+    d = sum(p.numel() for p in task.model.parameters())  # every parameter is selected
+    assert fm.project_flat(torch.randn(d)).shape == (est.feature_dim[0],)
+    assert fm.project_flat(torch.randn(3, d)).shape == (3, est.feature_dim[0])
+    for shape in ((d + 5,), (d - 1,), (2, d + 1), (d,) * 3):
+        with pytest.raises(ValueError, match=rf"project_flat expects gradients of shape \({d},\)"):
+            fm.project_flat(torch.randn(*shape) if len(shape) < 3 else torch.randn(2, 2, d))

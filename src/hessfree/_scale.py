@@ -7,6 +7,7 @@ Kept apart from :mod:`hessfree.influence` so the estimator reads as the math;
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
 from pathlib import Path
@@ -45,8 +46,20 @@ class TopK(NamedTuple):
 
 
 class StoreMixin:
-    score_block_rows: int = 8192
-    """Training rows per block when scoring from a store (memory ~ block x dim x 4 bytes)."""
+    _score_block_rows: int = 8192
+
+    @property
+    def score_block_rows(self) -> int:
+        """Training rows per block when scoring (memory ~ block x dim x 4 bytes); default 8192.
+
+        Raises:
+            ValueError: set to anything but an integer >= 1.
+        """
+        return self._score_block_rows
+
+    @score_block_rows.setter
+    def score_block_rows(self, value: int) -> None:
+        self._score_block_rows = _positive_int(value, "score_block_rows")
 
     # ---- arguments ---------------------------------------------------------------------
     @staticmethod
@@ -294,14 +307,14 @@ class StoreMixin:
         accumulated block by block (``score_block_rows`` training rows at a time) in
         the dtype of :meth:`pairwise` (float32; float64 for a float64 model).
         Without a cache or store the features are recomputed and the full matrix
-        is formed.
+        is formed. Among exactly tied scores the order of the indices is unspecified
+        (it may change with ``score_block_rows``).
 
         Returns:
             :class:`TopK` ``(indices, scores)``, each ``(n_test, min(k, n_train))``.
         """
         self._check_fitted()
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = _positive_int(k, "k")
         features = self._train_source
         if not all(features.has(m) for m in range(len(self._specs))):  # recomputed: the full matrix
             full = torch.from_numpy(self.pairwise(test))
@@ -363,3 +376,14 @@ def _own_records(store: GradientStore, m: int, rank: int) -> list[tuple]:
 
 
 __all__ = ["StoreMismatchError", "TopK"]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as an int when it is an integer >= 1 (numpy integers too, not bools); else ``ValueError`` naming it."""
+    try:
+        out = operator.index(value)
+    except TypeError:
+        out = None
+    if out is None or isinstance(value, (bool, np.bool_)) or out < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(out)

@@ -131,8 +131,12 @@ class Dense(Projection):
         ``key`` names the gradient space (different keys give independent matrices).
         """
         pieces = list(x) if isinstance(x, (list, tuple)) else [x]
-        if not pieces or any(p.dim() != 2 or p.shape[0] != pieces[0].shape[0] for p in pieces):
-            raise ValueError(f"Dense.project expects (B, D) rows, got shapes {[tuple(p.shape) for p in pieces]}")
+        if not pieces or not all(isinstance(p, torch.Tensor) for p in pieces):
+            raise ValueError(f"Dense.project expects a (B, D) tensor or a non-empty list of (B, D_i) tensors, got "
+                             f"{[type(p).__name__ for p in pieces] if pieces else 'an empty list'}")  # fmt: skip
+        if any(p.dim() != 2 for p in pieces) or len({p.shape[0] for p in pieces}) > 1:
+            raise ValueError(f"Dense.project expects (B, D) rows, the same B in every piece; got shapes "
+                             f"{[tuple(p.shape) for p in pieces]}")  # fmt: skip
         total = sum(p.shape[1] for p in pieces)
         out = torch.zeros(pieces[0].shape[0], self.dim, device=pieces[0].device)
         col = 0  # the column of the concatenation where this piece starts

@@ -37,7 +37,7 @@ from .functional import check_vmappable, per_example_grads, per_example_grads_lo
 from .functional import probe_of as probe_of  # re-exported: its earlier home
 from .norms import close_to, gradient_norms, hook_sqnorms
 from .plan import Plan, Unit, make_plan
-from .rules import Unattributable, batch_major, capture, layer_kind, row_col, vector_grads
+from .rules import Unattributable, add_matrix_grads, capture, layer_kind, row_col, vector_grads
 
 ENGINES = ("auto", "hooks", "vmap", "loop")
 
@@ -219,7 +219,7 @@ class ProjectedFeatures:
                         u = by_unit[call.module]
                         kind = dict(u.uses)[call.module]
                         if call.grad is not None:
-                            self._add_matrix(out, u, kind, mod, call, b, dtype)
+                            add_matrix_grads(out, u, kind, mod, call, b, dtype)
                     if call.module in plan.vector and call.grad is not None:
                         kind, sel = plan.vector[call.module]
                         for n, g in vector_grads(kind, mod, call, b, sel).items():
@@ -231,31 +231,6 @@ class ProjectedFeatures:
             if n not in out and n not in plan.fallback:
                 out[n] = torch.zeros(b, *self.shapes[n], dtype=dtype, device=view.params[n].device)
         return {n: g for n, g in out.items() if n not in bad}, bad
-
-    @staticmethod
-    def _add_matrix(out, u: Unit, kind: str, mod, call, b: int, dtype) -> None:
-        if kind == "embedding":  # rows of the one-hot are added by index: no (B, T, V) one-hot is formed
-            idx = batch_major(call.a, b, "input", call.module).reshape(b, -1)
-            d = batch_major(call.grad, b, "output", call.module).reshape(b, idx.shape[1], -1).to(dtype)
-            g = torch.zeros(b * u.rows, u.cols, dtype=dtype, device=d.device)
-            rows = (idx + torch.arange(b, device=idx.device)[:, None] * u.rows).reshape(-1)
-            keep = torch.ones_like(rows, dtype=torch.bool) if mod.padding_idx is None else (idx != mod.padding_idx).reshape(-1)
-            g.index_add_(0, rows[keep], d.reshape(-1, d.shape[-1])[keep])
-            g = g.view(b, u.rows, u.cols)
-        else:
-            r, c = row_col(kind, mod, call, b, None, None, u.bias is not None, dtype)
-            g = torch.bmm(r.transpose(1, 2), c)
-        w_cols = g.shape[2] - (u.bias is not None)
-        w = g[:, :, :w_cols]
-        if kind == "transposed_linear":
-            w = w.transpose(1, 2)
-        w = w.reshape(b, *mod.weight.shape)
-        # w is g's own memory (no bias) or already a copy (reshaping the strided slice): no clone needed;
-        # the small bias view is cloned so that it does not keep all of g alive
-        out[u.weight] = out[u.weight] + w if u.weight in out else w
-        if u.bias is not None:
-            bias = g[:, :, -1]
-            out[u.bias] = out[u.bias] + bias if u.bias in out else bias.clone()
 
     def _exact_dtype(self, view) -> torch.dtype:
         """Arithmetic dtype of exact per-example gradients: fp64 models keep fp64, others fp32."""
@@ -309,7 +284,17 @@ class ProjectedFeatures:
         return torch.cat(parts, dim=1)
 
     def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
-        """Map flat gradients ``(D,)`` -> ``(dim,)`` or ``(B, D)`` -> ``(B, dim)``."""
+        """Map flat gradients ``(D,)`` -> ``(dim,)`` or ``(B, D)`` -> ``(B, dim)``.
+
+        Raises:
+            ValueError: ``D`` is not the number of selected parameters (their
+                gradients flattened and concatenated in ``names`` order).
+        """
+        total = self.total
+        if flat.dim() not in (1, 2) or flat.shape[-1] != total:
+            raise ValueError(f"project_flat expects gradients of shape ({total},) or (B, {total}): the {len(self.names)} "
+                             f"selected parameters flattened and concatenated in param_names order; got "
+                             f"{tuple(flat.shape)}")  # fmt: skip
         if self.projection is None:
             return flat
         single = flat.dim() == 1

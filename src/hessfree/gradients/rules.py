@@ -303,3 +303,29 @@ def _unfold(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
         patches = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
     return patches.transpose(1, 2)
 
+
+def add_matrix_grads(out: dict[str, torch.Tensor], u, kind: str, mod: nn.Module, call, b: int, dtype) -> None:
+    """Add one call's per-example gradients of a matrix layer (unit ``u`` of the plan:
+    ``weight``, ``bias``, ``rows``, ``cols``) to ``out`` ``{name: (B, *shape)}``."""
+    if kind == "embedding":  # rows of the one-hot are added by index: no (B, T, V) one-hot is formed
+        idx = batch_major(call.a, b, "input", call.module).reshape(b, -1)
+        d = batch_major(call.grad, b, "output", call.module).reshape(b, idx.shape[1], -1).to(dtype)
+        g = torch.zeros(b * u.rows, u.cols, dtype=dtype, device=d.device)
+        rows = (idx + torch.arange(b, device=idx.device)[:, None] * u.rows).reshape(-1)
+        keep = torch.ones_like(rows, dtype=torch.bool) if mod.padding_idx is None else (idx != mod.padding_idx).reshape(-1)
+        g.index_add_(0, rows[keep], d.reshape(-1, d.shape[-1])[keep])
+        g = g.view(b, u.rows, u.cols)
+    else:
+        r, c = row_col(kind, mod, call, b, None, None, u.bias is not None, dtype)
+        g = torch.bmm(r.transpose(1, 2), c)
+    w_cols = g.shape[2] - (u.bias is not None)
+    w = g[:, :, :w_cols]
+    if kind == "transposed_linear":
+        w = w.transpose(1, 2)
+    w = w.reshape(b, *mod.weight.shape)
+    # w is g's own memory (no bias) or already a copy (reshaping the strided slice): no clone needed;
+    # the small bias view is cloned so that it does not keep all of g alive
+    out[u.weight] = out[u.weight] + w if u.weight in out else w
+    if u.bias is not None:
+        bias = g[:, :, -1]
+        out[u.bias] = out[u.bias] + bias if u.bias in out else bias.clone()

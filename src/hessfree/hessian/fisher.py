@@ -112,6 +112,8 @@ class EmpiricalFisher(QueryTransform):
         damping_ratio = DEFAULT_RATIO if damping_ratio is None else damping_ratio
         if max_dim < 1:
             raise ValueError(f"max_dim must be >= 1, got {max_dim}")
+        if not (isinstance(eig_max_dim, (int, np.integer)) and not isinstance(eig_max_dim, bool) and eig_max_dim >= 0):
+            raise ValueError(f"eig_max_dim must be an integer >= 0, got {eig_max_dim!r}")
         self.damping, self.damping_ratio = damping, float(damping_ratio)
         self.max_dim, self.eig_max_dim = int(max_dim), int(eig_max_dim)
 
@@ -208,12 +210,13 @@ class EmpiricalFisher(QueryTransform):
         if int(info) != 0:
             raise ValueError(
                 f"member {member.name!r}: the damped Fisher Phi^T Phi / n + {lam:g} I (k={k}, n={n}) is not positive "
-                "definite; pass damping > 0 (or damping=None for the default rule)"
+                "definite; pass a larger damping (or damping=None for the default rule, a fraction of the mean "
+                "eigenvalue)"
             )
         t2 = time.perf_counter()
         report = {"method": self.name, "dim": k, "n": n, "damping": lam, "damping_rule": rule,
                   "mean_eigenvalue": mean_eig}  # fmt: skip
-        if k <= self.eig_max_dim:
+        if k <= max(self.eig_max_dim, 2):  # Lanczos needs k >= 3
             evals = scipy.linalg.eigh(fisher.cpu().numpy(), eigvals_only=True)  # LAPACK; torch's is slow on CPU
             lo, hi = float(evals[0]), float(evals[-1])
             report.update(min_eigenvalue=lo, max_eigenvalue=hi, condition_number=(hi + lam) / max(lo + lam, 1e-300),
