@@ -290,11 +290,10 @@ class ProjectedFeatures:
             ValueError: ``D`` is not the number of selected parameters (their
                 gradients flattened and concatenated in ``names`` order).
         """
-        total = self.total
-        if flat.dim() not in (1, 2) or flat.shape[-1] != total:
-            raise ValueError(f"project_flat expects gradients of shape ({total},) or (B, {total}): the {len(self.names)} "
-                             f"selected parameters flattened and concatenated in param_names order; got "
-                             f"{tuple(flat.shape)}")  # fmt: skip
+        if flat.dim() not in (1, 2) or flat.shape[-1] != self.total:
+            raise ValueError(f"project_flat expects gradients of shape ({self.total},) or (B, {self.total}): the "
+                             f"{len(self.names)} selected parameters flattened and concatenated in param_names "
+                             f"order; got {tuple(flat.shape)}")  # fmt: skip
         if self.projection is None:
             return flat
         single = flat.dim() == 1

@@ -79,12 +79,18 @@ class ArrayFile:
     def row_bytes(self) -> int:
         return self.dim * self.dtype.itemsize
 
-    def _check_size(self, need: int) -> None:
-        try:
-            have = self.path.stat().st_size
-        except FileNotFoundError:
-            raise StoreCorruptError(f"{str(self.path)!r} is missing from the store; {REBUILD}") from None
-        if have < need:  # checked on every access: a shrunken file would crash a memory map
+    def _missing(self) -> StoreCorruptError:
+        return StoreCorruptError(f"{str(self.path)!r} is missing from the store; {REBUILD}")
+
+    def _check_size(self, need: int, have: int | None = None, exact: bool = False) -> None:
+        """Refuse a file shorter than ``need`` bytes (with ``exact``: of another size);
+        ``have`` is its size when already known (else the file is looked up)."""
+        if have is None:
+            try:
+                have = self.path.stat().st_size
+            except FileNotFoundError:
+                raise self._missing() from None
+        if have < need or (exact and have != need):  # checked on every access: a short file would crash a memory map
             raise StoreCorruptError(f"{str(self.path)!r} has {have} bytes but should have {self.n * self.row_bytes}; "
                                     f"the store is damaged: {REBUILD}")  # fmt: skip
 
@@ -205,12 +211,10 @@ class ArrayFile:
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
-            raise StoreCorruptError(f"{str(self.path)!r} is missing from the store; {REBUILD}") from None
+            raise self._missing() from None
         with f:
             st = os.fstat(f.fileno())  # the identity of exactly the file that is mapped
-            if st.st_size != self.n * self.row_bytes:  # a short file would crash a memory map
-                raise StoreCorruptError(f"{str(self.path)!r} has {st.st_size} bytes but should have "
-                                        f"{self.n * self.row_bytes}; the store is damaged: {REBUILD}")  # fmt: skip
+            self._check_size(self.n * self.row_bytes, have=st.st_size, exact=True)
             identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             known = checked.get(str(self.path)) if checked is not None else None
             done: set[tuple] = known[1] if known is not None and known[0] == identity else set()
