@@ -317,9 +317,9 @@ def test_trust_refuses_bad_arguments_by_name(tmp_path):
     task = hf.ClassificationTask(model)
     with pytest.raises(ValueError, match="spot_check must be one of"):
         trust(task, (x, y), (x, y), hessian="exact", spot_check="loo")
-    with pytest.raises(ValueError, match="n_groups=2"):
+    with pytest.raises(ValueError, match="n_groups must be an integer >= 5 .*, got 2"):
         trust(task, (x, y), (x, y), hessian="exact", n_groups=2)
-    for kw, match in [({"top_k": 0}, r"top_k must be an integer in \[1, 20\]"), ({"top_k": 2.5}, "got 2.5"),
+    for kw, match in [({"top_k": 0}, r"top_k must be an integer in \[1, 20\]"), ({"top_k": 2.5}, "got 2.5"), ({"n_subsets": np.int64(4)}, "n_subsets must be an integer >= 5"),
                       ({"group_size": 11}, r"group_size must be an integer in \[1, 10\]"), ({"seed": -1}, "seed must be"),
                       ({"hessian": "fisher", "damping": 0.1, "hessian_options": {"damping_ratio": 1.0}}, "not both"),
                       ({"hessian": "fisher", "hessian_options": {"damping_ratio": "1"}}, "damping_ratio must be a finite number > 0")]:  # fmt: skip

@@ -296,5 +296,5 @@ def test_dense_block_cache_changes_nothing_but_reuses_blocks():
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     assert len(cached._blocks) == 2 and cached.block(0, 1024, "w") is cached.block(0, 1024, "w")
     assert plain._blocks == {} and cached.describe() == plain.describe()
-    with pytest.raises(ValueError, match="cache_bytes must be >= 0"):
+    with pytest.raises(ValueError, match="cache_bytes must be an integer >= 0"):
         Dense(8, cache_bytes=-1)

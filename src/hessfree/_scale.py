@@ -7,7 +7,6 @@ Kept apart from :mod:`hessfree.influence` so the estimator reads as the math;
 from __future__ import annotations
 
 import json
-import operator
 import os
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ._checks import integer
 from ._io import atomic_write_json, check_settings
 from ._store_writer import batch_tiling, batches_at, data_differ, describe_loss, hashes_at, same_on_every_rank
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
@@ -59,7 +59,7 @@ class StoreMixin:
 
     @score_block_rows.setter
     def score_block_rows(self, value: int) -> None:
-        self._score_block_rows = _positive_int(value, "score_block_rows")
+        self._score_block_rows = integer(value, "score_block_rows")
 
     # ---- arguments ---------------------------------------------------------------------
     @staticmethod
@@ -314,7 +314,7 @@ class StoreMixin:
             :class:`TopK` ``(indices, scores)``, each ``(n_test, min(k, n_train))``.
         """
         self._check_fitted()
-        k = _positive_int(k, "k")
+        k = integer(k, "k")
         features = self._train_source
         if not all(features.has(m) for m in range(len(self._specs))):  # recomputed: the full matrix
             full = torch.from_numpy(self.pairwise(test))
@@ -377,13 +377,3 @@ def _own_records(store: GradientStore, m: int, rank: int) -> list[tuple]:
 
 __all__ = ["StoreMismatchError", "TopK"]
 
-
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` as an int when it is an integer >= 1 (numpy integers too, not bools); else ``ValueError`` naming it."""
-    try:
-        out = operator.index(value)
-    except TypeError:
-        out = None
-    if out is None or isinstance(value, (bool, np.bool_)) or out < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(out)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._checks import integer
 from .gradients.projected import ENGINES
 from .projections import Dense, Factorized, Projection
 
@@ -110,9 +111,8 @@ class InfluenceArguments:
     train_map: Any = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        self.batch_size, self.max_cache_bytes = int(self.batch_size), int(self.max_cache_bytes)
+        self.batch_size = integer(self.batch_size, "batch_size")
+        self.max_cache_bytes = integer(self.max_cache_bytes, "max_cache_bytes", minimum=0)
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.train_map is not None and not callable(self.train_map):

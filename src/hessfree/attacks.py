@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from ._checks import integer
+
 LossOfInput = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -84,8 +86,7 @@ class PGD(Attack):
     ):
         if eps < 0:
             raise ValueError(f"PGD: eps must be >= 0, got {eps}")
-        if steps < 1:
-            raise ValueError(f"PGD: steps must be >= 1, got {steps}")
+        steps = integer(steps, "PGD: steps")
         if norm not in ("linf", "l2"):
             raise ValueError(f"PGD: norm must be 'linf' or 'l2', got {norm!r}")
         self.eps, self.steps, self.norm = float(eps), int(steps), norm

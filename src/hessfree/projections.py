@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ._checks import integer
+
 _KINDS = ("rademacher", "gaussian")
 
 
@@ -56,13 +58,12 @@ def random_matrix(rows: int, cols: int, kind: str, seed: int, key: str, block: i
     return m.mul_(1.0 / math.sqrt(cols))
 
 
-def _check(dim: Any, seed: Any, kind: str) -> None:
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"projection dim must be a positive integer, got {dim!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"projection seed must be an integer, got {seed!r}")
+def _check(dim: Any, seed: Any, kind: str) -> tuple[int, int]:
+    """``(dim, seed)`` as Python ints (numpy integers accepted); ``ValueError`` naming a bad value."""
+    dim, seed = integer(dim, "projection dim"), integer(seed, "projection seed", minimum=None)
     if kind not in _KINDS:
         raise ValueError(f"projection kind must be one of {_KINDS}, got {kind!r}")
+    return dim, seed
 
 
 class Projection:
@@ -97,13 +98,9 @@ class Dense(Projection):
 
     def __init__(self, dim: int, kind: str = "rademacher", seed: int = 0, block_rows: int = 2048,
                  cache_bytes: int = 256 * 2**20):
-        _check(dim, seed, kind)
-        if block_rows < 1:
-            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-        if cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
-        self.dim, self.kind, self.seed, self.block_rows = dim, kind, seed, int(block_rows)
-        self.cache_bytes = int(cache_bytes)
+        dim, seed = _check(dim, seed, kind)
+        self.dim, self.kind, self.seed, self.block_rows = dim, kind, seed, integer(block_rows, "block_rows")
+        self.cache_bytes = integer(cache_bytes, "cache_bytes", minimum=0)
         self._blocks: dict[tuple, torch.Tensor] = {}
         self._cached = 0
 
@@ -179,8 +176,8 @@ class Factorized(Projection):
     """
 
     def __init__(self, dim: int | None, seed: int = 0, kind: str = "rademacher"):
-        _check(1 if dim is None else dim, seed, kind)
-        self.dim, self.seed, self.kind = dim, seed, kind
+        checked, seed = _check(1 if dim is None else dim, seed, kind)
+        self.dim, self.seed, self.kind = None if dim is None else checked, seed, kind
         self._factors: dict[tuple, torch.Tensor] = {}
 
     def factor(self, key: str, size: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor | None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._checks import integer
+
 SIMILARITIES = ("cosine", "dot")
 COMBINES = ("max", "balanced")
 
@@ -65,9 +67,7 @@ class SelectionConfig:
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"{name} must be in (0, 1], got {v!r} (e.g. 0.05 for 5%)")
         for name in ("warmup_epochs", "lora_r", "projection_dim", "batch_size", "max_length"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            setattr(self, name, integer(getattr(self, name), name))
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.combine not in COMBINES:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import integer
 from ._progress import progress_bar
 from .data import DataSource, map_batch
 from .task import ClassificationTask, Task
@@ -55,8 +56,7 @@ def train(
     examples with sample weight 0 contribute nothing. Returns a
     :class:`TrainResult`.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    epochs, seed = integer(epochs, "epochs"), integer(seed, "seed", minimum=None)
     task = task if task is not None else ClassificationTask(model)
     source = DataSource(data, batch_size=batch_size, name="train")
     gen = torch.Generator().manual_seed(seed)

@@ -217,11 +217,6 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _positive_int(name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
 def _token_text(tokenizer: Any, token_id: int) -> str:
     for fn in ("decode", "convert_ids_to_tokens"):
         f = getattr(tokenizer, fn, None)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import integer
 from .._io import atomic_write_json, atomic_write_text, check_settings
 from ..errors import HessfreeError
 from ..hessian.fisher import DEFAULT_MAX_DIM as FISHER_MAX_DIM
@@ -53,7 +54,6 @@ from ._attribution_inputs import (
     _describe_checkpoint,
     _file_sha256,
     _members,
-    _positive_int,
     chat_template,
     encode_example,
     load_model,
@@ -198,11 +198,9 @@ def attribute(
             training data or checkpoints now (checked by the store).
     """
     # ---- arguments, before any model is loaded -----------------------------------------------------------
-    _positive_int("k", k)
-    _positive_int("max_length", max_length)
-    _positive_int("batch_size", batch_size)
+    k, max_length, batch_size = integer(k, "k"), integer(max_length, "max_length"), integer(batch_size, "batch_size")
     if projection_dim is not None:
-        _positive_int("projection_dim", projection_dim)
+        projection_dim = integer(projection_dim, "projection_dim")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not isinstance(per_token, bool):

@@ -16,6 +16,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from .._checks import integer
 from .batches import Batch, batch_size_of, map_batch, new_hash, slice_batch, update_hash
 from .convert import as_tensor, check_loader_order, from_hf_dataset, is_from
 
@@ -43,9 +44,7 @@ class DataSource:
             self.n, self.name = data.n, data.name
             self.batch_size = batch_size
             return
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size = integer(batch_size, "batch_size")
         self.name = name
         self._tensors: Batch | None = None
         self._loader: DataLoader | None = None

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import integer
 from .._io import atomic_write_json
 from ..influence import Influence
 from ..metrics import pearson, spearman
@@ -247,8 +248,7 @@ def projection_quality(
     if projection is None:
         raise ValueError("projection_quality needs a projection: pass projection=hf.projections.Dense(k) or Factorized(k)")
     projs = _projection_list(projection)
-    if not isinstance(n_sample, int) or n_sample < 3:
-        raise ValueError(f"n_sample must be an integer >= 3, got {n_sample!r}")
+    n_sample = integer(n_sample, "n_sample", 3)
     if not 0 < target_correlation < 1:
         raise ValueError(f"target_correlation must be in (0, 1), got {target_correlation}")
     if metric not in ("spearman", "pearson"):

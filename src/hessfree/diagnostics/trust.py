@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import integer
 from .._io import atomic_write_json
 from ..hessian import target_directions
 from ..influence import Influence
@@ -216,19 +217,16 @@ def trust(
         raise ValueError(f"spot_check must be one of {SPOT_CHECKS}, got {spot_check!r}")
     if not -1 <= min_spearman <= 1 or not 0 <= max_angle <= 180:
         raise ValueError(f"min_spearman must be in [-1, 1] and max_angle in [0, 180]; got {min_spearman}, {max_angle}")
-    if not (isinstance(n_groups, int) and n_groups >= 5) or not (isinstance(n_subsets, int) and n_subsets >= 5):
-        raise ValueError(f"n_groups and n_subsets must be integers >= 5 (a rank correlation over fewer means "
-                         f"little); got n_groups={n_groups!r}, n_subsets={n_subsets!r}")
+    note = " (a rank correlation over fewer means little)"
+    n_groups, n_subsets = integer(n_groups, "n_groups", 5, note=note), integer(n_subsets, "n_subsets", 5, note=note)
     if not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     n = size_of(train, "train")
-    if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= n):
-        raise ValueError(f"top_k must be an integer in [1, {n}] (the training examples), or None; got {top_k!r}")
-    if group_size is not None and not (_is_int(group_size) and 1 <= group_size <= n // 2):
-        raise ValueError(f"group_size must be an integer in [1, {n // 2}] (half of the {n} training examples), "
-                         f"or None; got {group_size!r}")
-    if not (_is_int(seed) and seed >= 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if top_k is not None:
+        top_k = integer(top_k, "top_k", 1, n, note=" (the training examples), or None")
+    if group_size is not None:
+        group_size = integer(group_size, "group_size", 1, n // 2, note=f" (half of the {n} training examples), or None")
+    seed = integer(seed, "seed", 0)
     if save_to is not None and Path(save_to).exists() and not Path(save_to).is_dir():
         raise ValueError(f"save_to={str(save_to)!r} is a file; give a folder (trust.json is written in it)")
     if isinstance(hessian, str) and hessian == "identity":
@@ -315,10 +313,6 @@ def trust(
         Path(save_to).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(save_to) / RESULT_FILE, result.to_dict())
     return result
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _features_space(hessian: Any, damping: float | None, options: dict | None) -> bool:

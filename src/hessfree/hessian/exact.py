@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import integer
 from .base import InverseHessian
 
 
@@ -26,9 +27,7 @@ class Exact(InverseHessian):
 
     def __init__(self, damping: float | None = None, max_dim: int = 6000, chunk: int = 64):
         super().__init__(damping)
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.max_dim, self.chunk = int(max_dim), int(chunk)
+        self.max_dim, self.chunk = integer(max_dim, "max_dim"), integer(chunk, "chunk")
 
     def options(self):
         return {**super().options(), "max_dim": self.max_dim}

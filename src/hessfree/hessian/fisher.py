@@ -11,6 +11,7 @@ import torch
 from scipy.linalg.blas import dsyrk
 from scipy.linalg.lapack import dpotrf
 
+from .._checks import integer
 from ..distributed import all_reduce_sum
 from .base import MemberInputs, QueryTransform
 
@@ -110,12 +111,8 @@ class EmpiricalFisher(QueryTransform):
             raise ValueError(f"give damping={damping!r} or damping_ratio={damping_ratio!r}, not both: the ratio only "
                              "sets the default rule")
         damping_ratio = DEFAULT_RATIO if damping_ratio is None else damping_ratio
-        if max_dim < 1:
-            raise ValueError(f"max_dim must be >= 1, got {max_dim}")
-        if not (isinstance(eig_max_dim, (int, np.integer)) and not isinstance(eig_max_dim, bool) and eig_max_dim >= 0):
-            raise ValueError(f"eig_max_dim must be an integer >= 0, got {eig_max_dim!r}")
         self.damping, self.damping_ratio = damping, float(damping_ratio)
-        self.max_dim, self.eig_max_dim = int(max_dim), int(eig_max_dim)
+        self.max_dim, self.eig_max_dim = integer(max_dim, "max_dim"), integer(eig_max_dim, "eig_max_dim", minimum=0)
 
     @property
     def report(self) -> dict[str, dict[str, Any]]:

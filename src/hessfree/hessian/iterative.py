@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import torch
 
+from .._checks import integer
 from .base import InverseHessian
 
 
@@ -40,8 +41,7 @@ class CG(InverseHessian):
 
     def __init__(self, damping: float | None = None, max_iter: int = 200, tol: float = 1e-6):
         super().__init__(damping)
-        if max_iter < 1:
-            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        max_iter = integer(max_iter, "max_iter")
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
         self.max_iter, self.tol = int(max_iter), float(tol)
@@ -148,16 +148,13 @@ class LiSSA(InverseHessian):
         seed: int = 0,
     ):
         super().__init__(damping)
-        if iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {iterations}")
         if scale is not None and not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
-        self.iterations, self.scale, self.tol = int(iterations), scale, float(tol)
-        self.batch_size, self.repeats, self.seed = batch_size, int(repeats), int(seed)
+        if batch_size is not None:
+            batch_size = integer(batch_size, "batch_size", note=" or None")
+        self.iterations, self.scale, self.tol = integer(iterations, "iterations"), scale, float(tol)
+        self.batch_size, self.repeats = batch_size, integer(repeats, "repeats")
+        self.seed = integer(seed, "seed", minimum=None)
 
     def options(self):
         return {

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import integer
 from .checkpoint import StateLike
 
 
@@ -210,8 +211,7 @@ class Dropout(Members):
         modules: Sequence[str] | None = None,
         scale: bool = True,
     ):
-        if n < 1:
-            raise ValueError(f"Dropout: n must be >= 1, got {n}")
+        n, seed = integer(n, "Dropout: n"), integer(seed, "Dropout: seed", minimum=None)
         if not 0.0 <= p_max < 1.0:
             raise ValueError(f"Dropout: p_max must be in [0, 1), got {p_max}")
         self.n, self.p_max, self.seed, self.scale = n, p_max, seed, scale
@@ -241,8 +241,7 @@ class WeightNoise(Members):
     """
 
     def __init__(self, n: int = 5, sigma: float = 0.01, seed: int = 0, relative: bool = False):
-        if n < 1:
-            raise ValueError(f"WeightNoise: n must be >= 1, got {n}")
+        n, seed = integer(n, "WeightNoise: n"), integer(seed, "WeightNoise: seed", minimum=None)
         if sigma < 0:
             raise ValueError(f"WeightNoise: sigma must be >= 0, got {sigma}")
         self.n, self.sigma, self.seed, self.relative = n, sigma, seed, relative

@@ -1,0 +1,44 @@
+"""Checks of integer arguments shared by the public API.
+
+Every integer option (sizes, counts, k, seeds) accepts a Python ``int`` or a
+numpy integer (``np.arange`` and array shapes give those) and refuses booleans,
+floats (``2.5`` and ``2.0`` alike: a size is never rounded silently), strings
+and values out of range, with a ``ValueError`` that names the argument and the
+value it got.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def is_integer(value: Any) -> bool:
+    """True for ``int`` and numpy integers, False for booleans and everything else."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None = None, note: str = "") -> int:
+    """``value`` as a Python ``int`` when it is an integer in ``[minimum, maximum]``.
+
+    Raises:
+        ValueError: ``value`` is not an integer (bools and floats included) or is
+            out of range; the message names ``name``, the range and ``value``
+            (and ``note``, e.g. what the bound means, when given).
+    """
+    ok = is_integer(value)
+    if ok:
+        out = int(value)
+        ok = (minimum is None or out >= minimum) and (maximum is None or out <= maximum)
+    if not ok:
+        if minimum == 1 and maximum is None:
+            want = "a positive integer"
+        elif maximum is None:
+            want = f"an integer >= {minimum}" if minimum is not None else "an integer"
+        elif minimum is None:
+            want = f"an integer <= {maximum}"
+        else:
+            want = f"an integer in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {want}{note}, got {value!r}")
+    return int(out)
