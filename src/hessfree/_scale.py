@@ -17,6 +17,7 @@ import torch
 
 from ._checks import integer
 from ._io import atomic_write_json, check_settings
+from ._modes import eval_mode
 from ._store_writer import batch_tiling, batches_at, data_differ, describe_loss, hashes_at, same_on_every_rank
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
@@ -140,10 +141,8 @@ class StoreMixin:
     def _probe_losses(self) -> list[float]:
         """The (sample-weighted) training losses of the stored examples at the model, in
         eval mode, rounded: they change with the loss function, whatever its form."""
-        from .task import _eval_mode
-
         model = self.task.model
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             losses = self.task.per_example_loss(model, self._probe)
         return rounded_losses(losses.detach().double().cpu().numpy())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ._io import atomic_save
+from ._modes import module_mode
 from ._progress import progress_bar
 from .llm import LanguageModelTask, collate
 from .selection_config import SelectionConfig
@@ -73,8 +75,8 @@ def warmup(
     paths = [folder / f"ckpt{e}.pt" for e in range(config.warmup_epochs)]
     lrs: list[float] = []
     named = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
-    was = model.training
-    model.train()
+    modes = ExitStack()
+    modes.enter_context(module_mode(model, True))  # each submodule's mode restored at the end
     bar = progress_bar(total, "LoRA warm-up", progress)
     try:
         for e, path in enumerate(paths):
@@ -105,7 +107,7 @@ def warmup(
             lrs.append(lr)
     finally:
         bar.close()
-        model.train(was)
+        modes.close()
     return paths, lrs
 
 

@@ -8,6 +8,12 @@
 * ``"last"``: the parameters of the last module with parameters that runs in
   the forward pass (the output layer);
 * a module-name prefix or a list of them, e.g. ``"fc2"`` or ``["encoder.layer.11", "head"]``;
+
+A tied parameter (a language model's output layer sharing the input embedding,
+``lm_head.weight is transformer.wte.weight``) is one parameter: ``"last"`` and a
+prefix of any of its names select it, under the name ``named_parameters()``
+gives it (``transformer.wte.weight``), and its gradient has both uses, as
+autograd's has.
 * a callable ``(name, parameter) -> bool``.
 """
 
@@ -69,11 +75,14 @@ def select_parameters(
         if not order:
             raise ValueError("params='last': no module with parameters ran in the forward pass")
         last = order[-1]
-        names = [n for n in named if n.rsplit(".", 1)[0] == last or (last == "" and "." not in n)]
+        own = {id(p) for p in module.get_submodule(last).parameters(recurse=False)}  # tied ones by identity
+        names = [n for n, p in named.items() if id(p) in own]
         hint = f"the last module {last!r} has no parameters"
     elif isinstance(spec, str) or (isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)):
         prefixes = [spec] if isinstance(spec, str) else list(spec)
-        names = [n for n in named if any(_matches_prefix(n, p) for p in prefixes)]
+        # every name of a tied parameter counts ("lm_head" finds a weight listed as "transformer.wte.weight")
+        hit = {id(p) for n, p in module.named_parameters(remove_duplicate=False) if any(_matches_prefix(n, q) for q in prefixes)}
+        names = [n for n, p in named.items() if id(p) in hit]
         hint = f"no parameter name starts with {prefixes}"
     elif callable(spec):
         names = [n for n, p in named.items() if spec(n, p)]

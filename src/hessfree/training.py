@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._checks import integer
+from ._modes import eval_mode
 from ._progress import progress_bar
 from .data import DataSource, map_batch
 from .task import ClassificationTask, Task
@@ -92,8 +93,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.
 
     ``x`` may be a tensor or a numpy array; floating-point inputs are cast to the
     model's floating dtype (as :class:`hessfree.Task` does), integer inputs are kept."""
-    was = model.training
-    model.eval()
+    with eval_mode(model):
+        return _predict(model, x, batch_size)
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     first = next(model.parameters())
     device = first.device
     x = torch.as_tensor(x)
@@ -106,7 +110,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.
             out.append((logits.reshape(-1) > 0).long().cpu())
         else:
             out.append(logits.argmax(-1).cpu())
-    model.train(was)
     return torch.cat(out)
 
 

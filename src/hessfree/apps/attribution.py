@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from torch import nn
 
 from .._checks import integer
 from .._io import atomic_write_json, atomic_write_text, check_settings
+from .._modes import eval_mode
 from ..errors import HessfreeError
 from ..hessian.fisher import DEFAULT_MAX_DIM as FISHER_MAX_DIM
 from ..hessian.fisher import check_damping_ratio
@@ -294,8 +296,8 @@ def attribute(
 
     task = LanguageModelTask(lm, reduction=reduction)
     projection = Factorized(projection_dim, seed=seed) if projection_dim is not None else None
-    was = lm.training
-    lm.eval()
+    modes = ExitStack()
+    modes.enter_context(eval_mode(lm))  # each submodule's mode restored at the end
     try:  # a failure before the store exists frees the folder of the settings.json written above
         est = Influence(task, members=members, projection=projection, batch_size=batch_size, hessian=hessian,
                         hessian_options=options, store=out_dir / "store", progress=progress).fit(make_loader(train_enc, batch_size, pad_id))  # fmt: skip
@@ -328,7 +330,7 @@ def attribute(
             settings_path.unlink(missing_ok=True)
         raise
     finally:
-        lm.train(was)
+        modes.close()
     return reports
 
 

@@ -4,13 +4,14 @@ over members."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from .._modes import eval_mode, module_mode
 from .._replay import replaying
 from ..params import modules_in_call_order
 from .checkpoint import load_checkpoint
@@ -174,17 +175,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 def member_views(specs: Sequence[MemberSpec], model: nn.Module, task, example, device: torch.device) -> Iterator[tuple[int, MemberView]]:
     """Each member in turn, materialised, masks active, its module in eval mode
-    (the mode is restored afterwards)."""
+    (each submodule's mode is restored afterwards)."""
     for m, spec in enumerate(specs):
         module = spec.module if spec.module is not None else model
-        was = module.training
-        module.eval()
-        try:
+        with eval_mode(module):
             view = MemberView(spec, model, task, example, device, member_index=m)
             with view:
                 yield m, view
-        finally:
-            module.train(was)
 
 
 @contextmanager
@@ -196,20 +193,15 @@ def single_view(task, model: nn.Module, example, eval_mode: bool = True) -> Iter
         model: the module; its own device holds the view's parameters.
         example: one batch of size 1 (a forward pass on it finds the call order).
         eval_mode: put ``model`` in eval mode inside the block (its mode is
-            restored afterwards); ``False`` leaves the mode as it is.
+            restored afterwards, submodule by submodule); ``False`` leaves the mode as it is.
 
     Yields:
         the :class:`MemberView`, for targets' ``evaluate`` and one-off gradients.
     """
-    was = model.training
-    if eval_mode:
-        model.eval()
-    try:
+    with module_mode(model, False) if eval_mode else nullcontext():
         view = MemberView(MemberSpec(name="model", module=model), model, task, example, model_device(model))
         with view:
             yield view
-    finally:
-        model.train(was)
 
 
 def describe(members: Members) -> list[dict[str, Any]]:

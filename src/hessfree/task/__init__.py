@@ -20,7 +20,6 @@ outputs. A forward that ends in ``.squeeze()`` is fine: with one example per
 batch its 0-d (or 1-d) output is given back its batch dimension.
 """
 
-from ._outputs import _eval_mode as _eval_mode  # an earlier import path, still used
 from .base import LossFn, Task
 from .classification import ClassificationTask
 from .regression import RegressionTask

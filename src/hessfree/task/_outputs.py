@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
+from .._modes import eval_mode
 from ..data import Batch, map_batch
 from ..errors import HessfreeError
 
@@ -62,22 +61,11 @@ def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{float(v):.6g}"
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was in modes:
-            m.training = was
-
-
 def _example_outputs(task: Any, example: Batch) -> torch.Tensor:
     """``task.model``'s outputs for a batch of one (no gradient, eval mode, on the model's device)."""
     model = task.model
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         example = map_batch(example, lambda t: t.to(device))
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         return _tensor_outputs(task.forward(model, example), task)
