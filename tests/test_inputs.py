@@ -245,6 +245,29 @@ def test_hf_dataset_string_ragged_and_split_dict_are_refused_by_name():
         hf.DataSource(datasets.DatasetDict({"train": text}))
 
 
+def test_dict_keys_the_model_does_not_take_are_refused_by_name():
+    datasets = pytest.importorskip("datasets")
+    x, y = _data()
+    task = hf.ClassificationTask(KwModel())
+    ds = datasets.Dataset.from_dict({"x": x.tolist(), "labels": y.tolist(), "idx": list(range(len(y)))})
+    with pytest.raises(DataError, match=r"keys \['idx'\].*forward has no parameter.*ds.remove_columns\(\['idx'\]\)"):
+        hf.Influence(task).fit(ds)
+    want = hf.Influence(task).fit({"x": x, "labels": y}).self_influence()
+    np.testing.assert_array_equal(hf.Influence(task).fit(ds.remove_columns(["idx"])).self_influence(), want)
+
+
+def test_a_list_of_examples_equals_the_tensors():
+    x, y = _data()
+    task = hf.ClassificationTask(KwModel())
+    want = hf.Influence(task, batch_size=4).fit({"x": x, "labels": y}).self_influence()
+    rows = [{"x": x[i], "labels": y[i]} for i in range(len(y))]
+    np.testing.assert_allclose(hf.Influence(task, batch_size=4).fit(rows).self_influence(), want, rtol=1e-6)
+    plain = hf.ClassificationTask(mlp(dtype=torch.float32))
+    want = hf.Influence(plain, batch_size=4).fit((x, y)).self_influence()
+    pairs = [(x[i].double().numpy(), int(y[i])) for i in range(len(y))]  # numpy float64 rows, int labels
+    np.testing.assert_allclose(hf.Influence(plain, batch_size=4).fit(pairs).self_influence(), want, rtol=1e-5)
+
+
 def test_pandas_frame_and_series_equal_tensors():
     pd = pytest.importorskip("pandas")
     x, y = _data()
@@ -342,9 +365,12 @@ def test_labels_of_a_loader_are_checked_with_their_index(engine):
     # a TensorDataset's labels are read at once, without loading items
     with pytest.raises(LabelError, match=r"example 37 has label 5"):
         task.check_data(hf.DataSource(DataLoader(TensorDataset(x, y), batch_size=8)))
-    # any other loader: the batch is checked before its gradients (37 = 4 * 8 + 5)
-    with pytest.raises(LabelError, match=r"example 5 of the batch has label 5"):
+    # any other loader: the batch is checked before its gradients, the index in the data named (37 = 4 * 8 + 5)
+    with pytest.raises(LabelError, match=r"^training example 37 has label 5"):
         hf.Influence(task, batch_size=8, engine=engine).fit(DataLoader(_Items(x, y), batch_size=8))
+    est = hf.Influence(task, batch_size=8, engine=engine).fit((x[:8], y[:8]))
+    with pytest.raises(LabelError, match=r"^test example 37 has label 5"):
+        est.pairwise(DataLoader(_Items(x, y), batch_size=8))
     y[37], y[2] = 0, 7
     with pytest.raises(LabelError, match=r"example 2 has label 7"):
         task.check_data(hf.DataSource(DataLoader(_Items(x, y), batch_size=8)))

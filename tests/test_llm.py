@@ -100,5 +100,5 @@ def test_sum_reduction_and_bad_batches():
     with pytest.raises(ValueError, match="padded on the left"):
         hf.Influence(mean_task).fit(left)
     empty = {**batch, "labels": torch.full_like(batch["labels"], -100)}
-    with pytest.raises(ValueError, match="example 0 has no target token"):
+    with pytest.raises(ValueError, match="^training example 0 has no target token"):
         hf.Influence(mean_task).fit(empty)

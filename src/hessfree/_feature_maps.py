@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .data import DataSource, to_device
+from .errors import DataError, at_offset
 from .gradients.projected import ProjectedFeatures
 from .members import MemberView
 
@@ -88,10 +89,13 @@ class FeatureMaps:
         batches = self._own_batches(source) if shard else source.batches()
         for offset, batch in batches:
             batch = to_device(batch, self.device)
-            if what == "training" and self.train_map is not None:  # e.g. optimizer-aware directions
-                feats = _compute_dtype(self.train_map(self._engine(view, names), view, batch))
-            else:
-                feats = self._features(view, names, batch)
+            try:
+                if what == "training" and self.train_map is not None:  # e.g. optimizer-aware directions
+                    feats = _compute_dtype(self.train_map(self._engine(view, names), view, batch))
+                else:
+                    feats = self._features(view, names, batch)
+            except DataError as err:  # a row of this batch: name its index in the data
+                raise at_offset(err, offset, what) from None
             finite = torch.isfinite(feats.sum(dim=1))  # NaN/inf propagate; no temporary of feats' size
             if not bool(finite.all()):
                 i = offset + int(torch.nonzero(~finite)[0, 0])

@@ -24,7 +24,7 @@ from ._scale import StoreMixin, _collectively
 from .arguments import InfluenceArguments
 from .data import DataSource, batch_hash, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
-from .errors import ModelChangedError, NotFittedError
+from .errors import DataError, ModelChangedError, NotFittedError, at_offset
 from .feature_source import MemoryFeatures, fill_memory
 from .gradients.functional import flatten
 from .gradients.projected import ProjectedFeatures, probe_of
@@ -231,7 +231,10 @@ class Influence(FeatureMaps, StoreMixin):
         for _, view in self._views():
             names = select_parameters(view.module, self.params, view.call_order)
             self._names.append(names)
-            self._dims.append(self._engine(view, names).dim)
+            try:
+                self._dims.append(self._engine(view, names).dim)
+            except DataError as err:  # the engine checks itself on training example 0
+                raise at_offset(err, 0, "training") from None
         if self.hessian is not None:
             self.hessian.check_dims(self._dims)  # before any gradient is computed
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Batch
+from .errors import DataError
 from .task import Task
 
 IGNORE = -100
@@ -60,17 +61,13 @@ class LanguageModelTask(Task):
             m = mask.to(torch.int64)
             bad = torch.nonzero((m[:, 1:] > m[:, :-1]).any(1)).flatten()
             if bad.numel():
-                raise ValueError(
-                    f"example {int(bad[0])} is padded on the left; hessfree needs right padding "
-                    "(tokenizer.padding_side = 'right')"
-                )
+                raise DataError.in_batch(int(bad[0]), lambda where: f"{where} is padded on the left; hessfree needs "
+                                         "right padding (tokenizer.padding_side = 'right')")  # fmt: skip
         labels = self._labels(batch)
         empty = torch.nonzero((labels[:, 1:] == IGNORE).all(1)).flatten()
         if empty.numel():
-            raise ValueError(
-                f"example {int(empty[0])} has no target token (every label after the first is -100); "
-                "give it a non-empty response or drop it"
-            )
+            raise DataError.in_batch(int(empty[0]), lambda where: f"{where} has no target token (every label after "
+                                     "the first is -100); give it a non-empty response or drop it")  # fmt: skip
 
     def inputs(self, batch: Batch) -> tuple[tuple, dict]:
         return (), {"input_ids": batch["input_ids"]}

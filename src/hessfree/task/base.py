@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..data import Batch, batch_size_of
+from ..errors import DataError
 from ._outputs import _logits_of, _rows
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,8 +86,32 @@ class Task:
         tensors cast to :attr:`model_dtype` (integer tensors as they are)."""
         if isinstance(batch, Mapping):
             skip = {self.label_key, self.weight_key}
-            return (), {k: self._cast_input(v) for k, v in batch.items() if k not in skip}
+            kwargs = {k: self._cast_input(v) for k, v in batch.items() if k not in skip}
+            self._check_keywords(kwargs)
+            return (), kwargs
         return (self._cast_input(batch[0]),), {}
+
+    def _check_keywords(self, kwargs: Mapping[str, Any]) -> None:
+        """Refuse dict keys the model's ``forward`` has no parameter for (a dataset's ``idx``
+        column would otherwise end in a bare ``TypeError`` inside the model)."""
+        if getattr(self, "_forward_names", False) is False:  # looked up once: None when forward takes **kwargs
+            try:
+                params = inspect.signature(self.model.forward).parameters.values()
+            except (TypeError, ValueError):
+                params = ()
+            names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            takes_any = not params or any(p.kind is p.VAR_KEYWORD for p in params)
+            self._forward_names = None if takes_any else names
+        if self._forward_names is None:
+            return
+        extra = [k for k in kwargs if k not in self._forward_names]
+        if extra:
+            raise DataError(
+                f"the batch has keys {extra} that are passed to the model as keyword arguments, and "
+                f"{type(self.model).__name__}.forward has no parameter of that name (it takes {sorted(self._forward_names)}); "
+                f"drop them (a datasets.Dataset: ds.remove_columns({extra!r})), or name the labels / sample weights "
+                f"with label_key= / weight_key= (now {self.label_key!r} / {self.weight_key!r})"
+            )
 
     def labels(self, batch: Batch) -> Any:
         if isinstance(batch, Mapping):

@@ -51,22 +51,20 @@ def _check_class_values(labels: torch.Tensor, n_out: int, offset: int | None) ->
         return
     i = int(torch.nonzero(bad)[0])
     v = y[i].item()
-    where = f"example {i} of the batch" if offset is None else f"example {offset + i}"
     if isinstance(v, float) and not v.is_integer():  # also NaN and infinity
-        raise LabelError(
-            f"{where} has label {_fmt(v) if math.isfinite(v) else v}; class labels must be integers "
-            f"0 to {hi - 1} (a fractional label would be truncated to a class). Soft targets need hf.Task with "
-            "your own loss_fn"
-        )
-    if n_out == 1:
-        raise LabelError(
-            f"{where} has label {_fmt(v)}, but the model has one output (a binary logit): labels must be 0 or 1; "
-            "for more classes give the model one output per class"
-        )
-    raise LabelError(
-        f"{where} has label {_fmt(v)}, but the model has {n_out} outputs (labels 0 to {n_out - 1}); "
-        "fix the label or give the model one output per class"
-    )
+        def message(where: str) -> str:
+            return (f"{where} has label {_fmt(v) if math.isfinite(v) else v}; class labels must be integers "
+                    f"0 to {hi - 1} (a fractional label would be truncated to a class). Soft targets need hf.Task "
+                    "with your own loss_fn")  # fmt: skip
+    elif n_out == 1:
+        def message(where: str) -> str:
+            return (f"{where} has label {_fmt(v)}, but the model has one output (a binary logit): labels must be "
+                    "0 or 1; for more classes give the model one output per class")  # fmt: skip
+    else:
+        def message(where: str) -> str:
+            return (f"{where} has label {_fmt(v)}, but the model has {n_out} outputs (labels 0 to {n_out - 1}); "
+                    "fix the label or give the model one output per class")  # fmt: skip
+    raise LabelError.in_batch(i, message) if offset is None else LabelError(message(f"example {offset + i}"))
 
 
 class ClassificationTask(Task):

@@ -37,9 +37,12 @@ class RegressionTask(Task):
         bad = ~torch.isfinite(labels.reshape(labels.shape[0], -1)).all(1)
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
-            where = f"example {i} of the batch" if offset is None else f"example {offset + i}"
             value = labels[i].tolist()
-            raise LabelError(f"{where} has a label that is not finite ({value}); fix or drop the example")
+
+            def message(where: str) -> str:
+                return f"{where} has a label that is not finite ({value}); fix or drop the example"
+
+            raise LabelError.in_batch(i, message) if offset is None else LabelError(message(f"example {offset + i}"))
 
     def check_data(self, source) -> None:
         """Check that the labels of ``source`` are finite (all of them for tensor
