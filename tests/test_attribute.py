@@ -420,6 +420,8 @@ def test_attribute_command_end_to_end_equals_the_library_call(tmp_path):
     assert bad.exit_code == 2 and "--hessian 'Fisher' is not one of fisher, identity" in bad.output
     bad = runner.invoke(app, [str(a) for a in args] + ["--hessian", "identity", "--damping-ratio", "1"])
     assert bad.exit_code != 0 and "--damping-ratio 1 applies to --hessian fisher only" in bad.output
+    bad = runner.invoke(app, [str(a) for a in args] + ["--exact", "--seed", "3"])  # args hold --dim 64
+    assert bad.exit_code != 0 and "--dim --seed sets the projection, and --exact uses exact gradients" in bad.output
 
 
 @pytest.mark.parametrize("hessian", ["identity", "fisher"])

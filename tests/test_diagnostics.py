@@ -65,6 +65,8 @@ def test_small_k_warns_with_a_k_that_works_and_large_k_does_not():
     with pytest.warns(ProjectionQualityWarning, match=r"k=8 correlate .* k=\d+ is predicted to reach 0.9"):
         small = projection_quality(task, (x, y), hf.projections.Dense(8), n_sample=80, metric="pearson")
     assert not small.adequate and small.pearson < 0.9 and small.k_for_target is not None
+    k = small.k_for_target
+    assert k < small.exact_dim and k & (k - 1) == 0  # a power of two below D
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProjectionQualityWarning)
         big = projection_quality(task, (x, y), hf.projections.Dense(small.k_for_target), n_sample=80, metric="pearson")
@@ -74,6 +76,16 @@ def test_small_k_warns_with_a_k_that_works_and_large_k_does_not():
     # measured at k, k/4 and k/16; the fitted exponent is near the JL value 1 for a dense matrix
     assert [r["k"] for r in large.by_dim] == [2048, 512, 128]
     assert large.exponent_fitted and 0.6 < large.exponent < 1.5
+
+
+def test_no_k_is_suggested_at_or_above_the_gradient_length():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))  # D = 57
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 5, generator=g), torch.randint(0, 3, (50,), generator=g)
+    with pytest.warns(ProjectionQualityWarning, match=r"is D=57 \(the exact gradients\).*projection=None"):
+        res = projection_quality(hf.ClassificationTask(model), (x, y), hf.projections.Dense(32, seed=1))
+    assert res.exact_dim == 57 and not res.adequate and res.k_for_target is None
 
 
 def test_projection_quality_from_an_estimator_with_queries_and_a_saved_json(tmp_path):

@@ -70,3 +70,10 @@ def test_float_batch_size_is_refused_not_rounded():
         hf.training.train(task.model, train, epochs=2.0)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         hf.data.DataSource(train, batch_size=0)
+
+
+@pytest.mark.parametrize("weights", [[float("nan"), 1.0], [1.0, -0.5], [float("inf"), 1.0]])
+def test_model_weights_must_be_finite_and_non_negative(weights):
+    task, _ = _setup()
+    with pytest.raises(ValueError, match=r"Models: weight .* of model [01] is not a finite number >= 0"):
+        hf.members.Models([task.model, task.model], weights=weights)

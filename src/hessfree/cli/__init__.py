@@ -268,12 +268,12 @@ def attribute_command(
     lr: float = typer.Option(None, "--lr", parser=Number(float, 0, lo_open=True, example="--lr 2e-4"),
                              help="Learning rate of every checkpoint, when the folders have no recorded rates."),  # fmt: skip
     k: int = typer.Option(10, "--k", parser=Number(int, 1, 10_000, example="--k 10"), help="Training examples reported per query."),
-    dim: int = typer.Option(4096, "--dim", parser=Number(int, 1, example="--dim 4096"), help="Projected gradient dimension."),
+    dim: int = typer.Option(None, "--dim", parser=Number(int, 1, example="--dim 4096"), help="Projected gradient dimension (default 4096)."),
     exact: bool = typer.Option(False, "--exact", help="Exact gradients instead of a projection (small models only)."),
     per_token: bool = typer.Option(False, "--per-token", help="Also the influence of each top example on each response token of the query."),
     max_length: int = typer.Option(256, parser=Number(int, 1, example="--max-length 256"), help="Tokens per example (responses truncated)."),
     batch_size: int = typer.Option(8, parser=Number(int, 1, example="--batch-size 8"), help="Examples per batch."),
-    seed: int = typer.Option(0, parser=SEED, help="Seed of the projection."),
+    seed: int = typer.Option(None, parser=SEED, help="Seed of the projection (default 0)."),
     hessian: str = typer.Option("fisher", "--hessian", parser=choice_parser("--hessian", ("fisher", "identity")),
                                 help="fisher (default): curvature-corrected terms (damped empirical Fisher of the stored gradients); identity: plain TracIn-CP products."),  # fmt: skip
     damping_ratio: float = typer.Option(None, "--damping-ratio", parser=Number(float, 0, lo_open=True, example="--damping-ratio 1"),
@@ -287,13 +287,16 @@ def attribute_command(
 
         if damping_ratio is not None and hessian != "fisher":
             raise ValueError(f"--damping-ratio {damping_ratio:g} applies to --hessian fisher only (got --hessian {hessian})")
+        if exact and (dim is not None or seed is not None):
+            given = " ".join(f for f, v in (("--dim", dim), ("--seed", seed)) if v is not None)
+            raise ValueError(f"{given} sets the projection, and --exact uses exact gradients (no projection); drop one")
         for name, path in (("--model", model), ("--train", train), *(("--query", q) for q in query)):
             if not path.exists():
                 raise ValueError(f"{name} {str(path)!r} does not exist")
         reports = attribute(
             model, train, query, out, adapter=adapter, checkpoints=checkpoints, lrs=lr, k=k,
-            projection_dim=None if exact else dim, per_token=per_token, max_length=max_length,
-            batch_size=batch_size, seed=seed, hessian=hessian, damping_ratio=damping_ratio, trust=trust, progress=True,
+            projection_dim=None if exact else (4096 if dim is None else dim), per_token=per_token, max_length=max_length,
+            batch_size=batch_size, seed=0 if seed is None else seed, hessian=hessian, damping_ratio=damping_ratio, trust=trust, progress=True,
         )  # fmt: skip
         for r in reports:
             shown = max((len(rec["top"]) for rec in r.records), default=0)

@@ -71,7 +71,8 @@ class ProjectionQuality:
             a few large-norm examples can hold the Pearson correlation high while
             the ranking of the rest is noise; or ``"pearson"``).
         k_for_target: the ``k`` predicted to reach it (a power of two, rounded
-            up); ``None`` when the exact gradients (``k = D``) would be needed.
+            up, below ``D``); ``None`` when that power of two is ``D`` or more:
+            use the exact gradients (``projection=None``), no more costly and exact.
         seconds_exact: time of the exact pairwise scores.
         note: how the sample was capped, if it was.
         exact_scores, projected_scores: the compared ``(n_query, n_train)`` matrices at ``k``.
@@ -117,7 +118,8 @@ class ProjectionQuality:
             return head + f": above the target {self.target_correlation}"
         fix = (f"k={self.k_for_target} is predicted to reach {self.target_correlation}"
                if self.k_for_target is not None else
-               f"even k=D={self.exact_dim} is predicted to fall short of {self.target_correlation}; use projection=None")
+               f"the k predicted to reach {self.target_correlation} is D={self.exact_dim} (the exact gradients) or "
+               "close to it; use projection=None")
         return head + f": below the target {self.target_correlation}; {fix} (or average several projection seeds)"
 
     def to_dict(self) -> dict:
@@ -299,7 +301,8 @@ def projection_quality(
     b, fitted = fit_exponent([r["k"] for r in rows], [r[metric] for r in rows], default_b)
     urow = user[0]
     k_star = k_for_correlation(urow["k"], urow[metric], target_correlation, b)
-    k_target = None if k_star > D else min(2 ** math.ceil(math.log2(max(k_star, 1))), D)
+    k_power = 2 ** math.ceil(math.log2(max(k_star, 1)))
+    k_target = None if k_power >= D else k_power  # at k >= D the exact gradients cost no more and are exact
     result = ProjectionQuality(
         projection=[p.describe() for p in projs] if len(projs) > 1 else projs[0].describe(),
         n_train=n, n_query=n_query, exact_dim=D, k=urow["k"], pearson=urow["pearson"], spearman=urow["spearman"],

@@ -257,7 +257,8 @@ class WeightNoise(Members):
 
 
 class Models(Members):
-    """Independently trained models (for example different seeds), weight 1 each."""
+    """Independently trained models (for example different seeds), weight 1 each
+    (``weights``: one finite number >= 0 per model; ``ValueError`` otherwise)."""
 
     def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None):
         models = list(models)
@@ -269,6 +270,10 @@ class Models(Members):
         weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
         if len(weights) != len(models):
             raise ValueError(f"Models: {len(models)} models but {len(weights)} weights")
+        bad = [(i, w) for i, w in enumerate(weights) if not (math.isfinite(w) and w >= 0)]
+        if bad:
+            raise ValueError(f"Models: weight {bad[0][1]} of model {bad[0][0]} is not a finite number >= 0 "
+                             "(each model's scores are multiplied by its weight)")  # fmt: skip
         self.models, self.weights = models, weights
 
     def specs(self) -> list[MemberSpec]:
