@@ -241,3 +241,37 @@ def test_report_of_one_or_two_features_is_exact_whatever_eig_max_dim():
         assert rep["eigenvalues"] == "eigh" and rep["dim"] == k
         assert rep["min_eigenvalue"] == pytest.approx(evals[0], rel=1e-6, abs=1e-12)
         assert rep["max_eigenvalue"] == pytest.approx(evals[-1], rel=1e-6)
+
+
+def test_sample_weights_enter_the_fisher_once(tmp_path):
+    """Objective (1/n) sum_i w_i l_i: F = (1/n) sum_i w_i g_i g_i^T + lambda I, features w_j g_j
+    (an example of weight 0 adds nothing); a uniform weight c leaves the scores unchanged."""
+    model = _mlp()
+    x, y = _data()
+    xt, yt = _data(seed=5, n=6)
+    w = torch.rand(N, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    w[7] = 0.0
+    G = _per_example_grads(model, x, y)  # unweighted g_i
+    Q = _per_example_grads(model, xt, yt)
+    wn = w.numpy()
+    f = (G * wn[:, None]).T @ G / N
+    lam = 0.1 * np.trace(f) / f.shape[0]
+    want = Q @ np.linalg.solve(f + lam * np.eye(f.shape[0]), (G * wn[:, None]).T)
+    task = hf.ClassificationTask(model)
+    est = hf.Influence(task, hessian="fisher", batch_size=10).fit((x, y, w))
+    np.testing.assert_allclose(est.pairwise((xt, yt)), want, rtol=1e-9, atol=1e-12)
+    from torch.utils.data import DataLoader
+
+    rows = [(x[i], y[i], w[i]) for i in range(N)]  # weights read batch by batch from a loader, and a store
+    loaded = hf.Influence(task, hessian="fisher", batch_size=10, store=tmp_path / "s").fit(DataLoader(rows, batch_size=10))
+    np.testing.assert_allclose(loaded.pairwise((xt, yt)), want, rtol=1e-5, atol=1e-6)  # features stored in float32
+    reopened = hf.Influence(task, hessian="fisher", batch_size=10, store=tmp_path / "s")
+    with pytest.raises(ValueError, match="stored training data have sample weights.*est.fit\\(train\\)"):
+        reopened.fit()
+    for c in (2.0, 0.25):
+        scaled = hf.Influence(task, hessian="fisher", batch_size=10).fit((x, y, torch.full((N,), c, dtype=torch.float64)))
+        plain = hf.Influence(task, hessian="fisher", batch_size=10).fit((x, y))
+        np.testing.assert_allclose(scaled.pairwise((xt, yt)), plain.pairwise((xt, yt)), rtol=1e-9)
+    w[3] = -1.0
+    with pytest.raises(ValueError, match="training example 3 has sample weight -1; the empirical Fisher"):
+        hf.Influence(task, hessian="fisher", batch_size=10).fit((x, y, w))

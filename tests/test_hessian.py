@@ -190,21 +190,28 @@ def test_cg_and_lissa_pairwise_and_mlp():
         assert est.hessian_report_["model"]["rows"] == 4
 
 
-def test_datainf_matches_its_closed_form():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_datainf_matches_its_closed_form(weighted):
+    """Per layer, the average of the rank-one inverses of w_i g_i g_i^T + lam I (w = 1 unweighted);
+    the scores use the weighted features w_j g_j."""
     x, y = _data()
     model = _mlp()
     _, g = _explicit(model, x, y, 0.0)
+    w = torch.rand(len(y), generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 if weighted else None
+    wv = torch.ones(len(y), dtype=torch.float64) if w is None else w
     xv, yv = _data(seed=5, n=15)
     gf = _grad(model, lambda m: _loss(m(xv), yv).mean())
     # layers: [0.weight, 0.bias] and [2.weight, 2.bias]; the paper's damping rule per layer.
     expected_q = torch.empty_like(gf)
     for sl in (slice(0, 12), slice(12, 22)):
         gl, v = g[:, sl], gf[sl]
-        lam = 0.1 * gl.pow(2).sum(1).mean() / gl.shape[1]
-        terms = [(v - (gi @ v) / (lam + gi @ gi) * gi) / lam for gi in gl]
+        lam = 0.1 * (wv * gl.pow(2).sum(1)).mean() / gl.shape[1]
+        terms = [(v - wi * (gi @ v) / (lam + wi * (gi @ gi)) * gi) / lam for gi, wi in zip(gl, wv)]
         expected_q[sl] = torch.stack(terms).mean(0)
-    est = hf.Influence(hf.ClassificationTask(model), hessian="datainf", batch_size=16, progress=False).fit((x, y))
-    np.testing.assert_allclose(est.influence(hf.targets.Utility((xv, yv))), (g @ expected_q).numpy(), rtol=1e-4)
+    data = (x, y) if w is None else (x, y, w)
+    est = hf.Influence(hf.ClassificationTask(model), hessian="datainf", batch_size=16, progress=False).fit(data)
+    want = ((g * wv[:, None]) @ expected_q).numpy()
+    np.testing.assert_allclose(est.influence(hf.targets.Utility((xv, yv))), want, rtol=1e-4)
     assert est.hessian_report_["model"]["layers"] == ["0", "2"]
 
 

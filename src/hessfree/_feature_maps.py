@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
-from .data import DataSource, to_device
+from .data import DataSource, slice_batch, to_device
 from .errors import DataError, at_offset
 from .gradients.projected import ProjectedFeatures
 from .members import MemberView
@@ -39,6 +40,32 @@ class FeatureMaps:
         return self._engines[m]
 
     _feature_map = _engine
+
+    def _train_weights(self) -> np.ndarray | None:
+        """The training examples' sample weights ``(n,)`` float64, or ``None`` for unweighted
+        data (the probe, the first training examples, has no weights); read once per ``fit``
+        (whole, or batch by batch from a loader: then the data are loaded once more).
+
+        Raises:
+            ValueError: the store's data are weighted and were not passed (``fit()``).
+        """
+        source = getattr(self, "source", None)
+        cached = getattr(self, "_weights_cache", None)
+        if cached is not None and cached[0] is source:
+            return cached[1]
+        if self.task.weights(self._probe) is None:
+            w = None
+        elif source is None:
+            raise ValueError("the stored training data have sample weights, which the Fisher of the weighted loss "
+                             "needs, and the store was reopened without them; pass the data: est.fit(train)")  # fmt: skip
+        else:
+            every = source.tensors_without_loading()
+            parts = [self.task.weights(every)] if every is not None else [self.task.weights(b) for b in source]
+            if any(p is None for p in parts):
+                raise ValueError("some training batches have sample weights and others none; give every example one")
+            w = torch.cat([p.reshape(-1) for p in parts]).double().cpu().numpy()
+        self._weights_cache = (source, w)
+        return w
 
     @property
     def feature_dim(self) -> list[int]:
@@ -89,6 +116,8 @@ class FeatureMaps:
         batches = self._own_batches(source) if shard else source.batches()
         for offset, batch in batches:
             batch = to_device(batch, self.device)
+            if offset == 0 and what != "training":  # the training data was checked by fit
+                self.task.check_runs(slice_batch(batch, 0, 1), what)
             try:
                 if what == "training" and self.train_map is not None:  # e.g. optimizer-aware directions
                     feats = _compute_dtype(self.train_map(self._engine(view, names), view, batch))

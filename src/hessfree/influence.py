@@ -135,13 +135,11 @@ class Influence(FeatureMaps, StoreMixin):
         names = self._names[m]
         source, device = getattr(self, "source", None), self.device
         return MemberInputs(
-            name=view.name,
-            index=m,
-            n_train=self.n_train,
+            name=view.name, index=m, n_train=self.n_train, dim=self._dims[m],
             params=tuple((k, view.params[k].numel()) for k in names),
-            dim=self._dims[m],
             train_blocks=lambda: self._train_features(m, view),
             objective=None if source is None else (lambda: Objective(view, names, source, device)),
+            train_weights=self._train_weights,
         )
 
     def _directions(self, view: MemberView, names: list[str], grad_flat: torch.Tensor):
@@ -183,6 +181,7 @@ class Influence(FeatureMaps, StoreMixin):
         self._first_batch_hash = batch_hash(first) if self._store_path is not None else None  # checked across ranks
         self._probe = to_device(probe_of(first), self.device)
         self._example = slice_batch(self._probe, 0, 1)
+        self.task.check_runs(self._example, "training")
         self.task.check_data(self.source)
         self._setup_members()
         if self._store_path is not None:
@@ -337,9 +336,8 @@ class Influence(FeatureMaps, StoreMixin):
             raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
         source = DataSource(test, batch_size=self.batch_size, name="test")
         n_members = len(self._specs)
-        # with a reduction, members are summed as they come: memory (n_test, n_train), not n_members times that;
-        # held as (n_train, n_test), each block's product fills contiguous rows in one pass, and the result is
-        # its transpose (no copy)
+        # with a reduction, members are summed as they come (memory (n_test, n_train), not n_members times that);
+        # held as (n_train, n_test), each block's product fills contiguous rows in one pass; the result is its transpose
         acc = torch.empty((n_members, self.n_train, source.n) if reduce is None else (self.n_train, source.n),
                           dtype=self._score_dtype())  # fmt: skip
         for i, (m, view) in enumerate(self._views()):

@@ -61,6 +61,8 @@ class MemberInputs:
             under torch.distributed a transform sums over ranks itself.
         objective: builds the member's training :class:`Objective` (``None`` when
             the training data are not at hand, e.g. a store reopened without data).
+        train_weights: the training examples' sample weights ``(n,)`` float64
+            (``None``: unweighted data), indexed like the offsets of ``train_blocks``.
     """
 
     name: str
@@ -70,6 +72,33 @@ class MemberInputs:
     dim: int
     train_blocks: BlockStream
     objective: Callable[[], Objective] | None = None
+    train_weights: Callable[[], np.ndarray | None] = lambda: None
+
+    def fisher_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, rows)`` whose outer products sum to ``n`` times the empirical
+        Fisher of the training objective ``(1/n) sum_i w_i l_i``:
+        ``sum_i w_i g_i g_i^T`` with ``g_i`` the gradient of ``l_i``. The features
+        are ``phi_i = grad(w_i l_i) = w_i g_i``, so each row is ``phi_i / sqrt(w_i)``
+        (0 where ``w_i = 0``), in float64; without sample weights the features
+        themselves. A uniform weight ``c`` then scales the Fisher by ``c``, as it
+        scales the Hessian, and curvature-corrected scores do not change.
+
+        Raises:
+            ValueError: a negative sample weight (the weighted loss has no Fisher).
+        """
+        w = self.train_weights()
+        if w is None:
+            yield from self.train_blocks()
+            return
+        if bool((w < 0).any()):
+            i = int(np.argmax(w < 0))
+            raise ValueError(f"training example {i} has sample weight {w[i]:g}; the empirical Fisher of the weighted "
+                             "loss needs weights >= 0 (use hessian='cg' or 'exact', or drop the example)")  # fmt: skip
+        root = np.sqrt(w)
+        inv = np.divide(1.0, root, out=np.zeros_like(root), where=root > 0)
+        for offset, f in self.train_blocks():
+            scale = torch.from_numpy(inv[offset : offset + f.shape[0]]).to(f.device)
+            yield offset, f.double() * scale[:, None]
 
 
 class QueryTransform:

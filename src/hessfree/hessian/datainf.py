@@ -46,7 +46,7 @@ class DataInf(InverseHessian):
         if member.name not in self._state:
             layers = layer_slices(member.params)
             sq = torch.zeros(len(layers), dtype=torch.float64)
-            for _, feats in member.train_blocks():
+            for _, feats in member.fisher_blocks():
                 f = feats.double()
                 for j, (_, sl) in enumerate(layers):
                     sq[j] += f[:, sl].pow(2).sum().cpu()
@@ -71,7 +71,7 @@ class DataInf(InverseHessian):
         layers, lams = self._prepare(member)
         v = vectors.double().cpu()
         acc = torch.zeros_like(v)
-        for _, feats in member.train_blocks():
+        for _, feats in member.fisher_blocks():
             g = feats.double().cpu()
             for j, (_, sl) in enumerate(layers):
                 gl = g[:, sl]

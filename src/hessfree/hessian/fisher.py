@@ -40,7 +40,13 @@ class EmpiricalFisher(QueryTransform):
 
         F_m = Phi_m^T Phi_m / n + lambda_m I        (k x k, float64)
 
-    and scores become
+    With sample weights ``w_i`` (the training objective ``(1/n) sum_i w_i l_i``)
+    the features are ``phi_i = w_i g_i`` and the Fisher is that of the weighted
+    objective, ``(1/n) sum_i w_i g_i g_i^T`` (rows ``phi_i / sqrt(w_i)``, see
+    :meth:`MemberInputs.fisher_blocks`): rescaling every weight by ``c`` leaves the
+    scores unchanged, as it leaves the exact influence unchanged.
+
+    Scores become
 
         score_i = sum_m w_m * phi_i^T F_m^{-1} q_m,
 
@@ -89,7 +95,8 @@ class EmpiricalFisher(QueryTransform):
 
     Raises:
         ValueError: ``k > max_dim``; a damped Fisher that is not positive definite
-            (``damping=0`` with fewer training examples than ``k``); features all zero.
+            (``damping=0`` with fewer training examples than ``k``); features all zero;
+            a negative sample weight; a store of weighted data reopened without the data.
     """
 
     name = "fisher"
@@ -154,7 +161,7 @@ class EmpiricalFisher(QueryTransform):
         a matrix product, about the cost of a float32 one).
         """
         gram, rows, device = None, 0, None
-        for _, f in member.train_blocks():
+        for _, f in member.fisher_blocks():
             device, rows = f.device, rows + f.shape[0]
             if f.device.type == "cpu":
                 a = np.asarray(f.detach().double().numpy(), order="C")  # (b, k): its transpose is Fortran-ordered

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import Batch, batch_size_of
-from ..errors import DataError
+from .._modes import eval_mode
+from ..data import Batch, batch_size_of, map_batch
+from ..errors import DataError, HessfreeError
 from ._outputs import _logits_of, _rows
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -131,6 +132,28 @@ class Task:
             return batch.get(self.weight_key)
         return batch[2] if len(batch) > 2 else None
 
+    def check_runs(self, example: Batch, what: str) -> None:
+        """Run the model once on ``example`` (a batch of one; eval mode, no gradient)
+        before any long work.
+
+        Raises:
+            hessfree.errors.DataError: the model fails on it (inputs of another
+                width, a missing column); names ``what``, the example's shapes and
+                the model's own error.
+        """
+        model = self.model
+        device = next((p.device for p in model.parameters()), None)
+        if device is not None:
+            example = map_batch(example, lambda t: t.to(device))
+        try:
+            with torch.no_grad(), eval_mode(model):
+                self.forward(model, example)
+        except HessfreeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the user's model on the user's data
+            raise DataError(f"the model fails on {what} example 0 ({_shapes(example)}): {type(e).__name__}: {e}; "
+                            f"check that the {what} data has the columns and shapes the model takes") from e  # fmt: skip
+
     def check_data(self, source) -> None:
         """Validate a whole data source (labels, shapes) once, before any gradient
         is taken; raise naming the example index and value. No-op by default.
@@ -189,3 +212,12 @@ class Task:
             f"{type(self).__name__} does not define class probabilities; fairness targets "
             "need hf.ClassificationTask or a Task subclass with probabilities()"
         )
+
+
+def _shapes(batch: Batch) -> str:
+    """``"inputs (1, 6), labels (1,)"``: the shapes of a batch's tensors, for messages."""
+    def shape(v: Any) -> str:
+        return str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
+    if isinstance(batch, Mapping):
+        return ", ".join(f"{k!r} {shape(v)}" for k, v in batch.items())
+    return ", ".join(f"{name} {shape(v)}" for name, v in zip(("inputs", "labels", "weights"), batch))
