@@ -97,6 +97,16 @@ def test_any_changed_example_outside_the_sample_is_refused(tmp_path, form, what)
     np.testing.assert_allclose(again.influence(target), ref.influence(target), rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("i", [0, 199])
+def test_a_changed_example_inside_the_sample_is_named_by_its_rows(tmp_path, i):
+    """Rows 0 and n-1 are always in the quick fingerprint: the error still names the batch."""
+    task, data, _ = _setup(weights=True)
+    hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(data)
+    first = (i // 16) * 16
+    with pytest.raises(hf.store.StoreMismatchError, match=rf"rows {first}-{min(first + 15, 199)} hold another"):
+        hf.Influence(task, batch_size=16, store=tmp_path / "s").fit(_changed(data, "label", i))
+
+
 @pytest.mark.parametrize("form", ["tensors", "loader"])
 def test_resume_with_data_changed_in_the_written_part_is_refused(tmp_path, form):
     task, data, _ = _setup(weights=True)

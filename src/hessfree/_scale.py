@@ -18,7 +18,15 @@ import torch
 from ._checks import integer
 from ._io import atomic_write_json, check_settings
 from ._modes import eval_mode
-from ._store_writer import batch_tiling, batches_at, data_differ, describe_loss, hashes_at, same_on_every_rank
+from ._store_writer import (
+    batch_tiling,
+    batches_at,
+    data_differ,
+    describe_loss,
+    hashes_at,
+    name_rows_that_differ,
+    same_on_every_rank,
+)
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
 from .feature_source import StoreFeatures
@@ -158,7 +166,12 @@ class StoreMixin:
         probe = to_device(self._probe, torch.device("cpu"))
 
         def create() -> GradientStore:
-            store = GradientStore.open(self._store_path, config, example=probe)
+            try:
+                store = GradientStore.open(self._store_path, config, example=probe)
+            except StoreMismatchError:  # only the data differ: name the rows, as for a complete store below
+                if source.in_memory:
+                    name_rows_that_differ(self._store_path, config, lambda s: self._check_stored_data(s, hashes))
+                raise
             if not store.complete:
                 store.retain(tiling)  # batches cut otherwise by an earlier run are written again
             return store

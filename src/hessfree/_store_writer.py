@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from ._io import settings_differ
 from .data import DataSource, batch_hash, batch_size_of
 from .distributed import all_gather, rank_and_world
+from .errors import HessfreeError
 from .store import GradientStore, StoreMismatchError, fingerprint_tensors
 
 
@@ -45,6 +47,19 @@ def data_differ(store: GradientStore, ranges: list[tuple[int, int]]) -> StoreMis
         f"{o}-{o + c - 1}{more} hold another input, label or sample weight (or a Dataset with random transforms "
         "gives other values each time); use a new store path for these data, or delete the old store"
     )
+
+
+def name_rows_that_differ(path: Path, config: dict[str, Any], check) -> None:
+    """When the complete store at ``path`` differs from ``config`` only in its data (the
+    quick data fingerprint and the probe losses), ``check(store)`` compares it batch by
+    batch and raises naming the rows; otherwise nothing (the caller raises its error)."""
+    try:
+        store = GradientStore.open_existing(path)
+    except HessfreeError:  # incomplete or unreadable: the settings error stands
+        return
+    saved = {k: v for k, v in store.config.items() if k != "format"}
+    if set(settings_differ(saved, config)) <= {"data", "probe_loss"}:
+        check(store)
 
 
 def same_on_every_rank(digest: str, path: Path) -> None:
