@@ -3,6 +3,8 @@ projecting explicit (autograd-loop) per-example gradients with the same matrices
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -298,3 +300,14 @@ def test_dense_block_cache_changes_nothing_but_reuses_blocks():
     assert plain._blocks == {} and cached.describe() == plain.describe()
     with pytest.raises(ValueError, match="cache_bytes must be an integer >= 0"):
         Dense(8, cache_bytes=-1)
+
+
+def test_a_dense_projection_as_wide_as_the_gradient_is_announced():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)  # 18 gradient entries
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    with pytest.warns(UserWarning, match=r"Dense\(18\) projects 18 gradient entries .*projection=None"):
+        hf.Influence(hf.ClassificationTask(model), projection=hf.projections.Dense(18)).fit((x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.Influence(hf.ClassificationTask(model), projection=hf.projections.Dense(17)).fit((x, y))

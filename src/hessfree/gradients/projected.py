@@ -83,6 +83,9 @@ class ProjectedFeatures:
             if checked is not None:
                 checked.update(fallback=set(self._fallback), verified=set(self._verified))
         if checked is None or not checked.get("announced"):
+            if isinstance(projection, Dense) and projection.dim >= self.total:
+                warnings.warn(f"hessfree: Dense({projection.dim}) projects {self.total} gradient entries to as many or "
+                              "more numbers: projection=None gives the exact gradients, cheaper", stacklevel=4)  # fmt: skip
             self._refuse_or_announce(view)
             if checked is not None:
                 checked["announced"] = True
