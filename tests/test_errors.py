@@ -65,6 +65,11 @@ def test_nan_gradient_names_the_example(blobs, val_blobs):
     x[17, 2] = float("inf")
     with pytest.raises(FloatingPointError, match="training example 17"):
         hf.Influence(hf.ClassificationTask(mlp()), batch_size=8).fit((x, y))
+    xv, yv = val_blobs[0].clone(), val_blobs[1]
+    xv[5, 0] = float("nan")
+    est = hf.Influence(hf.ClassificationTask(mlp()), batch_size=8).fit(blobs)
+    with pytest.raises(FloatingPointError, match="utility target gradient is not finite .*target example 5 has a NaN"):
+        est.influence(hf.targets.Utility((xv, yv), batch_size=4))
 
 
 def test_shuffled_loader_is_refused(blobs):

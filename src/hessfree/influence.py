@@ -312,7 +312,8 @@ class Influence(FeatureMaps, StoreMixin):
             names = self._names[m]
             g = flatten(target.gradient(view, names), names)
             if not bool(torch.isfinite(g).all()):
-                raise FloatingPointError(f"the {target.name} target gradient is not finite at member {view.name!r}")
+                raise FloatingPointError(f"the {target.name} target gradient is not finite at member {view.name!r}: "
+                                         f"{target.not_finite()}")  # fmt: skip
             q = self._query(view, names, g)
             for offset, feats in self._train_features(m, view):
                 dt = torch.promote_types(feats.dtype, q.dtype)  # a float32 store of a float64 model

@@ -53,6 +53,18 @@ class Target:
     def validate(self, task: Task) -> None:
         """Check the target against the task before any gradient is taken."""
 
+    def not_finite(self) -> str:
+        """Why a gradient of f may not be finite: the first example of the target's data
+        with a NaN or infinite value, named; else a hint about the loss."""
+        source = getattr(self, "source", None)
+        for offset, batch in source.batches() if source is not None else ():
+            tensors = batch.values() if isinstance(batch, dict) else batch
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+                    return f"target example {offset + int(torch.nonzero(bad)[0])} has a NaN or infinite value"
+        return "check the target's data and the loss (log of 0, division by 0)"
+
     def batches(self, view) -> list[tuple[int, Batch]]:
         """The (offset, batch) pairs f is computed on at this member (moved to its device)."""
         device = next(iter(view.params.values())).device

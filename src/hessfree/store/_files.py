@@ -140,7 +140,7 @@ def check_sizes(path: Path, files: list[tuple[str, int]], n: int) -> None:
         if have != size:
             raise StoreCorruptError(
                 f"{str(f)!r} has {have} bytes but should have {size} ({n} rows); the store is damaged "
-                f"(a truncated copy?): {REBUILD}"
+                f"({'a truncated copy?' if have < size else 'written to by another program?'}): {REBUILD}"
             )
 
 
