@@ -212,3 +212,29 @@ def test_hold_fixed_false_needs_a_closed_form_attack(val_blobs):
     xv, yv, _ = val_blobs
     with pytest.raises(ValueError, match="differentiable closed form"):
         hf.targets.Robustness((xv, yv), attack=hf.attacks.PGD(eps=0.1), hold_fixed=False)
+
+
+def test_pgd_l2_random_start_is_uniform_in_the_ball():
+    """In 2-d a uniform point of the disc has |delta| <= eps/2 with probability 1/4 (a uniform
+    point of the square clamped to the disc: pi/16 = 0.196)."""
+    eps, n = 1.0, 4000
+    attack = hf.attacks.PGD(eps=eps, steps=1, step_size=1e-9, norm="l2", seed=3)
+    x = torch.zeros(n, 2, dtype=torch.float64)
+    delta = attack.perturb(x, lambda z: z.sum(1), None)  # one negligible step from the start
+    r = delta.norm(dim=1)
+    assert float(r.max()) <= eps + 1e-8
+    assert abs(float((r <= eps / 2).double().mean()) - 0.25) < 0.025
+    angle = torch.atan2(delta[:, 1], delta[:, 0])
+    assert abs(float((angle > 0).double().mean()) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: hf.attacks.PGD(eps=float("nan")), r"PGD: eps must be a finite number >= 0, got nan"),
+    (lambda: hf.attacks.PGD(eps="0.1"), r"PGD: eps must be a finite number >= 0, got '0.1'"),
+    (lambda: hf.attacks.PGD(eps=0.1, step_size=-0.1), r"PGD: step_size must be a finite number > 0"),
+    (lambda: hf.attacks.PGD(eps=0.1, clip=(1, 0)), r"PGD: clip must be \(low, high\) with low < high"),
+    (lambda: hf.attacks.FGSM(eps=float("inf")), r"FGSM: eps must be a finite number >= 0, got inf"),
+])  # fmt: skip
+def test_attack_arguments_are_refused_by_name(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -42,3 +42,14 @@ def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None 
             want = f"an integer in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {want}{note}, got {value!r}")
     return int(out)
+
+
+def number(value: Any, name: str, minimum: float | None = None, *, above: bool = False) -> float:
+    """``value`` as a finite ``float`` (ints and numpy numbers too, not bools or strings) that is
+    ``>= minimum`` (``> minimum`` with ``above=True``); else ``ValueError`` naming ``name`` and ``value``."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    out = float(value) if ok else float("nan")
+    if not (ok and np.isfinite(out) and (minimum is None or (out > minimum if above else out >= minimum))):
+        bound = "" if minimum is None else f" {'>' if above else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return out

@@ -10,10 +10,11 @@ gradient of the worst-case loss is the gradient at the maximiser).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ._checks import integer
+from ._checks import integer, number
 
 LossOfInput = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,6 +38,17 @@ class Attack:
     def _clip(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.clip is None else x.clamp(*self.clip)
 
+    @staticmethod
+    def _check_clip(clip: Any, cls: str) -> tuple[float, float] | None:
+        if clip is None:
+            return None
+        if not (isinstance(clip, (tuple, list)) and len(clip) == 2):
+            raise ValueError(f"{cls}: clip must be (low, high) or None, got {clip!r}")
+        lo, hi = number(clip[0], f"{cls}: clip low"), number(clip[1], f"{cls}: clip high")
+        if not lo < hi:
+            raise ValueError(f"{cls}: clip must be (low, high) with low < high, got {clip!r}")
+        return lo, hi
+
     def perturb(self, x: torch.Tensor, loss_fn: LossOfInput, output_fn: Callable) -> torch.Tensor:
         raise NotImplementedError
 
@@ -50,9 +62,7 @@ class FGSM(Attack):
     """
 
     def __init__(self, eps: float, clip: tuple[float, float] | None = None):
-        if eps < 0:
-            raise ValueError(f"FGSM: eps must be >= 0, got {eps}")
-        self.eps, self.clip = float(eps), clip
+        self.eps, self.clip = number(eps, "FGSM: eps", 0), self._check_clip(clip, "FGSM")
 
     def perturb(self, x, loss_fn, output_fn):
         return self._clip(x + self.eps * _input_grad(loss_fn, x).sign()).detach()
@@ -69,7 +79,10 @@ class PGD(Attack):
         steps: ascent steps.
         step_size: per-step size; default ``2.5 * eps / steps``.
         norm: ``"linf"`` or ``"l2"``.
-        random_start: start from a uniform point in the ball (seeded).
+        random_start: start from a uniform point in the ball (seeded; for ``"l2"``
+            a uniform direction and radius ``eps * U^(1/d)``). Each batch draws its
+            start from the same seed, so the start of an example depends on its
+            row in the batch (and the target slightly on ``batch_size``).
         seed: seed of the random start.
         clip: optional ``(low, high)`` valid input range.
     """
@@ -84,14 +97,13 @@ class PGD(Attack):
         seed: int = 0,
         clip: tuple[float, float] | None = None,
     ):
-        if eps < 0:
-            raise ValueError(f"PGD: eps must be >= 0, got {eps}")
-        steps = integer(steps, "PGD: steps")
+        eps, steps = number(eps, "PGD: eps", 0), integer(steps, "PGD: steps")
         if norm not in ("linf", "l2"):
             raise ValueError(f"PGD: norm must be 'linf' or 'l2', got {norm!r}")
-        self.eps, self.steps, self.norm = float(eps), int(steps), norm
-        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / self.steps
-        self.random_start, self.seed, self.clip = random_start, seed, clip
+        self.eps, self.steps, self.norm = eps, steps, norm
+        self.step_size = number(step_size, "PGD: step_size", 0, above=True) if step_size is not None else 2.5 * eps / steps
+        self.random_start, self.seed = bool(random_start), integer(seed, "PGD: seed", None)
+        self.clip = self._check_clip(clip, "PGD")
 
     def _project(self, delta: torch.Tensor) -> torch.Tensor:
         if self.norm == "linf":
@@ -103,8 +115,15 @@ class PGD(Attack):
         delta = torch.zeros_like(x0)
         if self.random_start and self.eps > 0:
             gen = torch.Generator().manual_seed(self.seed)
-            noise = torch.rand(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device) * 2 - 1
-            delta = self._project(noise * self.eps)
+            if self.norm == "linf":
+                noise = torch.rand(x0.shape, generator=gen, dtype=x0.dtype) * 2 - 1
+                delta = (noise * self.eps).to(x0.device)
+            else:  # uniform in the L2 ball: a Gaussian direction, radius eps * U^(1/d)
+                d = x0[0].numel()
+                direction = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+                radius = torch.rand(x0.shape[0], generator=gen, dtype=x0.dtype).pow(1.0 / d) * self.eps
+                shape = (-1, *([1] * (x0.dim() - 1)))
+                delta = (direction / _per_example_norm(direction) * radius.view(shape)).to(x0.device)
         for _ in range(self.steps):
             g = _input_grad(loss_fn, self._clip(x0 + delta))
             step = g.sign() if self.norm == "linf" else g / _per_example_norm(g)
@@ -137,9 +156,7 @@ class LinearMinimal(Attack):
     """
 
     def __init__(self, overshoot: float = 0.3):
-        if overshoot < 0:
-            raise ValueError(f"LinearMinimal: overshoot must be >= 0, got {overshoot}")
-        self.overshoot = float(overshoot)
+        self.overshoot = number(overshoot, "LinearMinimal: overshoot", 0)
 
     def perturb(self, x, loss_fn, output_fn):
         return self.perturb_differentiable(x, output_fn).detach()

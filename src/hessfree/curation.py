@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._checks import integer
 from .training import train
 
 
 def _scores(scores: Any) -> np.ndarray:
     arr = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, dtype=float)
-    if arr.ndim != 1:
+    if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"scores must be one value per training example, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         bad = np.flatnonzero(~np.isfinite(arr))[:5].tolist()
@@ -28,15 +29,18 @@ def _scores(scores: Any) -> np.ndarray:
 
 
 def _how_many(n: int, fraction: float | None, count: int | None) -> int:
+    """``count``, or ``fraction * n`` rounded to the nearest count (as the command line does)."""
     if (fraction is None) == (count is None):
         raise ValueError("give exactly one of fraction= (share of the training set) or count= (number of examples)")
     if fraction is not None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        return int(round(fraction * n))
-    if not 0 <= count <= n:
-        raise ValueError(f"count must be in [0, {n}], got {count}")
-    return int(count)
+        if not (isinstance(fraction, (int, float, np.number)) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        k = int(round(fraction * n))
+        if k == 0 and fraction > 0:
+            raise ValueError(f"fraction={fraction:g} of {n} examples is {fraction * n:g}, which rounds to 0 examples; "
+                             "pass a larger fraction or count=1")  # fmt: skip
+        return k
+    return integer(count, "count", 0, n)
 
 
 def most_harmful(scores: Any, fraction: float | None = None, count: int | None = None) -> np.ndarray:
@@ -53,9 +57,30 @@ def remove(scores: Any, fraction: float | None = None, count: int | None = None)
 
 
 def keep_mask(n: int, removed: Any) -> np.ndarray:
-    """Boolean ``(n,)`` mask that is False at the removed indices."""
+    """Boolean ``(n,)`` mask that is False at the removed examples.
+
+    Args:
+        removed: indices in ``[0, n)`` (as from :func:`remove`), or a boolean
+            ``(n,)`` mask that is True at the examples to remove.
+
+    Raises:
+        ValueError: indices out of range (negative ones too: ``-1`` would remove
+            the last example), fractional, or a boolean mask of another length.
+    """
+    arr = np.asarray(removed.cpu() if isinstance(removed, torch.Tensor) else removed)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"a boolean remove mask needs one entry per example ({n}), got shape {arr.shape}")
+        return ~arr
+    arr = arr.reshape(-1)
+    if arr.size and not (np.issubdtype(arr.dtype, np.integer) or np.all(arr == np.round(arr))):
+        raise ValueError(f"indices to remove must be integers, got {arr[:5].tolist()}")
+    arr = arr.astype(np.int64)
+    bad = arr[(arr < 0) | (arr >= n)]
+    if bad.size:
+        raise ValueError(f"indices to remove must be in [0, {n}), got {bad[:5].tolist()}")
     mask = np.ones(n, dtype=bool)
-    mask[np.asarray(removed, dtype=int)] = False
+    mask[arr] = False
     return mask
 
 
@@ -135,12 +160,14 @@ def retrain(
     """Train a fresh model (``torch.manual_seed(seed); make_model()``) after curation.
 
     Args:
-        remove: indices to drop.
+        remove: indices to drop, or a boolean ``(n,)`` mask (True = drop); see :func:`keep_mask`.
         weights: ``(n,)`` sample weights.
         labels: ``(n,)`` replacement labels (for relabelling).
         **train_kwargs: passed to :func:`hessfree.training.train`.
     """
     y = torch.as_tensor(labels) if labels is not None else y
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"{'labels' if labels is not None else 'y'} has {y.shape[0]} entries for {x.shape[0]} examples")
     mask = keep_mask(x.shape[0], remove if remove is not None else [])
     idx = torch.from_numpy(np.flatnonzero(mask))
     data = [x[idx], y[idx].to(y.dtype)]

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import integer
+from ._modes import eval_mode
 from .attacks import Attack
-from .data import Batch, DataSource, batch_size_of, map_batch
+from .data import Batch, DataSource, batch_size_of, map_batch, slice_batch, to_device
 from .members import single_view
 from .task import Task
 
@@ -84,6 +86,12 @@ class Target:
                 totals[k] = totals[k] + v if k in totals else v
         return totals
 
+    def _check_differentiable(self, value: Any) -> None:
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
+            raise ValueError(f"the {self.name} target's value has no gradient with respect to the model's parameters: "
+                             "it must be computed from the model's outputs with torch operations (no .detach(), "
+                             ".item(), numpy or torch.no_grad())")  # fmt: skip
+
     def gradient(self, view, names: list[str]) -> dict[str, torch.Tensor]:
         """Exact gradient of f w.r.t. the selected parameters at the member."""
         selected = {n: view.params[n].detach().requires_grad_(True) for n in names}
@@ -94,6 +102,7 @@ class Target:
             if len(batches) == 1:
                 offset, batch = batches[0]
                 f = self.combine(self.sums(task, model, batch, offset))
+                self._check_differentiable(f)
                 grads = torch.autograd.grad(f, leaves, allow_unused=True)
             else:
                 with torch.no_grad():
@@ -107,6 +116,7 @@ class Target:
                 for offset, batch in batches:
                     s = self.sums(task, model, batch, offset)
                     surrogate = sum((weights[k] * s[k]).sum() for k in keys)
+                    self._check_differentiable(surrogate)
                     part = torch.autograd.grad(surrogate, leaves, allow_unused=True)
                     acc = [a + g if g is not None else a for a, g in zip(acc, part)]
                 grads = acc
@@ -126,6 +136,21 @@ class Utility(Target):
 
     name = "utility"
 
+    def validate(self, task: Task) -> None:
+        """Sample weights of the held-out data, when given: >= 0 and not all 0 (checked
+        whole for tensor data, else on the first batch)."""
+        every = self.source.tensors_without_loading()
+        w = task.weights(every if every is not None else next(iter(self.source)))
+        if w is None:
+            return
+        w = torch.as_tensor(w).double().reshape(-1)
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            i = int(torch.nonzero(~torch.isfinite(w) | (w < 0))[0])
+            raise ValueError(f"Utility: held-out example {i} has sample weight {float(w[i]):g}; weights must be "
+                             "finite and >= 0 (the target is their weighted mean loss)")  # fmt: skip
+        if every is not None and not bool((w > 0).any()):
+            raise ValueError("Utility: every held-out sample weight is 0, so the weighted mean loss is undefined")
+
     def sums(self, task, model, batch, offset):
         losses = task.per_example_loss(model, batch, weighted=False)
         w = task.weights(batch)
@@ -138,7 +163,14 @@ class Utility(Target):
         return totals["loss"] / totals["n"]
 
 
-def _as_group_array(groups: Any, n: int, cls: str) -> np.ndarray:
+def group_array(groups: Any, n: int, cls: str) -> np.ndarray:
+    """One group id per example as a numpy array ``(n,)`` (from a list, numpy, pandas or a tensor;
+    numbers or strings).
+
+    Raises:
+        ValueError: ``None``, another length, missing ids (NaN, None, pandas NA), or
+            strings mixed with numbers (named, with the first positions).
+    """
     if groups is None:
         raise ValueError(f"{cls}: groups= is required (one group id per held-out example)")
     arr = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
@@ -148,7 +180,23 @@ def _as_group_array(groups: Any, n: int, cls: str) -> np.ndarray:
         )
     if arr.dtype.kind == "f" and np.isnan(arr).any():
         raise ValueError(f"{cls}: groups has missing values (NaN) at {np.flatnonzero(np.isnan(arr))[:5].tolist()}")
+    if arr.dtype.kind == "O":
+        missing = [i for i, v in enumerate(arr) if _missing(v)]
+        if missing:
+            raise ValueError(f"{cls}: groups has missing values (None or NaN) at {missing[:5]}; fill or drop them")
+        if len({isinstance(v, str) for v in arr}) > 1:
+            raise ValueError(f"{cls}: groups mixes strings and numbers (e.g. {arr[0]!r} and "
+                             f"{next(v for v in arr if isinstance(v, str) != isinstance(arr[0], str))!r}); "
+                             "give every id one type, e.g. groups.astype(str)")  # fmt: skip
     return arr
+
+
+def _missing(v: Any) -> bool:
+    """``None``, a float NaN or pandas' ``NA`` / ``NaT`` (anything not equal to itself)."""
+    try:
+        return v is None or bool(v != v)
+    except (TypeError, ValueError):  # pandas.NA refuses bool()
+        return True
 
 
 class _GroupGap(Target):
@@ -167,7 +215,7 @@ class _GroupGap(Target):
     ):
         super().__init__(data, batch_size=batch_size)
         cls = type(self).__name__
-        arr = _as_group_array(groups, self.source.n, cls)
+        arr = group_array(groups, self.source.n, cls)
         self.levels = np.unique(arr)
         if len(self.levels) < 2:
             raise ValueError(
@@ -175,15 +223,27 @@ class _GroupGap(Target):
             )
         if form not in ("probability", "loss_difference"):
             raise ValueError(f"{cls}: form must be 'probability' or 'loss_difference', got {form!r}")
-        self.form, self.favourable = form, favourable
+        self.form, self.favourable = form, integer(favourable, f"{cls}: favourable (a class index)", 0)
+        if order is not None and form != "loss_difference":
+            raise ValueError(f"{cls}: order= sets the sign of form='loss_difference' (group a minus group b); the "
+                             f"form {form!r} is symmetric in the groups, so order={list(order)} would be ignored")  # fmt: skip
         if form == "loss_difference":
             order = list(self.levels[:2]) if order is None else list(order)
-            if len(order) != 2 or any(o not in self.levels for o in order):
-                raise ValueError(f"{cls}: order must name two of the groups {self.levels.tolist()}, got {order}")
+            if len(order) != 2 or any(o not in self.levels for o in order) or order[0] == order[1]:
+                raise ValueError(f"{cls}: order must name two different groups of {self.levels.tolist()}, got {order}")
             self.pair = [int(np.flatnonzero(self.levels == o)[0]) for o in order]
         self.group_index = torch.from_numpy(np.searchsorted(self.levels, arr)).long()
 
     def validate(self, task: Task) -> None:
+        if self.form == "probability" or self.restrict_to_favourable:  # favourable is a class of the model
+            example = slice_batch(next(iter(self.source)), 0, 1)
+            device = next((p.device for p in task.model.parameters()), None)
+            with torch.no_grad(), eval_mode(task.model):
+                out = task.forward(task.model, example if device is None else to_device(example, device))
+                classes = task.probabilities(out).shape[1]
+            if self.favourable >= classes:
+                raise ValueError(f"{type(self).__name__}: favourable={self.favourable}, but the model gives "
+                                 f"{classes} classes (0 to {classes - 1})")  # fmt: skip
         if not self.restrict_to_favourable:
             return
         labels = task.labels(self.source.tensors()) if self.source.n else None

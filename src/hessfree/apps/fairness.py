@@ -21,10 +21,10 @@ import numpy as np
 from torch import nn
 
 from ..influence import Influence
-from ..targets import DemographicParity, EqualOpportunity
+from ..targets import DemographicParity, EqualOpportunity, group_array
 from ..task import ClassificationTask
 from ..training import accuracy, predict
-from ._common import as_tensor, split_xy
+from ._common import split_xy
 from ._retrain import curate, fit_model
 
 GAPS = {"dp": DemographicParity, "eo": EqualOpportunity}
@@ -140,7 +140,8 @@ def repair_fairness(
     x, y = split_xy(train, "train")
     xv, yv = split_xy(val, "val")
     xt, yt = split_xy(test, "test")
-    gv, gt = as_tensor(val_groups), np.asarray(as_tensor(test_groups).cpu())
+    gv = group_array(val_groups, len(yv), "repair_fairness: val_groups")
+    gt = group_array(test_groups, len(yt), "repair_fairness: test_groups")
     model = base_model if base_model is not None else fit_model(make_model, x, y, seed, train_kwargs)
     task = ClassificationTask(model)
     scores = np.zeros(0)
