@@ -46,6 +46,14 @@ def test_noisy_labels_found_and_removing_them_helps():
     assert np.array_equal(report.given_label, noisy[report.index])
     assert report.uncertainty.shape == (600,) and (report.uncertainty >= 0).all()
     assert roc_auc(report.suspicion(), flipped) > 0.9
+    # a top-k report keeps the count of ranked examples: shares are of all of them, training order is refused
+    top = report.top(60)
+    assert top.total == 600 and np.array_equal(top.flagged(0.05), report.flagged(0.05))
+    with pytest.raises(ValueError, match="holds the top 60 of 600"):
+        top.suspicion()
+    with pytest.raises(ValueError, match="holds the top 60"):
+        top.flagged(0.2)
+    assert "60 most suspicious of 600" in top.summary()
     # retraining without the flagged share beats retraining on everything (same seed and recipe)
     flagged = report.flagged(flipped.mean())
     base = hf.curation.retrain(lambda: mlp(10, 4), x, yn, seed=0, **TRAIN)

@@ -159,11 +159,29 @@ def test_lds_reproducible_and_resumable(tmp_path):
     assert len(saved["outputs"]) == 10 and saved["complete"] is False
     calls["n"] = 100
     resumed = metrics.lds(scores, flaky, measure, 40, n_subsets=25, seed=5, results_path=path, progress=False)
-    assert calls["n"] == 115  # only the 15 missing subsets were trained
+    assert calls["n"] == 116  # subset 0 again (to check the saved results), then the 15 missing subsets
     assert resumed.mean == first.mean
     assert json.loads(path.read_text())["complete"] is True
     with pytest.raises(ValueError, match="other subsets"):
         metrics.lds(scores, train_fn, measure, 40, n_subsets=25, seed=6, results_path=path, progress=False)
+    other = lambda th: float(xt[1] @ th)  # noqa: E731 - another measure: the saved values are not reused
+    with pytest.raises(ValueError, match="subset 0 no longer reproduces.*measure changed"):
+        metrics.lds(scores, train_fn, other, 40, n_subsets=25, seed=5, results_path=path, progress=False)
+
+
+def test_detection_metrics_equal_sklearn_and_refuse_other_labels():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    s, y = np.round(rng.normal(size=80), 1), rng.random(80) < 0.3  # rounding makes ties
+    assert metrics.roc_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert metrics.average_precision(s, y.astype(int)) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    for bad in ([-1, 1] * 40, [1, 2] * 40):
+        with pytest.raises(ValueError, match="positives must be booleans or 0 / 1"):
+            metrics.roc_auc(s, bad)
+    for k in (-1, 81, 2.5):
+        with pytest.raises(ValueError, match="k must be an integer in \\[0, 80\\]"):
+            metrics.recall_at_k(s, y, k=k)
 
 
 def test_metrics_reexported():

@@ -384,9 +384,10 @@ class Robustness(Target):
         return out
 
     def adversarial(self, task: Task, model: torch.nn.Module | None = None) -> Batch:
-        """The adversarial held-out data for a plain model (default ``task.model``)."""
+        """The adversarial held-out data for a plain model (default ``task.model``), attacked
+        in eval mode as the scores are (each submodule's mode is restored afterwards)."""
         model = task.model if model is None else model
-        with single_view(task, model, self.source.first_example(), eval_mode=False) as view:
+        with single_view(task, model, self.source.first_example()) as view:
             if self.hold_fixed:
                 parts = [b for _, b in self.batches(view)]
             else:

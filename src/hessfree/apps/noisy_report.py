@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import integer
 from ._noisy_methods import MIN_CENTRED_CLASS
 
 
@@ -46,6 +47,9 @@ class NoisyLabelReport:
             higher than they would in a large class: worth a look either way.
         estimator: the options of the :class:`hessfree.Influence` behind the scores
             (``InfluenceArguments.to_dict()``); ``None`` when no estimator was used.
+        n_train: the number of training examples ranked (``None``: ``len(index)``,
+            a full report); a :meth:`top` report holds fewer rows than that, and the
+            methods that need every example (training order, the noise share) refuse it.
     """
 
     index: np.ndarray
@@ -59,18 +63,30 @@ class NoisyLabelReport:
     diagnostics: dict[str, float] = field(default_factory=dict)
     uncentred_classes: list[int] = field(default_factory=list)
     estimator: dict | None = None
+    n_train: int | None = None
 
     _COLUMNS = ("index", "score", "uncertainty", "given_label", "suggested_label", "predicted_label")
 
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def total(self) -> int:
+        """The number of training examples ranked (``len(self)`` for a full report)."""
+        return len(self) if self.n_train is None else int(self.n_train)
+
+    def _need_full(self, what: str) -> None:
+        if len(self) != self.total:
+            raise ValueError(f"{what} needs every training example, and this report holds the top {len(self)} of "
+                             f"{self.total}; call it on the full report (before top())")  # fmt: skip
+
     def top(self, k: int) -> NoisyLabelReport:
         """The ``k`` most suspicious rows."""
+        k = integer(k, "k", 0)
         cols = {c: getattr(self, c)[:k] for c in self._COLUMNS}
         return NoisyLabelReport(
             **cols, method=self.method, members=self.members, diagnostics=self.diagnostics,
-            uncentred_classes=self.uncentred_classes,
+            uncentred_classes=self.uncentred_classes, estimator=self.estimator, n_train=self.total,
         )  # fmt: skip
 
     def flagged(self, fraction: float | None = None) -> np.ndarray:
@@ -82,7 +98,11 @@ class NoisyLabelReport:
             fraction = self.estimated_noise_share()
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"flagged: fraction must be in [0, 1], got {fraction}")
-        return self.index[: int(round(fraction * len(self)))]
+        k = int(round(fraction * self.total))  # a share of every training example, also for a top() report
+        if k > len(self):
+            raise ValueError(f"flagged: fraction {fraction:g} of {self.total} examples is {k} rows, and this report "
+                             f"holds the top {len(self)}; call it on the full report")  # fmt: skip
+        return self.index[:k]
 
     def estimated_noise_share(self) -> float:
         """Share of training examples (in [0, 1]) whose suggested label differs
@@ -97,16 +117,19 @@ class NoisyLabelReport:
         long-trained model has memorised them (40 epochs: 0.022 for 10%).
         See docs/applications.md.
         """
+        self._need_full("estimated_noise_share")
         return float(np.mean(self.suggested_label != self.given_label))
 
     def suspicion(self) -> np.ndarray:
         """Suspicion scores in TRAINING order, ``(n_train,)`` (for metrics)."""
+        self._need_full("suspicion")
         out = np.empty(len(self))
         out[self.index] = self.score
         return out
 
     def suggestions(self) -> np.ndarray:
         """Suggested labels in training order, ``(n_train,)``."""
+        self._need_full("suggestions")
         out = np.empty(len(self), dtype=np.int64)
         out[self.index] = self.suggested_label
         return out
@@ -116,18 +139,20 @@ class NoisyLabelReport:
         d = {c: getattr(self, c).tolist() for c in self._COLUMNS}
         d.update(
             method=self.method, members=list(self.members), diagnostics=dict(self.diagnostics),
-            uncentred_classes=list(self.uncentred_classes), estimator=self.estimator,
+            uncentred_classes=list(self.uncentred_classes), estimator=self.estimator, n_train=self.total,
         )  # fmt: skip
         return d
 
     def summary(self) -> str:
         """A few lines: the method, the estimated share of wrong labels, the
         most suspicious examples and the classes left uncentred."""
+        full = len(self) == self.total
         lines = [
-            f"{len(self)} training examples ranked by suspicion (method {self.method}; higher = more likely "
-            "mislabelled)",
-            f"estimated share of wrong labels: {self.estimated_noise_share():.1%}",
+            f"{len(self)} {'' if full else f'most suspicious of {self.total} '}training examples ranked by suspicion "
+            f"(method {self.method}; higher = more likely mislabelled)",
         ]
+        if full:
+            lines.append(f"estimated share of wrong labels: {self.estimated_noise_share():.1%}")
         top = self.top(5)
         rows = ", ".join(f"{i} (label {g} -> {s})" for i, g, s in zip(top.index, top.given_label, top.suggested_label))
         lines.append(f"most suspicious: {rows}")

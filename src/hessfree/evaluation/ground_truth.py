@@ -132,7 +132,15 @@ def retrain_subsets(
     With ``results_path`` each finished subset is saved at once (JSON, written
     atomically) together with a digest of the masks; calling again with the
     same masks resumes after the last finished subset, and a file made for
-    other masks is refused. ``"complete": true`` marks a finished file.
+    other masks is refused. ``"complete": true`` marks a finished file. A saved
+    file is reused only after subset 0 is retrained and measured again and
+    agrees with its saved values (relative 1e-5): a changed ``train_fn`` or
+    ``measure`` (or training that is not deterministic) is refused, at the cost
+    of one retraining.
+
+    Raises:
+        ValueError: masks not 2-d; a results file of other masks, or whose subset
+            0 is no longer reproduced; ``measure`` returning another number of values.
     """
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2:
@@ -148,6 +156,13 @@ def retrain_subsets(
                 "or other alpha / seed); delete it or choose another results_path"
             )
         done = [list(map(float, row)) for row in saved["outputs"]]
+        if done:  # the same train_fn and measure: subset 0 again, compared with what was saved
+            again = _measured(measure(train_fn(np.flatnonzero(masks[0]).astype(np.int64))), "subset 0")
+            was = np.asarray(done[0], dtype=float)
+            if again.shape != was.shape or not np.allclose(again, was, rtol=1e-5, atol=1e-8 * max(1.0, np.abs(was).max())):
+                raise ValueError(f"{path} holds results that subset 0 no longer reproduces (saved {was[:3].tolist()}, "
+                                 f"now {again[:3].tolist()}): train_fn or measure changed, or training is not "
+                                 "deterministic (seed it); delete the file or choose another results_path")  # fmt: skip
     bar = progress_bar(masks.shape[0], "subset retraining", progress)
     bar.update(len(done))
     meta = {"n": int(masks.shape[1]), "n_subsets": int(masks.shape[0]), "masks_sha256": digest}

@@ -10,10 +10,17 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import integer
+
 
 def _pair(scores: Any, positives: Any) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=float).reshape(-1)
-    y = np.asarray(positives).reshape(-1).astype(bool)
+    raw = np.asarray(positives).reshape(-1)
+    if raw.dtype != bool and not (raw.dtype.kind in "iuf" and np.isin(raw, (0, 1)).all()):
+        other = raw[~np.isin(raw, (0, 1))][:3].tolist() if raw.dtype.kind in "iuf" else raw.dtype
+        raise ValueError(f"positives must be booleans or 0 / 1 (1 = a positive, e.g. a flipped label), got {other}; "
+                         "for labels such as -1 / 1 pass positives == 1")  # fmt: skip
+    y = raw.astype(bool)
     if s.shape != y.shape:
         raise ValueError(f"scores ({s.shape[0]}) and positives ({y.shape[0]}) must have the same length")
     if not np.all(np.isfinite(s)):
@@ -69,7 +76,10 @@ def recall_at_k(scores: Any, positives: Any, k: int | None = None, fraction: flo
     if (k is None) == (fraction is None):
         raise ValueError("give exactly one of k= or fraction=")
     if k is None:
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
         k = int(round(fraction * len(s)))
+    k = integer(k, "k", 0, len(s), note=" (the number of examples)")
     if y.sum() == 0:
         raise ValueError("recall_at_k needs at least one positive")
     top = np.argsort(-s, kind="mergesort")[:k]
