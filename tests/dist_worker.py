@@ -21,12 +21,25 @@ def main(out: str, mode: str) -> None:
     torch.set_num_threads(1)
     task, train, target, test = setup()
     if mode == "mismatch":  # rank 1 holds different data: every rank must fail, none may hang
-        if rank == 1:
-            train = (train[0].flip(0), train[1].flip(0))
-        try:
-            hf.Influence(task, **setup.kwargs, store=Path(out) / "store").fit(train)
-        except hf.store.StoreMismatchError as e:
-            (Path(out) / f"error{rank}.txt").write_text(str(e))
+        other = (train[0].flip(0), train[1].flip(0)) if rank == 1 else train
+        shorter = (train[0][: 70 if rank == 1 else 75], train[1][: 70 if rank == 1 else 75])
+        est = hf.Influence(task, **setup.kwargs).fit(train)
+        test2 = (test[0] + rank, test[1])
+        target2 = hf.targets.Utility((target.source.tensors()[0] * (1 + rank), target.source.tensors()[1]))
+        cases = {
+            "store": lambda: hf.Influence(task, **setup.kwargs, store=Path(out) / "store").fit(other),
+            "memory": lambda: hf.Influence(task, **setup.kwargs).fit(other),
+            "length": lambda: hf.Influence(task, **setup.kwargs).fit(shorter),
+            "test": lambda: est.pairwise(test2),
+            "top_k": lambda: est.top_k(test2, 3),
+            "target": lambda: est.influence(target2),
+        }
+        for case, run in cases.items():
+            try:
+                run()
+                (Path(out) / f"{case}{rank}.txt").write_text("no error")
+            except hf.DataError as e:
+                (Path(out) / f"{case}{rank}.txt").write_text(str(e))
         torch.distributed.destroy_process_group()
         return
     if mode in ("fail-store", "fail-memory"):  # rank 1 hits a bad example mid-way: every rank must fail, none may hang

@@ -65,10 +65,14 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     ]
 
 
-def test_a_store_mismatch_on_one_rank_fails_every_rank(tmp_path):
+def test_data_that_differ_between_ranks_fail_every_rank(tmp_path):
+    """Training data (with and without a store, or of another length), test data and target
+    data that differ on rank 1: a named DataError on both ranks, before any sum mixes them."""
     torchrun(tmp_path, "mismatch")
-    assert "data" in (tmp_path / "error1.txt").read_text()
-    assert "another rank" in (tmp_path / "error0.txt").read_text()
+    for case, what in [("store", "training data"), ("memory", "training data"), ("length", "training data"),
+                       ("test", "test data"), ("top_k", "test data"), ("target", "target data")]:  # fmt: skip
+        assert f"rank 1 was given different {what} than rank 0" in (tmp_path / f"{case}1.txt").read_text(), case
+        assert f"another rank (rank 1) was given different {what}" in (tmp_path / f"{case}0.txt").read_text(), case
 
 
 def test_a_failure_mid_way_on_one_rank_fails_every_rank(tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._store_writer import same_query_data
 from .data import DataSource, slice_batch, to_device
 from .errors import DataError, at_offset
 from .gradients.projected import ProjectedFeatures
@@ -118,6 +119,8 @@ class FeatureMaps:
             batch = to_device(batch, self.device)
             if offset == 0 and what != "training":  # the training data was checked by fit
                 self.task.check_runs(slice_batch(batch, 0, 1), what)
+                if what == "test":  # pairwise / top_k, collective calls: the same test data on every rank
+                    same_query_data(source, "test data")
             try:
                 if what == "training" and self.train_map is not None:  # e.g. optimizer-aware directions
                     feats = _compute_dtype(self.train_map(self._engine(view, names), view, batch))

@@ -18,14 +18,14 @@ import torch
 from ._checks import integer
 from ._io import atomic_write_json, check_settings
 from ._modes import eval_mode
-from ._store_writer import (
+from ._store_writer import (  # noqa: I001
     batch_tiling,
     batches_at,
     data_differ,
     describe_loss,
     hashes_at,
     name_rows_that_differ,
-    same_on_every_rank,
+    same_training_data,
 )
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
@@ -154,6 +154,10 @@ class StoreMixin:
             losses = self.task.per_example_loss(model, self._probe)
         return rounded_losses(losses.detach().double().cpu().numpy())
 
+    def _check_same_data(self) -> None:
+        """Under torch.distributed, refuse training data that differ between ranks (before any gradient)."""
+        self._data_hashes = same_training_data(self.source, self._first_batch_hash)
+
     def _fill_store(self) -> None:
         rank, world = rank_and_world()
         source = self.source
@@ -161,7 +165,8 @@ class StoreMixin:
         tiling = batch_tiling(source)
         t = time.perf_counter()
         # tensors are hashed whole up front (no loading); a loader's batches as they are loaded
-        hashes = hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash}
+        known = getattr(self, "_data_hashes", None) if world > 1 else None  # hashed by _check_same_data
+        hashes = known or (hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash})
         hash_s = time.perf_counter() - t
         probe = to_device(self._probe, torch.device("cpu"))
 
@@ -187,7 +192,6 @@ class StoreMixin:
                 _collectively(None)
             store.add_integrity_time(hash_s)
             # the same data on every rank: all of it for tensors, the first batch for a loader
-            same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()]), store.path)
             self._store = store
             if store.complete:
                 _collectively(lambda: self._check_stored_data(store, hashes), "found training data that differ from the store's")

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from ._io import settings_differ
-from .data import DataSource, batch_hash, batch_size_of
+from .data import DataSource, batch_hash, batch_size_of, combine_hashes
 from .distributed import all_gather, rank_and_world
-from .errors import HessfreeError
+from .errors import DataError, HessfreeError
 from .store import GradientStore, StoreMismatchError, fingerprint_tensors
 
 
@@ -62,19 +62,43 @@ def name_rows_that_differ(path: Path, config: dict[str, Any], check) -> None:
         check(store)
 
 
-def same_on_every_rank(digest: str, path: Path) -> None:
-    """Raise on every rank when the ranks' data hashes differ (under torch.distributed)."""
+def same_training_data(source: DataSource, first_hash: str) -> dict | None:
+    """Under torch.distributed, raise on every rank when the ranks' training data differ: all
+    of tensor data is hashed (the per-batch hashes are returned, for the store), of a loader
+    its length and first batch. ``None`` in one process or for a loader."""
+    if rank_and_world()[1] == 1:
+        return None
+    hashes = hashes_at(source, batch_tiling(source)) if source.in_memory else {(0, source.n): first_hash}
+    same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()] + [(source.n, 0, "n")]))
+    return hashes if source.in_memory else None
+
+
+def same_query_data(source: DataSource | None, what: str) -> None:
+    """Under torch.distributed, raise on every rank when the ranks' ``what`` (test or target
+    data) differ: its length and the hash of every batch (of the first batch for a loader)."""
+    if source is None or rank_and_world()[1] == 1:
+        return
+    if source.in_memory:
+        parts = [(o, c, h) for (o, c), h in hashes_at(source, batch_tiling(source)).items()]
+    else:
+        first = next(iter(source))
+        parts = [(0, batch_size_of(first), batch_hash(first))]
+    same_on_every_rank(combine_hashes(parts + [(source.n, 0, "n")]), what)
+
+
+def same_on_every_rank(digest: str, what: str = "training data") -> None:
+    """Raise on every rank when the ranks' hashes of ``what`` differ (under torch.distributed;
+    a collective call). Every rank must pass the same data: each computes its share of
+    the scores from it, and the sums would mix different data."""
     rank, world = rank_and_world()
     if world == 1:
         return
     got = all_gather(digest)
     bad = [r for r, d in enumerate(got) if d != got[0]]
     if bad:
-        if rank == 0:
-            raise StoreMismatchError(f"another rank (rank {bad[0]}) was given different training data than rank 0 "
-                                     f"for the store at {str(path)!r}; give every rank the same data")  # fmt: skip
-        raise StoreMismatchError(f"rank {rank} was given different training data than rank 0 for the store at "
-                                 f"{str(path)!r}; give every rank the same data")  # fmt: skip
+        who = f"another rank (rank {bad[0]})" if rank == 0 else f"rank {rank}"
+        raise DataError(f"{who} was given different {what} than rank 0 (other rows, values or length); every rank "
+                        f"must be given the same {what}")  # fmt: skip
 
 
 def describe_loss(task) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ._feature_maps import FeatureMaps
 from ._fingerprint import fingerprint_modules, first_changed
 from ._progress import progress_bar
 from ._scale import StoreMixin, _collectively
+from ._store_writer import same_query_data
 from .arguments import InfluenceArguments
 from .data import DataSource, batch_hash, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
@@ -178,11 +179,12 @@ class Influence(FeatureMaps, StoreMixin):
             return self._fit_from_store()
         self.source = DataSource(train, batch_size=self.batch_size, name="train")
         first = next(iter(self.source))
-        self._first_batch_hash = batch_hash(first) if self._store_path is not None else None  # checked across ranks
+        self._first_batch_hash = batch_hash(first)  # checked across ranks and against a store
         self._probe = to_device(probe_of(first), self.device)
         self._example = slice_batch(self._probe, 0, 1)
         self.task.check_runs(self._example, "training")
         self.task.check_data(self.source)
+        self._check_same_data()
         self._setup_members()
         if self._store_path is not None:
             self._fill_store()
@@ -287,10 +289,7 @@ class Influence(FeatureMaps, StoreMixin):
         """Sum over members, or the mean over the user's members (``reduce="mean"``)."""
         if reduce not in _REDUCE:
             raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
-        if reduce is None:
-            return rows
-        total = rows.sum(0)
-        return total / self._n_user_members if reduce == "mean" else total
+        return rows if reduce is None else rows.sum(0) / (self._n_user_members if reduce == "mean" else 1)
 
     # ---- queries ----------------------------------------------------------------------
     def influence(self, target: Target, reduce: str | None = "sum") -> np.ndarray:
@@ -307,6 +306,7 @@ class Influence(FeatureMaps, StoreMixin):
         if not isinstance(target, Target):
             raise TypeError(f"target must be an hf.targets target, got {type(target).__name__}")
         target.validate(self.task)
+        same_query_data(getattr(target, "source", None), "target data")  # a collective call under torch.distributed
         rows = np.zeros((len(self._specs), self.n_train))
         for m, view in self._views():
             names = self._names[m]
@@ -337,8 +337,7 @@ class Influence(FeatureMaps, StoreMixin):
             raise ValueError(f"reduce must be 'sum', 'mean' or None, got {reduce!r}")
         source = DataSource(test, batch_size=self.batch_size, name="test")
         n_members = len(self._specs)
-        # with a reduction, members are summed as they come (memory (n_test, n_train), not n_members times that);
-        # held as (n_train, n_test), each block's product fills contiguous rows in one pass; the result is its transpose
+        # members summed as they come (memory (n_test, n_train)), held as (n_train, n_test): the result is its transpose
         acc = torch.empty((n_members, self.n_train, source.n) if reduce is None else (self.n_train, source.n),
                           dtype=self._score_dtype())  # fmt: skip
         for i, (m, view) in enumerate(self._views()):
