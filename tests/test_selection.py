@@ -189,6 +189,28 @@ def test_cosine_and_dot_scores_match_a_direct_computation(tmp_path):
     np.testing.assert_allclose(cos_result.task_scores["a"], cos, rtol=1e-6)
 
 
+def test_a_work_folder_is_bound_to_its_pool_and_model(tmp_path):
+    """Warm-up checkpoints are never reused for another pool or base model, and a model whose
+    adapter a selection trained in place is not the start of another one."""
+    tok = CharTokenizer()
+    pool, targets = rows(12, seed=1), rows(3, seed=2, task="a")
+    first = tiny_llama(dtype=torch.float32)
+    sel.select(first, tok, pool, targets, tmp_path / "w", _config())
+    (tmp_path / "w" / "store").rename(tmp_path / "old-store")  # as if killed after the warm-up
+    fixed = [dict(r) for r in pool]
+    fixed[3]["response"] = "changed"
+    with pytest.raises(ValueError, match="pool: saved .* the pool or the model changed"):
+        sel.select(tiny_llama(dtype=torch.float32), tok, fixed, targets, tmp_path / "w", _config())
+    with pytest.raises(ValueError, match="model: saved"):
+        sel.select(tiny_llama(seed=1, dtype=torch.float32), tok, pool, targets, tmp_path / "w", _config())
+    with pytest.raises(ValueError, match="trained in place by an earlier selection"):
+        sel.select(first, tok, pool, targets, tmp_path / "other", _config())
+    with pytest.raises(ValueError, match="adapter of rank 2, and lora_r is 4"):
+        sel.select(first, tok, pool, targets, tmp_path / "other", _config(lora_r=4))
+    again = sel.select(first, tok, pool, targets, tmp_path / "w", _config())  # the same folder: resumed
+    assert len(again.indices) == 3
+
+
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="fraction must be in"):
         sel.SelectionConfig(fraction=5).validate()
@@ -260,6 +282,12 @@ def test_select_command_end_to_end(tmp_path):
         assert r["hessfree_score"] == pytest.approx(py.scores[r["hessfree_index"]])
     bad = CliRunner().invoke(app, args[:6] + [str(tmp_path / "nope"), *args[7:]])
     assert bad.exit_code == 2 and "is not a folder" in bad.output
+    # the LoRA options: another rank and targets in a new folder; targets the model lacks are named
+    other = args[:10] + [str(tmp_path / "r4.jsonl"), *args[11:], "--lora-r", "4", "--lora-targets", "q_proj,k_proj"]
+    assert CliRunner().invoke(app, other).exit_code == 0
+    assert json.loads((tmp_path / "r4.jsonl.work" / "config.json").read_text())["lora_targets"] == ["q_proj", "k_proj"]
+    bad = CliRunner().invoke(app, args[:10] + [str(tmp_path / "c.jsonl"), *args[11:], "--lora-targets", "c_attn"])
+    assert bad.exit_code != 0 and "lora_targets ['c_attn'] name no layer of this model" in bad.output
 
 
 def test_optimizer_aware_scores_equal_a_direct_adam_computation(tmp_path):

@@ -3,6 +3,7 @@ saved after each epoch (resumable)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -14,18 +15,40 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ._io import atomic_save
+from ._io import atomic_save, atomic_write_json, check_settings
 from ._modes import module_mode
 from ._progress import progress_bar
+from .data import new_hash, update_hash
 from .llm import LanguageModelTask, collate
 from .selection_config import SelectionConfig
+from .store import fingerprint_tensors
 
 # ---- the adapter -----------------------------------------------------------------------------
 
 
+WARMED = "_hessfree_warmed_in"
+"""The attribute :func:`warmup` sets on a model whose adapter it trained in place (the work folder)."""
+
+
 def add_lora(model: nn.Module, config: SelectionConfig) -> nn.Module:
-    """``model`` with a fresh LoRA adapter (seeded), or ``model`` itself when it has one."""
+    """``model`` with a fresh LoRA adapter (seeded), or ``model`` itself when it has one.
+
+    peft adds the adapter's layers to ``model`` in place; the wrapper is remembered, so
+    passing the same model again gives the same wrapper (and its parameter names).
+
+    Raises:
+        ValueError: the model's adapter has another rank than ``config.lora_r``; no
+            module of the model matches ``config.lora_targets`` (its linear layers named).
+    """
+    wrapper = model.__dict__.get("_hessfree_peft")
+    if wrapper is not None:
+        model = wrapper
     if any("lora_" in n for n, _ in model.named_parameters()):
+        ranks = {p.shape[0] for n, p in model.named_parameters() if "lora_A" in n and p.dim() == 2}
+        if ranks and ranks != {config.lora_r}:
+            raise ValueError(f"the model already has a LoRA adapter of rank {sorted(ranks)[0]}, and lora_r is "
+                             f"{config.lora_r}; pass the base model (a fresh adapter is added) or lora_r="
+                             f"{sorted(ranks)[0]}")  # fmt: skip
         return model
     try:
         import peft
@@ -33,7 +56,41 @@ def add_lora(model: nn.Module, config: SelectionConfig) -> nn.Module:
         raise ImportError("selection needs peft: pip install 'hessfree[llm]'") from e
     torch.manual_seed(config.seed)
     lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets), lora_dropout=0.0)
-    return peft.get_peft_model(model, lora)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")}
+    if not names & set(config.lora_targets):
+        raise ValueError(f"lora_targets {list(config.lora_targets)} name no layer of this model; its linear layers are "
+                         f"named {sorted(names)[:12]} (e.g. GPT-2: ['c_attn']; --lora-targets on the command line)")  # fmt: skip
+    wrapped = peft.get_peft_model(model, lora)
+    object.__setattr__(model, "_hessfree_peft", wrapped)  # not a submodule: a plain reference
+    return wrapped
+
+
+def check_inputs(model: nn.Module, examples: Sequence[dict[str, torch.Tensor]], workdir: Path) -> None:
+    """Bind ``workdir`` to the warm-up's inputs: the tokenised pool and the model's weights
+    with its adapter before training (hashes in ``<workdir>/inputs.json``). A later run with
+    other inputs is refused by name, since its checkpoints, store and scores would be stale;
+    so is a model whose adapter an earlier :func:`warmup` trained in place elsewhere.
+
+    Raises:
+        ValueError: naming what changed (``pool``, ``model``) or the earlier work folder.
+    """
+    earlier = getattr(model, WARMED, None)
+    if earlier is not None and earlier != str(Path(workdir).resolve()):
+        raise ValueError(f"this model's LoRA adapter was trained in place by an earlier selection (work folder "
+                         f"{earlier!r}), so a new one would start from it; pass a fresh copy of the base model")  # fmt: skip
+    if earlier is not None:  # the same folder: the adapter is restored from its checkpoints
+        return
+    h = new_hash()
+    for item in examples:
+        for k in sorted(item):
+            h.update(k.encode())
+            update_hash(h, item[k])
+    now = {"pool": h.hexdigest()[:32], "model": fingerprint_tensors(dict(model.named_parameters()))}
+    path = workdir / "inputs.json"
+    if path.exists():
+        check_settings(workdir, json.loads(path.read_text()), now, fix="the pool or the model changed; use a new folder")
+    else:
+        atomic_write_json(path, now)
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,6 +165,9 @@ def warmup(
     finally:
         bar.close()
         modes.close()
+    for m in (model, getattr(model, "get_base_model", lambda: None)()):  # peft wraps the caller's model in place
+        if m is not None:
+            setattr(m, WARMED, str(Path(folder).resolve().parent))
     return paths, lrs
 
 

@@ -20,8 +20,12 @@ The method, in four resumable stages, each written under one work folder:
    with ``sim`` the dot product or the cosine, ``g_i^c`` the pool example's
    gradient and ``v_tj^c`` validation example j of task t, both at checkpoint
    c. Positive = a step on pool example i lowers the loss of task t's
-   validation examples. With several tasks an example's score is its maximum
-   over tasks; the top ``fraction`` of the pool is selected.
+   validation examples. With several tasks, ``combine="balanced"`` (the
+   default) lets the tasks take turns, each adding its best example not yet
+   taken, so each task gets an equal share of the ``fraction``;
+   ``combine="max"`` (as LESS) ranks examples by their maximum over tasks and
+   takes the top ``fraction``. An example's reported score is its maximum over
+   tasks either way.
 
 Everything is a pure function of the seed, the model and the data, so a rerun
 (or a resumed run) selects the same examples.
@@ -46,7 +50,7 @@ from .gradients.adam import AdamDirections, adam_direction, adam_state  # noqa: 
 from .influence import Influence
 from .llm import LanguageModelTask
 from .llm_data import EncodedExamples, load_model, make_loader, read_jsonl  # noqa: F401  (public here too)
-from .llm_warmup import adapter_state, add_lora, checkpoint_states, warmup  # noqa: F401  (public here too)
+from .llm_warmup import adapter_state, add_lora, check_inputs, checkpoint_states, warmup  # noqa: F401  (public here too)
 from .members import Checkpoints
 from .projections import Factorized
 from .selection_config import COMBINES, SIMILARITIES, Selection, SelectionConfig  # noqa: F401  (public here too)
@@ -176,8 +180,6 @@ def select(
     cfg = asdict(config)
     if cfg_path.exists():
         check_settings(workdir, json.loads(cfg_path.read_text()), cfg, fix="use a new folder")
-    else:
-        atomic_write_text(cfg_path, json.dumps(cfg, indent=1, sort_keys=True))
     for i, r in enumerate(targets):
         if not isinstance(r.get("task"), str):
             raise ValueError(f"target row {i} has no string 'task' field; every target row needs prompt, response and task")
@@ -187,6 +189,9 @@ def select(
     t0 = time.perf_counter()
     model = add_lora(model, config)
     pool_ex = EncodedExamples(tokenizer, pool, config.max_length)
+    check_inputs(model, pool_ex.items, workdir)  # before any stale checkpoint could be reused
+    if not cfg_path.exists():  # the folder is bound to these settings once its inputs are accepted
+        atomic_write_text(cfg_path, json.dumps(cfg, indent=1, sort_keys=True))
     paths, lrs = warmup(model, pool_ex, config, workdir / "warmup", pad_id, progress)
     timings["warmup_s"] = time.perf_counter() - t0
 
@@ -247,8 +252,9 @@ def select_files(
     """:func:`select` on JSON-lines files; writes the selected pool rows to ``out``.
 
     Each output row is the pool row with two fields added: ``hessfree_index``
-    (its row number in the pool) and ``hessfree_score`` (its selection score),
-    best first. ``workdir`` (default ``<out>.work``) holds checkpoints and the
+    (its row number in the pool) and ``hessfree_score`` (its maximum score over
+    the tasks), in selection order: best first for ``combine="max"``, the order
+    the tasks took turns in for ``"balanced"`` (so the scores need not decrease). ``workdir`` (default ``<out>.work``) holds checkpoints and the
     gradient store; rerunning the same command resumes from it.
     """
     pool_rows = read_jsonl(pool)

@@ -81,7 +81,8 @@ class Selection:
     """Result of :func:`select`.
 
     Attributes:
-        indices: ``(n_selected,)`` pool row numbers, best first.
+        indices: ``(n_selected,)`` pool row numbers in selection order (best first for
+            ``combine="max"``; for ``"balanced"`` the order the tasks took turns in).
         scores: ``(n_pool,)`` selection score of every pool row (max over tasks).
         task_scores: task name -> ``(n_pool,)`` TracIn-CP score (units: summed
             learning rate times similarity; positive = helps that task).

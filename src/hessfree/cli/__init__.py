@@ -200,7 +200,7 @@ def select_command(
     pool: Path = typer.Option(..., "--pool", exists=True, dir_okay=False, help="JSON lines with prompt and response fields (the candidates)."),
     target: Path = typer.Option(..., "--target", exists=True, dir_okay=False, help="JSON lines with prompt, response and task fields (validation examples)."),
     model: Path = typer.Option(..., "--model", help="Folder of a local Hugging Face causal LM (and its tokenizer)."),
-    out: Path = typer.Option(Path("selected.jsonl"), "--out", help="Selected pool rows, best first, with hessfree_index and hessfree_score; "
+    out: Path = typer.Option(Path("selected.jsonl"), "--out", help="Selected pool rows in selection order (best first with --combine max), with hessfree_index and hessfree_score; "
                              "the arguments and scores summary go to <out stem>.summary.json."),  # fmt: skip
     fraction: float = typer.Option(0.05, parser=Number(float, 0, 1, lo_open=True, example="--fraction 0.05",
                                    meaning="share of the pool selected"), help="Share of the pool to select."),  # fmt: skip
@@ -218,22 +218,31 @@ def select_command(
     batch_size: int = typer.Option(8, parser=Number(int, 1, example="--batch-size 8"), help="Examples per batch."),
     max_length: int = typer.Option(256, parser=Number(int, 1, example="--max-length 256"), help="Tokens per example (responses truncated)."),
     seed: int = typer.Option(0, parser=SEED, help="Seed of the warm-up subset, the adapter and the projection."),
+    lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets", help="Comma-separated names of the layers that get a LoRA adapter (GPT-2: c_attn)."),
+    lora_r: int = typer.Option(8, "--lora-r", parser=Number(int, 1, example="--lora-r 8"), help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, "--lora-alpha", parser=Number(int, 1, example="--lora-alpha 16"), help="LoRA alpha (scale alpha / r)."),
 ) -> None:
     """Select the pool examples whose LoRA gradients best match the target tasks (TracIn-CP)."""
+    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     args = dict(pool=str(pool), target=str(target), model=str(model), out=str(out), fraction=fraction, gguf_file=gguf_file,
                 workdir=None if workdir is None else str(workdir), warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs,
                 lr=lr, dim=dim, similarity=similarity, combine=combine, optimizer_aware=optimizer_aware,
-                batch_size=batch_size, max_length=max_length, seed=seed)  # fmt: skip
+                batch_size=batch_size, max_length=max_length, seed=seed, lora_targets=list(targets), lora_r=lora_r,
+                lora_alpha=lora_alpha)  # fmt: skip
 
     def body():
         from .._io import atomic_write_json
         from ..selection import SelectionConfig, select_files
+
+        if not targets:
+            raise ValueError(f"--lora-targets {lora_targets!r} names no layer; e.g. --lora-targets q_proj,v_proj")
 
         if out.exists() and out.is_dir():
             raise ValueError(f"--out {str(out)!r} is a folder; pass the path of the JSON-lines file to write")
         cfg = SelectionConfig(
             fraction=fraction, warmup_fraction=warmup_fraction, warmup_epochs=warmup_epochs, lr=lr,
             projection_dim=dim, similarity=similarity, combine=combine, optimizer_aware=optimizer_aware, batch_size=batch_size, max_length=max_length, seed=seed,
+            lora_targets=list(targets), lora_r=lora_r, lora_alpha=lora_alpha,
         )  # fmt: skip
         cfg.validate()
         result = select_files(pool, target, model, out, cfg, workdir, gguf_file, progress=True)
