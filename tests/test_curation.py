@@ -24,6 +24,30 @@ def test_remove_and_relabel_pick_the_most_negative():
         hf.curation.remove(scores, fraction=1.5)
 
 
+def test_remove_masks_and_bad_counts(monkeypatch):
+    n = 10
+    mask = np.zeros(n, bool)
+    mask[[2, 9]] = True
+    np.testing.assert_array_equal(np.flatnonzero(~hf.curation.keep_mask(n, mask)), [2, 9])
+    np.testing.assert_array_equal(hf.curation.keep_mask(n, torch.tensor([9, 2])), ~mask)
+    for bad, match in [([-1], r"in \[0, 10\), got \[-1\]"), ([10], "got \\[10\\]"), ([1.5], "must be integers"),
+                       (np.zeros(3, bool), "one entry per example \\(10\\)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            hf.curation.keep_mask(n, bad)
+    x, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
+    seen = []
+    monkeypatch.setattr(hf.curation, "train", lambda model, data, **kw: seen.append(data))
+    hf.curation.retrain(lambda: nn.Linear(3, 2), x, y, remove=mask, epochs=1)
+    keep = np.flatnonzero(~mask)
+    assert torch.equal(seen[0][0], x[keep]) and torch.equal(seen[0][1], y[keep])  # the 8 unmasked rows
+    with pytest.raises(ValueError, match="count must be an integer in \\[0, 4\\], got 2.7"):
+        hf.curation.remove(np.arange(4.0), count=2.7)
+    with pytest.raises(ValueError, match="fraction=0.01 of 50 examples is 0.5, which rounds to 0 examples"):
+        hf.curation.remove(np.arange(50.0), fraction=0.01)
+    with pytest.raises(ValueError, match="scores must be one value per training example"):
+        hf.curation.reweight(np.array([]))
+
+
 def test_reweight_formulas():
     s = np.array([1.0, -1.0, 0.0, 2.0])
     z = (s - s.mean()) / s.std()

@@ -238,3 +238,24 @@ def test_pgd_l2_random_start_is_uniform_in_the_ball():
 def test_attack_arguments_are_refused_by_name(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_fairness_targets_refuse_what_they_would_ignore():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    task = hf.ClassificationTask(model)
+    x, y, g = torch.randn(12, 4), torch.tensor([0, 1, 2] * 4), np.array([0, 0, 1, 1] * 3)
+    with pytest.raises(ValueError, match="favourable=3, but the model gives 3 classes"):
+        hf.targets.DemographicParity((x, y), groups=g, favourable=3).evaluate(task)
+    with pytest.raises(ValueError, match=r"favourable \(a class index\) must be an integer >= 0, got -1"):
+        hf.targets.DemographicParity((x, y), groups=g, favourable=-1)
+    with pytest.raises(ValueError, match="order= sets the sign of form='loss_difference'"):
+        hf.targets.DemographicParity((x, y), groups=g, order=(1, 0))
+    with pytest.raises(ValueError, match="order must name two different groups"):
+        hf.targets.DemographicParity((x, y), groups=g, form="loss_difference", order=(0, 0))
+    with pytest.raises(ValueError, match="carry sample weights, which group fairness targets do not use"):
+        hf.targets.DemographicParity((x, y, torch.ones(12)), groups=g).evaluate(task)
+    for groups, match in [(np.array(["a", None] * 6, dtype=object), r"missing values \(None or NaN\) at \[1, 3"),
+                          (np.array(["a", 1] * 6, dtype=object), "mixes strings and numbers")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            hf.targets.DemographicParity((x, y), groups=groups)

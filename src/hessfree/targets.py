@@ -235,6 +235,9 @@ class _GroupGap(Target):
         self.group_index = torch.from_numpy(np.searchsorted(self.levels, arr)).long()
 
     def validate(self, task: Task) -> None:
+        if task.weights(next(iter(self.source))) is not None:
+            raise ValueError(f"{type(self).__name__}: the held-out data carry sample weights, which group fairness "
+                             "targets do not use (each group's examples count equally); pass the data without them")  # fmt: skip
         if self.form == "probability" or self.restrict_to_favourable:  # favourable is a class of the model
             example = slice_batch(next(iter(self.source)), 0, 1)
             device = next((p.device for p in task.model.parameters()), None)

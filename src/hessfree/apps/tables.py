@@ -89,7 +89,7 @@ def class_labels(values: Any, column: str, source: str) -> tuple[np.ndarray, Lab
             r = int(frac[0])
             raise LabelError(
                 f"--label {column!r} of {source} holds non-integer numbers ({values.nunique()} distinct values; "
-                f"row {r} is {vals[r]!r}): a class label must name a category, not a measurement. Choose the "
+                f"row {r} is {float(vals[r]):g}): a class label must name a category, not a measurement. Choose the "
                 "column of classes, or bin this one into classes first (for example with pandas.cut)"
             )
         uniq, codes = np.unique(vals, return_inverse=True)
