@@ -602,8 +602,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/results/throughput.json; with "
                     "--only: none unless given); a .txt of the printed table is written next to it")  # fmt: skip
     ap.add_argument("--peer-budget", type=float, default=120, help="seconds per peer case; rate from the batches done")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="mlp_big", help=argparse.SUPPRESS)
+    ap.add_argument("--one", default=None, help="run one case alone (as the table's subprocesses do), e.g. --one hf_dense_512 or --one scoring")
+    ap.add_argument("--model", default="mlp_big", help="the model of --one (default mlp_big)")
     args = ap.parse_args()
     global PEER_BUDGET
     PEER_BUDGET = args.peer_budget

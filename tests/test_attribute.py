@@ -500,3 +500,23 @@ def test_fisher_terms_equal_numpy_on_loop_gradients_and_tokens_still_sum(setup, 
             tokens = [tok["score"] for tok in t["tokens"]]  # fp32 store and F^-1 in fp32: error ~ the terms' size
             assert sum(tokens) == pytest.approx(t["score"], rel=1e-3, abs=1e-4 * sum(abs(x) for x in tokens))
     assert "empirical Fisher" in report.markdown.read_text()
+
+
+def test_the_consistency_check_allows_float32_rounding_and_finds_other_features(setup, tmp_path, monkeypatch):
+    """top_k's float32 products of cancelling terms may miss the float64 member terms by about
+    eps * |g| |q| (seen with an ill-conditioned Fisher); a store of other features misses by
+    about |g| |q|. The first passes, the second is refused."""
+    real = hf.Influence.top_k
+    for shift, ok in ((1e-7, True), (1e-2, False)):
+        def shifted(self, test, k, largest=True, shift=shift):
+            top = real(self, test, k, largest)
+            q = self.query_features(test, 0).double().norm(dim=1)
+            size = float(q.max()) * float(np.sqrt(self._sqnorms.max())) * float(np.abs(self.member_weights).sum())
+            return type(top)(top.indices, top.scores + shift * size)
+
+        monkeypatch.setattr(hf.Influence, "top_k", shifted)
+        if ok:
+            run(setup, tmp_path / f"ok{shift}")
+        else:
+            with pytest.raises(RuntimeError, match="the store does not match the model's features"):
+                run(setup, tmp_path / f"bad{shift}")

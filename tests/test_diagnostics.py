@@ -94,11 +94,14 @@ def test_projection_quality_from_an_estimator_with_queries_and_a_saved_json(tmp_
     q = (x[:20] + 0.1, y[:20])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProjectionQualityWarning)
-        res = projection_quality(est, (x, y), queries=q, n_sample=50, save_to=tmp_path)
+        res = projection_quality(est, (x, y), queries=q, n_sample=50, save_to=tmp_path / "new" / "folder")
+        (tmp_path / "a_file").write_text("")
+        with pytest.raises(ValueError, match="is a file; give a folder"):  # refused before the measurement
+            projection_quality(est, (x, y), queries=q, n_sample=50, save_to=tmp_path / "a_file")
     G, H = _loop_gradients(model, x, y), _loop_gradients(model, *q)
     np.testing.assert_allclose(res.exact_scores, (H @ G.T).numpy(), rtol=1e-4, atol=1e-6)
     assert res.exact_scores.shape == (20, 50) and (res.n_query, res.n_train) == (20, 50)
-    saved = json.loads((tmp_path / "projection_quality.json").read_text())
+    saved = json.loads((tmp_path / "new" / "folder" / "projection_quality.json").read_text())
     assert saved["pearson"] == pytest.approx(res.pearson) and saved["projection"]["type"] == "Factorized"
 
 

@@ -81,6 +81,7 @@ _GROUP = typer.Option(None, "--group", help="CSV column with the group (sensitiv
 _FEATURES = typer.Option(None, "--features", help="Comma-separated CSV feature columns (default: all others).")
 _MODEL = typer.Option("mlp", help="lr (logistic / softmax regression) or mlp (one hidden layer of 64).")
 _SEED = typer.Option(0, parser=SEED, help="Seed of the split, the flips and the model.")
+_SEED_NO_FLIPS = typer.Option(0, parser=SEED, help="Seed of the split and the model.")
 _OUT_NOISY_LABELS = Path("hessfree-out/noisy-labels")
 _OUT_DEFEND = Path("hessfree-out/defend")
 _OUT_FAIRNESS = Path("hessfree-out/fairness")
@@ -150,7 +151,7 @@ def defend_command(
                                     meaning="share by which a point is pushed past the decision boundary"),
                                     help="Strength of the LinearMinimal attack of --model lr: how far past the decision "
                                          "boundary each point is pushed, as a share of its distance (default 0.3)."),  # fmt: skip
-    seed: int = _SEED,
+    seed: int = _SEED_NO_FLIPS,
     n_train: int = _n_train_option("Subsample the training split of a built-in data set to this many rows."),
 ) -> None:
     """Remove / relabel / reweight the training rows that weaken the model under attack, retrain, compare."""
@@ -180,7 +181,7 @@ def fairness_command(
     metric: Literal["dp", "eo"] = typer.Option("dp", help="dp (demographic parity) or eo (equal opportunity)."),
     action: Literal["remove", "reweight"] = typer.Option("remove", help="remove or reweight."),
     fractions: str = typer.Option("0.01,0.02,0.05,0.1", parser=fractions_parser, help="Comma-separated shares of the training rows, each 0 < x < 1."),
-    seed: int = _SEED,
+    seed: int = _SEED_NO_FLIPS,
     n_train: int = _n_train_option("Subsample the training split of a built-in data set to this many rows."),
 ) -> None:
     """Remove or reweight the rows that widen a group gap; trade-off curve against random removal."""

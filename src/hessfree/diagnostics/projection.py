@@ -234,7 +234,8 @@ def projection_quality(
             the sample is cut so that ``(n_members n_train + n_query) D`` numbers fit;
             ``note`` says when it was.
         warn: emit :class:`ProjectionQualityWarning` when the correlation is below the target.
-        save_to: a folder (e.g. the estimator's ``store``): writes ``projection_quality.json`` there.
+        save_to: a folder (e.g. the estimator's ``store``; created if missing): writes
+            ``projection_quality.json`` there.
 
     Returns:
         :class:`ProjectionQuality`; scores keep the library's units and sign.
@@ -251,6 +252,8 @@ def projection_quality(
         raise ValueError("projection_quality needs a projection: pass projection=hf.projections.Dense(k) or Factorized(k)")
     projs = _projection_list(projection)
     n_sample = integer(n_sample, "n_sample", 3)
+    if save_to is not None and Path(save_to).exists() and not Path(save_to).is_dir():
+        raise ValueError(f"save_to={str(save_to)!r} is a file; give a folder ({RESULT_FILE} is written in it)")
     if not 0 < target_correlation < 1:
         raise ValueError(f"target_correlation must be in (0, 1), got {target_correlation}")
     if metric not in ("spearman", "pearson"):
@@ -311,6 +314,7 @@ def projection_quality(
         seconds_exact=seconds_exact, note=note, exact_scores=exact, projected_scores=user[1],
     )
     if save_to is not None:
+        Path(save_to).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(save_to) / RESULT_FILE, result.to_dict())
     if warn and not result.adequate:
         warnings.warn(result.advice(), ProjectionQualityWarning, stacklevel=2)
