@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import number
 from .hvp import Objective
 
 BlockStream = Callable[[], Iterator[tuple[int, torch.Tensor]]]
@@ -166,9 +167,7 @@ class InverseHessian(QueryTransform):
 
     def __init__(self, damping: float | None = None):
         super().__init__()
-        if damping is not None and (not np.isfinite(damping) or damping < 0):
-            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-        self.damping = damping
+        self.damping = None if damping is None else number(damping, "damping", 0)
 
     @property
     def lam(self) -> float:
@@ -184,7 +183,8 @@ class InverseHessian(QueryTransform):
         return self._state[key]
 
     def solve(self, member: MemberInputs, vectors: torch.Tensor) -> torch.Tensor:
-        """``(H + damping I)^{-1} v`` for each row of ``vectors`` ``(k, D)``; float32 ``(k, D)``."""
+        """``(H + damping I)^{-1} v`` for each row of ``vectors`` ``(k, D)``: ``(k, D)`` float64 for
+        float64 vectors (a float64 model), else float32."""
         raise NotImplementedError
 
     def transform(self, member: MemberInputs, vectors: torch.Tensor) -> torch.Tensor:
@@ -192,6 +192,12 @@ class InverseHessian(QueryTransform):
 
     def options(self) -> dict[str, Any]:
         return {"method": self.name, "damping": self.damping}
+
+
+def query_dtype(out: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``out`` (a solve's float64 result) in the queries' precision: float64 for float64
+    ``vectors`` (a float64 model), else float32."""
+    return out.to(torch.float64 if vectors.dtype == torch.float64 else torch.float32)
 
 
 def target_directions(est: Any, target: Any) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import all_reduce_sum
-from .base import InverseHessian, MemberInputs
+from .base import InverseHessian, MemberInputs, query_dtype
 
 
 def layer_slices(params) -> list[tuple[str, slice]]:
@@ -52,7 +52,8 @@ class DataInf(InverseHessian):
                     sq[j] += f[:, sl].pow(2).sum().cpu()
             mean_sq = torch.from_numpy(all_reduce_sum(sq.numpy())) / member.n_train
             if self.damping is None:
-                lams = torch.tensor([0.1 * float(mean_sq[j]) / (sl.stop - sl.start) for j, (_, sl) in enumerate(layers)])
+                lams = torch.tensor([0.1 * float(mean_sq[j]) / (sl.stop - sl.start) for j, (_, sl) in enumerate(layers)],
+                                    dtype=torch.float64)
                 lams = lams.clamp_min(1e-12).double()
             else:
                 if self.damping <= 0:
@@ -81,4 +82,4 @@ class DataInf(InverseHessian):
         out = torch.empty_like(v)
         for j, (_, sl) in enumerate(layers):
             out[:, sl] = (v[:, sl] - acc[:, sl] / member.n_train) / lams[j]
-        return out.float()
+        return query_dtype(out, vectors)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import integer
-from .base import InverseHessian
+from .base import InverseHessian, query_dtype
 
 
 class Exact(InverseHessian):
@@ -32,15 +32,23 @@ class Exact(InverseHessian):
     def options(self):
         return {**super().options(), "max_dim": self.max_dim}
 
+    def check_dims(self, dims: list[int]) -> None:
+        """Refuse a selection above ``max_dim`` when ``fit`` starts, before any gradient."""
+        for d in dims:
+            self._check_dim(d)
+
+    def _check_dim(self, d: int) -> None:
+        if d > self.max_dim:
+            raise ValueError(
+                f"hessian='exact' needs the {d} x {d} Hessian ({8 * d**2 / 1e9:.2f} GB); "
+                f"that is above max_dim={self.max_dim}. Use hessian='cg' or 'lissa', select fewer "
+                "parameters (params='last'), or raise max_dim"
+            )
+
     def factor(self, member) -> tuple[torch.Tensor, torch.Tensor]:
         if member.name not in self._state:
             obj = self.objective(member)
-            if obj.dim > self.max_dim:
-                raise ValueError(
-                    f"hessian='exact' needs the {obj.dim} x {obj.dim} Hessian ({8 * obj.dim**2 / 1e9:.2f} GB); "
-                    f"that is above max_dim={self.max_dim}. Use hessian='cg' or 'lissa', select fewer "
-                    "parameters (params='last'), or raise max_dim"
-                )
+            self._check_dim(obj.dim)
             h = obj.hessian(self.chunk)
             evals, evecs = torch.linalg.eigh(h)
             shifted = evals + self.lam
@@ -53,9 +61,14 @@ class Exact(InverseHessian):
                 "positive_definite": bool(shifted[0] > 0),
                 "condition_number": float(shifted.abs().max() / shifted.abs().min().clamp_min(1e-300)),
             }
-            if bool((shifted == 0).any()):
+            # Hessian-vector products carry the model's rounding: below this, an eigenvalue is noise
+            floor = obj.dim * torch.finfo(obj.dtype).eps * float(shifted.abs().max())
+            if float(shifted.abs().min()) <= floor:
                 raise ValueError(
-                    f"member {member.name!r}: H + damping*I is singular (damping={self.lam}); pass damping > 0"
+                    f"member {member.name!r}: H + damping*I is singular to the model's precision (damping="
+                    f"{self.lam:g}; its smallest |eigenvalue| {float(shifted.abs().min()):.3g} is within rounding of "
+                    f"its largest, {float(shifted.abs().max()):.3g}); pass damping > 0, e.g. "
+                    f"{1e-3 * float(evals.abs().max()):.3g} (1e-3 x the largest eigenvalue of H)"
                 )
             self._state[member.name] = (evecs, shifted)
         return self._state[member.name]
@@ -68,4 +81,4 @@ class Exact(InverseHessian):
     def solve(self, member, vectors):
         evecs, shifted = self.factor(member)
         v = vectors.to(evecs.device, torch.float64)
-        return (((v @ evecs) / shifted) @ evecs.T).float()
+        return query_dtype(((v @ evecs) / shifted) @ evecs.T, vectors)

@@ -56,7 +56,9 @@ class Objective:
         return {k: p.reshape(s) for k, p, s in zip(self.names, parts, self.shapes)}
 
     def _gradient_graphs(self, batch_indices: torch.Tensor | None):
-        """Per batch: (leaves, grad of the batch loss sum built with create_graph, batch size)."""
+        """Per batch: (leaves, the gradients of the batch loss sum built with create_graph that depend
+        on the parameters, their positions among the parameters, batch size). A parameter the loss
+        does not reach, or reaches only linearly, has no gradient graph: its rows of ``H`` are 0."""
         if batch_indices is None and self._graphs is not None:
             return self._graphs
         graphs = []
@@ -65,8 +67,9 @@ class Objective:
             leaves = {k: v.clone().requires_grad_(True) for k, v in self.point.items()}
             with torch.enable_grad():
                 loss = task.per_example_loss(view.functional(leaves), batch).sum()
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-            graphs.append((list(leaves.values()), grads, _batch_len(batch)))
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+            used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            graphs.append((list(leaves.values()), [grads[i] for i in used], used, _batch_len(batch)))
         if batch_indices is None and self.keep_graph:
             self._graphs = graphs
         return graphs
@@ -86,26 +89,46 @@ class Objective:
         is built once and kept (``keep_graph``) for the full data. With
         ``batch_indices`` the Hessian is that of the mean loss over those
         training examples only (a stochastic estimate, used by LiSSA).
+
+        Raises:
+            RuntimeError: an operation of the model has no second derivative in torch
+                (e.g. fused attention on the CPU); the message names the fix.
         """
+        try:
+            return self._hvp(vectors, batch_indices)
+        except RuntimeError as e:
+            if "derivative for" not in str(e) or "not implemented" not in str(e):
+                raise
+            raise RuntimeError(
+                f"a Hessian-vector product needs second derivatives, and an operation of the model has none in torch "
+                f"({str(e).splitlines()[0]}); for a transformers model load it with attn_implementation='eager' "
+                "(fused attention kernels have no double backward), or use hessian='fisher' or 'datainf', which "
+                "need first derivatives only"
+            ) from e
+
+    def _hvp(self, vectors: torch.Tensor, batch_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The products, batch by batch (see :meth:`hvp`)."""
         vecs = vectors.to(device=self.device, dtype=self.dtype)
         out = torch.zeros(vectors.shape, dtype=torch.float64, device=self.device)
         count = 0
         tangents = list(torch.split(vecs, self.sizes, dim=1))
-        for leaves, grads, b in self._gradient_graphs(batch_indices):
+        for leaves, grads, used, b in self._gradient_graphs(batch_indices):
+            count += b
+            if not grads:  # the loss is at most linear in the parameters: H = 0 on this batch
+                continue
             if vecs.shape[0] == 1:
-                parts = [t[0].reshape(s) for t, s in zip(tangents, self.shapes)]
+                parts = [tangents[i][0].reshape(self.shapes[i]) for i in used]
                 hv = torch.autograd.grad(grads, leaves, parts, retain_graph=True, allow_unused=True)
                 hv = [torch.zeros(s, dtype=self.dtype, device=self.device) if h is None else h
                       for h, s in zip(hv, self.shapes)]
                 out[0] += torch.cat([h.reshape(-1) for h in hv]).double()
             else:
-                parts = [t.reshape(-1, *s) for t, s in zip(tangents, self.shapes)]
+                parts = [tangents[i].reshape(-1, *self.shapes[i]) for i in used]
                 hv = torch.autograd.grad(grads, leaves, parts, retain_graph=True, is_grads_batched=True,
                                          allow_unused=True)
                 hv = [torch.zeros((vecs.shape[0], *s), dtype=self.dtype, device=self.device) if h is None else h
                       for h, s in zip(hv, self.shapes)]
                 out += torch.cat([h.reshape(vecs.shape[0], -1) for h in hv], dim=1).double()
-            count += b
         return out / count
 
     def hessian(self, chunk: int = 64) -> torch.Tensor:
