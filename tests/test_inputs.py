@@ -256,6 +256,47 @@ def test_dict_keys_the_model_does_not_take_are_refused_by_name():
     np.testing.assert_array_equal(hf.Influence(task).fit(ds.remove_columns(["idx"])).self_influence(), want)
 
 
+class _Force(nn.Module):
+    """A force field: its forward differentiates an energy with respect to the input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    def forward(self, x):
+        x = x.detach().requires_grad_(True)
+        return -torch.autograd.grad(self.e(x).sum(), x, create_graph=True)[0]
+
+
+def test_a_forward_that_differentiates_and_a_task_that_calls_the_model_itself():
+    """The first-example check runs with gradients on, and the dict-key check only where the base
+    forward passes the keys as keywords; both scores equal a per-example loop."""
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    model = _Force()
+    task = hf.Task(model, loss_fn=lambda out, t: ((out - t) ** 2).sum(1))
+    got = hf.Influence(task, engine="loop", batch_size=3).fit((x, y)).self_influence()
+    want = []
+    for i in range(6):
+        model.zero_grad()
+        task.per_example_loss(model, (x[i : i + 1], y[i : i + 1])).sum().backward()
+        want.append(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+    class Positional(hf.ClassificationTask):
+        def forward(self, model, batch):
+            _, kw = self.inputs(batch)  # the dtype cast, then a positional call
+            return model(kw["features"])
+
+    data = {"features": torch.randn(8, 5, dtype=torch.float64), "labels": torch.tensor([0, 1, 2, 0] * 2)}
+    net = mlp()
+    got = hf.Influence(Positional(net)).fit(data).self_influence()
+    plain = hf.Influence(hf.ClassificationTask(net)).fit((data["features"], data["labels"])).self_influence()
+    np.testing.assert_allclose(got, plain, rtol=1e-12)
+    with pytest.raises(TypeError, match="train\\[0\\] must be a torch.Tensor.*torch.as_tensor"):
+        hf.Influence(hf.ClassificationTask(net)).fit((x.tolist(), y.tolist()))  # (X, y) as plain lists
+
+
 def test_a_list_of_examples_equals_the_tensors():
     x, y = _data()
     task = hf.ClassificationTask(KwModel())

@@ -39,6 +39,9 @@ def test_numpy_integers_give_the_python_int_result(tmp_path):
     assert hf.projections.Dense(np.int64(6), seed=np.int64(3)).describe() == hf.projections.Dense(6, seed=3).describe()
     assert type(hf.projections.Factorized(np.int64(8)).dim) is int
     assert hf.members.Dropout(n=np.int64(2)).n == 2 and len(hf.members.Dropout(n=np.int64(2)).specs()) == 2
+    k = (train[1] >= 0).sum() - 21  # a 0-d integer tensor, 3
+    np.testing.assert_array_equal(est.top_k(test, k).indices, top.indices)
+    assert hf.Influence(task, batch_size=torch.tensor(5)).arguments.batch_size == 5
 
 
 @pytest.mark.parametrize(
@@ -46,6 +49,7 @@ def test_numpy_integers_give_the_python_int_result(tmp_path):
     [
         (lambda: hf.projections.Dense(8.0), "projection dim must be a positive integer, got 8.0"),
         (lambda: hf.projections.Factorized(True), "projection dim must be a positive integer, got True"),
+        (lambda: hf.projections.Dense(torch.tensor(True)), "projection dim must be a positive integer, got tensor"),
         (lambda: hf.projections.Dense(8, seed=0.5), "projection seed must be an integer, got 0.5"),
         (lambda: hf.projections.Dense(8, block_rows=0), "block_rows must be a positive integer, got 0"),
         (lambda: hf.members.Dropout(n=2.5), "Dropout: n must be a positive integer, got 2.5"),

@@ -236,6 +236,12 @@ def test_pgd_l2_random_start_is_uniform_in_the_ball():
     (lambda: hf.attacks.FGSM(eps=float("inf")), r"FGSM: eps must be a finite number >= 0, got inf"),
 ])  # fmt: skip
 def test_attack_arguments_are_refused_by_name(make, match):
+    """Also: tensor eps and per-feature tensor / array clip bounds are accepted."""
+    x = torch.randn(5, 3)
+    lo, hi = x.min(0).values, x.max(0).values
+    out = hf.attacks.FGSM(torch.tensor(0.5), clip=(lo, hi)).perturb(x, lambda z: z.sum(1), None)
+    assert bool(((out >= lo) & (out <= hi)).all())
+    assert hf.attacks.PGD(eps=0.1, clip=np.array([0.0, 1.0])).clip == (0.0, 1.0)
     with pytest.raises(ValueError, match=match):
         make()
 

@@ -1,7 +1,8 @@
 """Checks of integer arguments shared by the public API.
 
-Every integer option (sizes, counts, k, seeds) accepts a Python ``int`` or a
-numpy integer (``np.arange`` and array shapes give those) and refuses booleans,
+Every integer option (sizes, counts, k, seeds) accepts a Python ``int``, a
+numpy integer (``np.arange`` and array shapes give those) or a 0-d integer
+array or tensor (``(y == 1).sum()``) and refuses booleans,
 floats (``2.5`` and ``2.0`` alike: a size is never rounded silently), strings
 and values out of range, with a ``ValueError`` that names the argument and the
 value it got.
@@ -9,14 +10,22 @@ value it got.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
 
 
 def is_integer(value: Any) -> bool:
-    """True for ``int`` and numpy integers, False for booleans and everything else."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    """True for ``int``, numpy integers and 0-d integer arrays / tensors; False for booleans
+    and everything else."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None = None, note: str = "") -> int:
@@ -29,7 +38,7 @@ def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None 
     """
     ok = is_integer(value)
     if ok:
-        out = int(value)
+        out = operator.index(value)
         ok = (minimum is None or out >= minimum) and (maximum is None or out <= maximum)
     if not ok:
         if minimum == 1 and maximum is None:
@@ -47,8 +56,11 @@ def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None 
 def number(value: Any, name: str, minimum: float | None = None, *, above: bool = False) -> float:
     """``value`` as a finite ``float`` (ints and numpy numbers too, not bools or strings) that is
     ``>= minimum`` (``> minimum`` with ``above=True``); else ``ValueError`` naming ``name`` and ``value``."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    out = float(value) if ok else float("nan")
+    ok = not isinstance(value, (bool, np.bool_, str, bytes)) and str(getattr(value, "dtype", "")) not in ("bool", "torch.bool")
+    try:
+        out = float(value) if ok else float("nan")  # numbers, and 0-d arrays / tensors
+    except (TypeError, ValueError, RuntimeError):
+        ok, out = False, float("nan")
     if not (ok and np.isfinite(out) and (minimum is None or (out > minimum if above else out >= minimum))):
         bound = "" if minimum is None else f" {'>' if above else '>='} {minimum:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")

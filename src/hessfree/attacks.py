@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._checks import integer, number
@@ -36,15 +37,26 @@ class Attack:
     clip: tuple[float, float] | None = None
 
     def _clip(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.clip is None else x.clamp(*self.clip)
+        if self.clip is None:
+            return x
+        lo, hi = (b.to(x) if isinstance(b, torch.Tensor) else b for b in self.clip)
+        return x.clamp(lo, hi)
 
     @staticmethod
-    def _check_clip(clip: Any, cls: str) -> tuple[float, float] | None:
+    def _check_clip(clip: Any, cls: str) -> tuple[Any, Any] | None:
+        """``(low, high)``: numbers, or tensors / arrays of per-feature bounds that broadcast
+        against the input; finite, with ``low < high`` everywhere."""
         if clip is None:
             return None
-        if not (isinstance(clip, (tuple, list)) and len(clip) == 2):
+        if isinstance(clip, (str, bytes)) or not hasattr(clip, "__len__") or len(clip) != 2:
             raise ValueError(f"{cls}: clip must be (low, high) or None, got {clip!r}")
-        lo, hi = number(clip[0], f"{cls}: clip low"), number(clip[1], f"{cls}: clip high")
+        lo, hi = clip[0], clip[1]
+        if isinstance(lo, (torch.Tensor, np.ndarray)) or isinstance(hi, (torch.Tensor, np.ndarray)):
+            lo_t, hi_t = torch.as_tensor(lo, dtype=torch.float64), torch.as_tensor(hi, dtype=torch.float64)
+            if not (bool(torch.isfinite(lo_t).all()) and bool(torch.isfinite(hi_t).all()) and bool((lo_t < hi_t).all())):
+                raise ValueError(f"{cls}: clip must be finite (low, high) with low < high everywhere, got {clip!r}")
+            return torch.as_tensor(lo), torch.as_tensor(hi)
+        lo, hi = number(lo, f"{cls}: clip low"), number(hi, f"{cls}: clip high")
         if not lo < hi:
             raise ValueError(f"{cls}: clip must be (low, high) with low < high, got {clip!r}")
         return lo, hi

@@ -66,8 +66,9 @@ def add_lora(model: nn.Module, config: SelectionConfig) -> nn.Module:
 
 
 def check_inputs(model: nn.Module, examples: Sequence[dict[str, torch.Tensor]], workdir: Path) -> None:
-    """Bind ``workdir`` to the warm-up's inputs: the tokenised pool and the model's weights
-    with its adapter before training (hashes in ``<workdir>/inputs.json``). A later run with
+    """Bind ``workdir`` to the warm-up's inputs: the tokenised pool, the model's base weights
+    and its adapter's layout (hashes and shapes in ``<workdir>/inputs.json``; the adapter's
+    starting values are left out, so a PeftModel built without a seed can resume). A later run with
     other inputs is refused by name, since its checkpoints, store and scores would be stale;
     so is a model whose adapter an earlier :func:`warmup` trained in place elsewhere.
 
@@ -85,7 +86,10 @@ def check_inputs(model: nn.Module, examples: Sequence[dict[str, torch.Tensor]], 
         for k in sorted(item):
             h.update(k.encode())
             update_hash(h, item[k])
-    now = {"pool": h.hexdigest()[:32], "model": fingerprint_tensors(dict(model.named_parameters()))}
+    named = dict(model.named_parameters())
+    base = {k: v for k, v in named.items() if "lora_" not in k}  # the adapter's start may be unseeded: shapes only
+    adapter = sorted([k, list(v.shape)] for k, v in named.items() if "lora_" in k)
+    now = {"pool": h.hexdigest()[:32], "model": fingerprint_tensors(base), "adapter": adapter}
     path = workdir / "inputs.json"
     if path.exists():
         check_settings(workdir, json.loads(path.read_text()), now, fix="the pool or the model changed; use a new folder")

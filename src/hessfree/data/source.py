@@ -48,8 +48,9 @@ class DataSource:
         self.name = name
         self._tensors: Batch | None = None
         self._loader: DataLoader | None = None
-        if isinstance(data, (tuple, list)) and data and all(isinstance(v, (Mapping, tuple, list)) for v in data):
-            # a list of examples (each a dict or a tuple), as a map-style Dataset; (X, y) columns are arrays
+        if isinstance(data, (tuple, list)) and data and (all(isinstance(v, Mapping) for v in data)
+                                                          or all(isinstance(v, tuple) for v in data)):
+            # a list of examples (each a dict or an (x, y) tuple), as a map-style Dataset; (X, y) columns are arrays
             self._loader = DataLoader(data, batch_size=self.batch_size, shuffle=False)
         elif isinstance(data, (tuple, list)):
             tensors = tuple(as_tensor(v, f"{name}[{i}]") for i, v in enumerate(data))

@@ -87,9 +87,7 @@ class Task:
         tensors cast to :attr:`model_dtype` (integer tensors as they are)."""
         if isinstance(batch, Mapping):
             skip = {self.label_key, self.weight_key}
-            kwargs = {k: self._cast_input(v) for k, v in batch.items() if k not in skip}
-            self._check_keywords(kwargs)
-            return (), kwargs
+            return (), {k: self._cast_input(v) for k, v in batch.items() if k not in skip}
         return (self._cast_input(batch[0]),), {}
 
     def _check_keywords(self, kwargs: Mapping[str, Any]) -> None:
@@ -146,7 +144,7 @@ class Task:
         if device is not None:
             example = map_batch(example, lambda t: t.to(device))
         try:
-            with torch.no_grad(), eval_mode(model):
+            with eval_mode(model):  # gradients on: a forward may differentiate (forces from an energy)
                 self.forward(model, example)
         except HessfreeError:
             raise
@@ -186,6 +184,7 @@ class Task:
         (what a forward ending in ``.squeeze()`` drops).
         """
         args, kwargs = self.inputs(batch)
+        self._check_keywords(kwargs)
         out = _logits_of(model(*args, **kwargs))
         if isinstance(out, torch.Tensor) and out.dim() <= 1:
             out = _rows(out, batch_size_of(batch))
