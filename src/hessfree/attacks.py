@@ -70,7 +70,8 @@ class FGSM(Attack):
 
     Args:
         eps: perturbation size in input units.
-        clip: optional ``(low, high)`` valid input range.
+        clip: optional ``(low, high)`` valid input range: numbers, or per-feature tensors / arrays
+            that broadcast against the input (``ValueError`` unless finite with low < high).
     """
 
     def __init__(self, eps: float, clip: tuple[float, float] | None = None):
@@ -96,7 +97,8 @@ class PGD(Attack):
             start from the same seed, so the start of an example depends on its
             row in the batch (and the target slightly on ``batch_size``).
         seed: seed of the random start.
-        clip: optional ``(low, high)`` valid input range.
+        clip: optional ``(low, high)`` valid input range: numbers, or per-feature tensors / arrays
+            that broadcast against the input (``ValueError`` unless finite with low < high).
     """
 
     def __init__(
