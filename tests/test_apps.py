@@ -129,6 +129,24 @@ def test_group_gap_matches_counting():
     g = np.array([0, 0, 0, 1, 1, 1])
     assert group_gap(pred, y, g, "dp") == pytest.approx(2 / 3 - 1 / 3)
     assert group_gap(pred, y, g, "eo") == pytest.approx(2 / 3 - 1 / 2)
+    for args, match in [((pred, y, g, "dp", 2), "favourable=2 is neither a label nor a prediction"),
+                        ((pred, y, np.zeros(6)), "at least two groups"),
+                        ((pred * 0.7, y, g), "hard class predictions"),
+                        ((pred, y[:5], g), "one entry per example")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            group_gap(*args)
+
+
+def test_best_narrows_the_gap_and_counts_an_exact_one_point_drop():
+    from hessfree.apps.fairness import FairnessPoint, FairnessResult
+
+    acc = np.float32(60 / 100)
+    res = FairnessResult("dp", "remove", "influence", gap_before=0.20, acc_before=float(acc),
+                         curve=[FairnessPoint(0.02, 0.25, float(np.float32(60 / 100))),  # wider gap: never best
+                                FairnessPoint(0.05, 0.15, float(np.float32(59 / 100))),  # exactly 1 point lower
+                                FairnessPoint(0.10, 0.05, float(np.float32(55 / 100)))])  # fmt: skip
+    assert res.best().fraction == 0.05
+    assert res.best(max_acc_drop=0.0) is None  # the only point within 0 points widens the gap
 
 
 def fair_data(n: int, seed: int, planted: int = 0):

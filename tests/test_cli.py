@@ -153,15 +153,16 @@ def test_fairness_needs_the_favourable_label_and_prints_the_random_baseline(tmp_
     assert p["labels"]["favourable"] == "approve" and p["labels"]["favourable_code"] == 0
     assert "favourable label: 'approve' (--favourable)" in result.stdout
     assert [q["fraction"] for q in p["influence"]["curve"]] == [0.05, 0.1] == [q["fraction"] for q in p["random"]["curve"]]
-    # the best point (smallest gap within 1 point of accuracy), found here from the curve, is printed with random removal beside it
-    ok = [q for q in p["influence"]["curve"] if q["accuracy"] >= p["acc_before"] - 0.01]
+    # the best point (smallest gap below the start within 1 point of accuracy), found here from the curve, is printed
+    # with random removal beside it
+    ok = [q for q in p["influence"]["curve"] if q["accuracy"] >= p["acc_before"] - 0.01 - 1e-6 and q["gap"] < p["gap_before"]]
     if ok:
         best = min(ok, key=lambda q: q["gap"])
         rnd = next(q for q in p["random"]["curve"] if q["fraction"] == best["fraction"])
         assert (f"-> {best['gap']:.3f} at {best['fraction']:.0%}" in result.stdout
                 and f"random removal at {best['fraction']:.0%}: gap {rnd['gap']:.3f}" in result.stdout)  # fmt: skip
     else:
-        assert p["best_within_1_point"] is None and "no share keeps test accuracy within 1 point" in result.stdout
+        assert p["best_within_1_point"] is None and "while keeping test accuracy within 1 point" in result.stdout
     # the split rows partition the file, and the arguments are recorded
     parts = p["split_rows"]
     assert sorted(parts["train"] + parts["validation"] + parts["test"]) == list(range(240))

@@ -121,6 +121,8 @@ def test_exact_fairness_robustness_custom_targets():
     w, b = model.weight.detach().reshape(-1), model.bias.detach()
     margin = xv @ w + b
     x_adv = xv - (1.3 * margin / w.pow(2).sum())[:, None] * w[None]
+    right = (margin > 0) == (yv == 1)  # only correctly classified points are attacked
+    x_adv = torch.where(right[:, None], x_adv, xv)
 
     cases = [
         (hf.targets.DemographicParity((xv, yv), groups=groups), dp),

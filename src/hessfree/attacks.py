@@ -167,24 +167,34 @@ class LinearMinimal(Attack):
     ``x_adv = x - (1 + overshoot) * m(x) / ||w||^2 * w`` with ``m(x) = w.x + b``
     the signed margin and ``w = grad_x m``. For a linear model the new margin is
     exactly ``-overshoot * m(x)``; for other models this is one DeepFool step.
+    Only points whose loss the step raises are moved (those the model classifies
+    correctly): crossing the boundary from the wrong side would correct a
+    misclassified point, which is no attack. So accuracy under this attack is 0
+    on the attacked model, and the loss under attack is never below the clean loss.
     """
 
     def __init__(self, overshoot: float = 0.3):
         self.overshoot = number(overshoot, "LinearMinimal: overshoot", 0)
 
     def perturb(self, x, loss_fn, output_fn):
-        return self.perturb_differentiable(x, output_fn).detach()
+        return self.perturb_differentiable(x, output_fn, loss_fn).detach()
 
-    def perturb_differentiable(self, x: torch.Tensor, output_fn: Callable) -> torch.Tensor:
+    def perturb_differentiable(self, x: torch.Tensor, output_fn: Callable, loss_fn: Callable | None = None) -> torch.Tensor:
         """``x_adv`` as a differentiable function of the model's parameters
-        (``x`` itself is treated as a constant)."""
+        (``x`` itself is treated as a constant). With ``loss_fn`` (per-example
+        loss at an input) points whose loss the step would not raise stay at ``x``."""
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             margin = binary_margin(output_fn(x))
             (w,) = torch.autograd.grad(margin.sum(), x, create_graph=True)
             w_norm2 = w.reshape(w.shape[0], -1).pow(2).sum(1).clamp_min(1e-24)
             coef = ((1 + self.overshoot) * margin / w_norm2).view(-1, *([1] * (x.dim() - 1)))
-            return x.detach() - coef * w
+            x_adv = x.detach() - coef * w
+        if loss_fn is None:
+            return x_adv
+        with torch.no_grad():  # which points the step attacks: a piecewise-constant choice
+            raises = (loss_fn(x_adv.detach()) > loss_fn(x.detach())).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(raises, x_adv, x.detach())
 
     def __repr__(self) -> str:
         return f"LinearMinimal(overshoot={self.overshoot})"

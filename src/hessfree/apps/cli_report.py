@@ -166,7 +166,8 @@ def print_fairness(p: dict, fractions: list[float], path: Path, png: Path | None
     con.print(t)
     b = p["best_within_1_point"]
     if b is None:
-        con.print(f"no share keeps test accuracy within 1 point of {pct(p['acc_before'])}")
+        con.print(f"no share narrows the {gap} gap ({p['gap_before']:.3f}) while keeping test accuracy within 1 point of "
+                  f"{pct(p['acc_before'])}")  # fmt: skip
     else:
         r = b["random_at_same_fraction"]
         con.print(

@@ -162,7 +162,8 @@ def defend(
         if clean_weight:
             clean = est.influence(Utility((xv[chosen], yv[chosen])))
             scores = scores / _scale(scores) + clean_weight * clean / _scale(clean)
-    kwargs, idx = curate(scores, y, action, fraction, strategy, seed, n_classes)
+    # the random baseline draws other rows for each attack draw (seed 0's rows for attack_seed 0, as before)
+    kwargs, idx = curate(scores, y, action, fraction, strategy, seed + 7919 * attack_seed, n_classes)
     after = fit_model(make_model, x, y, seed, train_kwargs, **kwargs)
     xt_adv = attacked(task, attack, xt, yt)
     bounded = not isinstance(attack, LinearMinimal)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..influence import Influence
@@ -35,6 +36,15 @@ def group_gap(pred: Any, y: Any, groups: Any, metric: str = "dp", favourable: in
     pred, y, g = (np.asarray(a).reshape(-1) for a in (pred, y, groups))
     if metric not in GAPS:
         raise ValueError(f"metric must be 'dp' or 'eo', got {metric!r}")
+    if not (len(pred) == len(y) == len(g)):
+        raise ValueError(f"pred ({len(pred)}), y ({len(y)}) and groups ({len(g)}) need one entry per example")
+    if pred.dtype.kind == "f" and not np.all(pred == np.round(pred)):
+        raise ValueError("pred must be hard class predictions (e.g. hf.training.predict), not probabilities")
+    if favourable not in set(np.unique(y).tolist()) | set(np.unique(pred).tolist()):
+        raise ValueError(f"favourable={favourable!r} is neither a label nor a prediction here (labels "
+                         f"{np.unique(y).tolist()}); pass the favourable class")  # fmt: skip
+    if len(np.unique(g)) < 2:
+        raise ValueError(f"a group gap needs at least two groups; groups has only {np.unique(g).tolist()}")
     rates = []
     for level in np.unique(g):
         sel = g == level
@@ -80,9 +90,12 @@ class FairnessResult:
     estimator: dict | None = None
 
     def best(self, max_acc_drop: float = 0.01) -> FairnessPoint | None:
-        """The point with the smallest gap whose accuracy is within
-        ``max_acc_drop`` of the start; ``None`` if no point qualifies."""
-        ok = [p for p in self.curve if p.accuracy >= self.acc_before - max_acc_drop]
+        """The point with the smallest gap whose accuracy is within ``max_acc_drop``
+        of the start (a drop of exactly ``max_acc_drop`` counts, whatever the rounding
+        of float32 accuracies) and whose gap is below ``gap_before``; ``None`` if no
+        point qualifies (then no share narrows the gap at that cost)."""
+        slack = 1e-6  # float32 accuracies: 59/100 is not exactly 0.60 - 0.01
+        ok = [p for p in self.curve if p.accuracy >= self.acc_before - max_acc_drop - slack and p.gap < self.gap_before]
         return min(ok, key=lambda p: p.gap) if ok else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +155,17 @@ def repair_fairness(
     xt, yt = split_xy(test, "test")
     gv = group_array(val_groups, len(yv), "repair_fairness: val_groups")
     gt = group_array(test_groups, len(yt), "repair_fairness: test_groups")
+    for name, g in (("val_groups", gv), ("test_groups", gt)):
+        if len(np.unique(g)) < 2:
+            raise ValueError(f"repair_fairness: {name} has one group ({np.unique(g).tolist()}); a gap needs two or more")
+    classes = np.unique(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)).tolist()
+    if favourable not in classes:
+        raise ValueError(f"repair_fairness: favourable={favourable!r} is not a class of the training labels {classes}")
+    if isinstance(fractions, (int, float)) or not len(fractions):
+        raise ValueError(f"repair_fairness: fractions must be a non-empty list of shares in (0, 1), got {fractions!r}")
+    for f in fractions:
+        if not 0 < f < 1:
+            raise ValueError(f"repair_fairness: every fraction must be in (0, 1), got {f!r}")
     model = base_model if base_model is not None else fit_model(make_model, x, y, seed, train_kwargs)
     task = ClassificationTask(model)
     scores = np.zeros(0)

@@ -107,7 +107,8 @@ class Robustness(Target):
         """``batch`` with its input replaced by the attack, as a differentiable
         function of the parameters behind ``model``."""
         x_adv = self.attack.perturb_differentiable(
-            self._input(batch), lambda z: task.forward(model, self._replace_input(batch, z))
+            self._input(batch), lambda z: task.forward(model, self._replace_input(batch, z)),
+            lambda z: task.per_example_loss(model, self._replace_input(batch, z)),
         )
         return self._replace_input(batch, x_adv)
 
