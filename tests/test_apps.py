@@ -333,3 +333,12 @@ def test_auto_utility_from_pairwise_equals_the_utility_method():
     cls = find_noisy_labels(task, (x, y), val=(xv, yv), members=ck, method="class_utility").suspicion()
     assert auto.diagnostics["overlap_class_utility_utility"] == _top_overlap(cls, util)
     assert auto.diagnostics["overlap_class_utility_self"] == _top_overlap(cls, output_self_influence(task, (x, y), ck))
+
+
+def test_default_attack_is_linear_minimal_only_for_a_binary_linear_model():
+    from hessfree.apps.defense import default_attack
+
+    assert isinstance(default_attack(nn.Linear(4, 1)), hf.attacks.LinearMinimal)
+    assert isinstance(default_attack(nn.Sequential(nn.Linear(4, 2))), hf.attacks.LinearMinimal)
+    assert isinstance(default_attack(nn.Linear(4, 3)), hf.attacks.PGD)  # LinearMinimal needs a binary classifier
+    assert isinstance(default_attack(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))), hf.attacks.PGD)

@@ -49,8 +49,9 @@ class DefenseResult:
         clean_acc_before, clean_acc_after: test accuracy without attack.
         attacked_acc_before, attacked_acc_after: accuracy on the test points
             attacked against the original model.
-        adaptive_acc_after: accuracy under the attack re-run against the
-            retrained model (``None`` for minimal-perturbation attacks).
+        adaptive_acc_before, adaptive_acc_after: accuracy under the attack run
+            against the original model (equal to ``attacked_acc_before``) and re-run
+            against the retrained model (both ``None`` for minimal-perturbation attacks).
         attack: the attack, in words.
         attack_seed: seed of the draw of attacked held-out points.
         estimator: the options of the :class:`hessfree.Influence` behind the scores
@@ -83,11 +84,12 @@ def _scale(scores: np.ndarray) -> float:
 
 
 def default_attack(model: nn.Module) -> Attack:
-    """LinearMinimal for a model that is one ``nn.Linear`` (or a Sequential of
-    one); PGD (L-inf, eps 0.25, 10 steps) otherwise."""
+    """LinearMinimal for a binary classifier that is one ``nn.Linear`` with 1 or 2
+    outputs (or a Sequential of one); PGD (L-inf, eps 0.25, 10 steps) otherwise
+    (also for a multi-class linear model, which LinearMinimal cannot attack)."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     others = [m for m in model.modules() if len(list(m.parameters(recurse=False))) and not isinstance(m, nn.Linear)]
-    if len(linear) == 1 and not others:
+    if len(linear) == 1 and not others and linear[0].out_features <= 2:
         return LinearMinimal(overshoot=0.3)
     return PGD(eps=0.25, steps=10)
 
