@@ -342,3 +342,9 @@ def test_default_attack_is_linear_minimal_only_for_a_binary_linear_model():
     assert isinstance(default_attack(nn.Sequential(nn.Linear(4, 2))), hf.attacks.LinearMinimal)
     assert isinstance(default_attack(nn.Linear(4, 3)), hf.attacks.PGD)  # LinearMinimal needs a binary classifier
     assert isinstance(default_attack(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))), hf.attacks.PGD)
+
+
+def test_defend_refuses_a_negative_clean_weight():
+    x, y = blobs(40, 2, seed=0)
+    with pytest.raises(ValueError, match="clean_weight must be a finite number >= 0, got -1"):
+        defend(lambda: nn.Linear(10, 2), (x, y), (x, y), (x, y), clean_weight=-1)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import number
 from ..attacks import PGD, Attack, LinearMinimal
 from ..influence import Influence
 from ..targets import Robustness, Utility
@@ -151,6 +152,7 @@ def defend(
     xt, yt = split_xy(test, "test")
     if not 0.0 < attack_share <= 1.0:
         raise ValueError(f"attack_share must be in (0, 1], got {attack_share}")
+    clean_weight = number(clean_weight, "clean_weight", 0)  # a negative weight would favour hurting clean accuracy
     n_classes = int(max(int(y.max()), int(yt.max()))) + 1
     model = base_model if base_model is not None else fit_model(make_model, x, y, seed, train_kwargs)
     task = ClassificationTask(model)
