@@ -20,7 +20,6 @@ Writes ``fisher_damping.json`` and ``fisher_damping.md`` into ``--out``
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import markdown_table, write_json  # noqa: E402
 from fidelity import mnist_split  # noqa: E402
-from lds import MODELS, Setting  # noqa: E402
+from lds import MODELS, Setting, reuse_parser  # noqa: E402
 
 import hessfree as hf  # noqa: E402
 from hessfree import metrics  # noqa: E402
@@ -125,14 +124,8 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap = reuse_parser(__doc__, "benchmarks/results/fisher_damping")
     ap.add_argument("--k", type=int, nargs="+", default=[2048, 4096])
-    ap.add_argument("--subsets", type=int, default=50)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher_damping"))
-    ap.add_argument("--retrainings", type=Path, default=Path("benchmarks/results/lds"))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1, as benchmarks/lds.py: the CNN trains to other floats with 2)")
-    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

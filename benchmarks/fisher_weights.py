@@ -26,7 +26,6 @@ Writes ``fisher_weights.json`` and ``fisher_weights.md`` into ``--out`` (default
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import markdown_table, write_json  # noqa: E402
 from fidelity import mnist_split  # noqa: E402
-from lds import MODELS, Setting  # noqa: E402
+from lds import MODELS, Setting, reuse_parser  # noqa: E402
 
 import hessfree as hf  # noqa: E402
 from hessfree import metrics  # noqa: E402
@@ -115,14 +114,8 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap = reuse_parser(__doc__, "benchmarks/results/fisher_weights")
     ap.add_argument("--k", type=int, default=2048)
-    ap.add_argument("--subsets", type=int, default=50)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher_weights"))
-    ap.add_argument("--retrainings", type=Path, default=Path("benchmarks/results/lds"))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1, as benchmarks/lds.py)")
-    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {key: run_model(key, args) for key in args.model}

@@ -322,6 +322,21 @@ def markdown(results: dict) -> str:
     return "\n".join(md)
 
 
+def reuse_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options of a study that reuses this one's models and saved retrainings (``fisher_damping.py``,
+    ``fisher_weights.py``): ``--model``, ``--subsets``, ``--out`` (default ``out``), ``--retrainings``,
+    ``--threads`` and ``--quick``; the caller adds its own ``--k``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--subsets", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=Path(out))
+    ap.add_argument("--retrainings", type=Path, default=Path("benchmarks/results/lds"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1, as benchmarks/lds.py: the CNN trains to other floats with 2)")
+    ap.add_argument("--quick", action="store_true")
+    return ap
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS))

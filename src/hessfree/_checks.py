@@ -16,10 +16,15 @@ from typing import Any
 import numpy as np
 
 
+def _bool_or_text(value: Any) -> bool:
+    """Booleans (Python, numpy or torch) and strings: never a number here, though ``True`` is an int."""
+    return isinstance(value, (bool, np.bool_, str, bytes)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+
+
 def is_integer(value: Any) -> bool:
     """True for ``int``, numpy integers and 0-d integer arrays / tensors; False for booleans
     and everything else."""
-    if isinstance(value, (bool, np.bool_, str, bytes)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+    if _bool_or_text(value):
         return False
     try:
         operator.index(value)
@@ -56,7 +61,7 @@ def integer(value: Any, name: str, minimum: int | None = 1, maximum: int | None 
 def number(value: Any, name: str, minimum: float | None = None, *, above: bool = False) -> float:
     """``value`` as a finite ``float`` (ints and numpy numbers too, not bools or strings) that is
     ``>= minimum`` (``> minimum`` with ``above=True``); else ``ValueError`` naming ``name`` and ``value``."""
-    ok = not isinstance(value, (bool, np.bool_, str, bytes)) and str(getattr(value, "dtype", "")) not in ("bool", "torch.bool")
+    ok = not _bool_or_text(value)
     try:
         out = float(value) if ok else float("nan")  # numbers, and 0-d arrays / tensors
     except (TypeError, ValueError, RuntimeError):

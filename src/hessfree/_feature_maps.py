@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._store_writer import same_query_data
+from ._store_writer import same_data_on_every_rank
 from .data import DataSource, slice_batch, to_device
 from .errors import DataError, at_offset
 from .gradients.projected import ProjectedFeatures
@@ -120,7 +120,7 @@ class FeatureMaps:
             if offset == 0 and what != "training":  # the training data was checked by fit
                 self.task.check_runs(slice_batch(batch, 0, 1), what)
                 if what == "test":  # pairwise / top_k, collective calls: the same test data on every rank
-                    same_query_data(source, "test data")
+                    same_data_on_every_rank(source, "test data")
             try:
                 if what == "training" and self.train_map is not None:  # e.g. optimizer-aware directions
                     feats = _compute_dtype(self.train_map(self._engine(view, names), view, batch))

@@ -25,7 +25,7 @@ from ._store_writer import (  # noqa: I001
     describe_loss,
     hashes_at,
     name_rows_that_differ,
-    same_training_data,
+    same_data_on_every_rank,
 )
 from .data import DataSource, batch_hash, batch_size_of, combine_hashes, slice_batch, to_device
 from .distributed import RankFailedError, all_gather, rank_and_world
@@ -156,17 +156,17 @@ class StoreMixin:
 
     def _check_same_data(self) -> None:
         """Under torch.distributed, refuse training data that differ between ranks (before any gradient)."""
-        self._data_hashes = same_training_data(self.source, self._first_batch_hash)
+        self._data_hashes = same_data_on_every_rank(self.source, "training data", self._first_batch_hash)
 
     def _fill_store(self) -> None:
-        rank, world = rank_and_world()
+        rank = rank_and_world()[0]
         source = self.source
         config = self._store_config(with_data=True)
         tiling = batch_tiling(source)
         t = time.perf_counter()
         # tensors are hashed whole up front (no loading); a loader's batches as they are loaded
-        known = getattr(self, "_data_hashes", None) if world > 1 else None  # hashed by _check_same_data
-        hashes = known or (hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash})
+        hashes = self._data_hashes or (  # tensor data already hashed by _check_same_data under torch.distributed
+            hashes_at(source, tiling) if source.in_memory else {tiling[0]: self._first_batch_hash})
         hash_s = time.perf_counter() - t
         probe = to_device(self._probe, torch.device("cpu"))
 

@@ -62,28 +62,19 @@ def name_rows_that_differ(path: Path, config: dict[str, Any], check) -> None:
         check(store)
 
 
-def same_training_data(source: DataSource, first_hash: str) -> dict | None:
-    """Under torch.distributed, raise on every rank when the ranks' training data differ: all
-    of tensor data is hashed (the per-batch hashes are returned, for the store), of a loader
-    its length and first batch. ``None`` in one process or for a loader."""
-    if rank_and_world()[1] == 1:
-        return None
-    hashes = hashes_at(source, batch_tiling(source)) if source.in_memory else {(0, source.n): first_hash}
-    same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()] + [(source.n, 0, "n")]))
-    return hashes if source.in_memory else None
-
-
-def same_query_data(source: DataSource | None, what: str) -> None:
-    """Under torch.distributed, raise on every rank when the ranks' ``what`` (test or target
-    data) differ: its length and the hash of every batch (of the first batch for a loader)."""
+def same_data_on_every_rank(source: DataSource | None, what: str, first_hash: str | None = None) -> dict | None:
+    """Under torch.distributed (a collective call), raise on every rank when the ranks' ``what``
+    (training, test or target data) differ: all of tensor data is hashed, of a loader its
+    length and first batch (``first_hash`` when already known). Returns tensor data's
+    per-batch hashes (for the store); ``None`` in one process or for a loader."""
     if source is None or rank_and_world()[1] == 1:
-        return
+        return None
     if source.in_memory:
-        parts = [(o, c, h) for (o, c), h in hashes_at(source, batch_tiling(source)).items()]
+        hashes = hashes_at(source, batch_tiling(source))
     else:
-        first = next(iter(source))
-        parts = [(0, batch_size_of(first), batch_hash(first))]
-    same_on_every_rank(combine_hashes(parts + [(source.n, 0, "n")]), what)
+        hashes = {(0, source.n): first_hash if first_hash is not None else batch_hash(next(iter(source)))}
+    same_on_every_rank(combine_hashes([(o, c, h) for (o, c), h in hashes.items()] + [(source.n, 0, "n")]), what)
+    return hashes if source.in_memory else None
 
 
 def same_on_every_rank(digest: str, what: str = "training data") -> None:

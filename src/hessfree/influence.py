@@ -21,7 +21,7 @@ from ._feature_maps import FeatureMaps
 from ._fingerprint import fingerprint_modules, first_changed
 from ._progress import progress_bar
 from ._scale import StoreMixin, _collectively
-from ._store_writer import same_query_data
+from ._store_writer import same_data_on_every_rank
 from .arguments import InfluenceArguments
 from .data import DataSource, batch_hash, slice_batch, to_device
 from .distributed import RankFailedError, all_reduce_sum, rank_and_world
@@ -306,7 +306,7 @@ class Influence(FeatureMaps, StoreMixin):
         if not isinstance(target, Target):
             raise TypeError(f"target must be an hf.targets target, got {type(target).__name__}")
         target.validate(self.task)
-        same_query_data(getattr(target, "source", None), "target data")  # a collective call under torch.distributed
+        same_data_on_every_rank(getattr(target, "source", None), "target data")  # collective under torch.distributed
         rows = np.zeros((len(self._specs), self.n_train))
         for m, view in self._views():
             names = self._names[m]

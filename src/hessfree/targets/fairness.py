@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from .._checks import integer
-from .._modes import eval_mode
-from ..data import batch_size_of, slice_batch, to_device
+from ..data import batch_size_of, slice_batch
 from ..task import Task
 from .base import Target
 
@@ -91,11 +90,8 @@ class _GroupGap(Target):
             raise ValueError(f"{type(self).__name__}: the held-out data carry sample weights, which group fairness "
                              "targets do not use (each group's examples count equally); pass the data without them")  # fmt: skip
         if self.form == "probability" or self.restrict_to_favourable:  # favourable is a class of the model
-            example = slice_batch(next(iter(self.source)), 0, 1)
-            device = next((p.device for p in task.model.parameters()), None)
-            with torch.no_grad(), eval_mode(task.model):
-                out = task.forward(task.model, example if device is None else to_device(example, device))
-                classes = task.probabilities(out).shape[1]
+            out = task.check_runs(slice_batch(next(iter(self.source)), 0, 1), f"{type(self).__name__} data")
+            classes = task.probabilities(out).shape[1]
             if self.favourable >= classes:
                 raise ValueError(f"{type(self).__name__}: favourable={self.favourable}, but the model gives "
                                  f"{classes} classes (0 to {classes - 1})")  # fmt: skip

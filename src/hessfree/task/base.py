@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._modes import eval_mode
-from ..data import Batch, batch_size_of, map_batch
+from ..data import Batch, batch_size_of, to_device
 from ..errors import DataError, HessfreeError
 from ._outputs import _logits_of, _rows
 
@@ -130,9 +130,9 @@ class Task:
             return batch.get(self.weight_key)
         return batch[2] if len(batch) > 2 else None
 
-    def check_runs(self, example: Batch, what: str) -> None:
-        """Run the model once on ``example`` (a batch of one; eval mode, no gradient)
-        before any long work.
+    def check_runs(self, example: Batch, what: str) -> Any:
+        """Run the model once on ``example`` (a batch of one; eval mode, gradients on, since a
+        forward may differentiate) before any long work; returns its outputs (:meth:`forward`).
 
         Raises:
             hessfree.errors.DataError: the model fails on it (inputs of another
@@ -142,10 +142,10 @@ class Task:
         model = self.model
         device = next((p.device for p in model.parameters()), None)
         if device is not None:
-            example = map_batch(example, lambda t: t.to(device))
+            example = to_device(example, device)
         try:
             with eval_mode(model):  # gradients on: a forward may differentiate (forces from an energy)
-                self.forward(model, example)
+                return self.forward(model, example)
         except HessfreeError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure of the user's model on the user's data
